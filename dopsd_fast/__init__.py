@@ -1,0 +1,1 @@
+"""dopsd_fast: kernel-accelerated D-OPSD trainer."""

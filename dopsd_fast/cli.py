@@ -1,0 +1,83 @@
+"""`dopsd train CONFIG [--set k=v ...] [--dry-run]` and `dopsd sample RUN_DIR`."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import yaml
+
+from .train.checkpoint import CheckpointError
+from .train.config import ConfigError, load_config
+
+
+def _train(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.set)
+    from .train.build import check_buildable, resolve_plan    # config errors surface before torch work
+    plan = resolve_plan(cfg)
+    if args.dry_run:
+        print(yaml.safe_dump({"plan": plan.describe(cfg)}, sort_keys=False, default_flow_style=None), end="")
+        try:
+            check_buildable(cfg)
+            print("config OK: `dopsd train` would build this run")
+        except ConfigError as err:
+            print(f"config is valid, but this version cannot train it yet: {err}")
+        return 0
+    from .train.trainer import make_trainer
+    trainer = make_trainer(cfg, progress=not args.no_progress)
+    print(f"dopsd: {cfg.method.objective} on {cfg.model.family}, {plan.trainable_params:,} trainable of "
+          f"{plan.total_params:,} parameters, K={len(cfg.method.sigmas)}, {cfg.train.steps} steps -> {trainer.out}")
+    before = None
+    if not args.no_samples and trainer.resume_point() is None:
+        before = trainer.sample_student([trainer.dataset[i].captions[1] for i in range(min(4, len(trainer.dataset)))],
+                                        trainer.sample_sigmas)
+    trainer.train()
+    last = trainer.checkpoint_root / f"step-{trainer.step:06d}"
+    print(f"checkpoint: {last}")
+    if not args.no_samples:
+        grid = trainer.sample_grid(trainer.out / "samples.png", before)
+        print(f"samples:    {grid}  (columns: target | student before | student after, {cfg.sample.steps} steps | after, "
+              f"K={len(cfg.method.sigmas)} training steps)")
+    return 0
+
+
+def _sample(args: argparse.Namespace) -> int:
+    from .train.trainer import load_for_sampling
+    trainer = load_for_sampling(Path(args.run), args.checkpoint)
+    prompts = args.prompt or trainer.cfg.sample.prompts or [p.captions[1] for p in (trainer.dataset[i] for i in range(min(4, len(trainer.dataset))))]
+    steps = args.steps or trainer.cfg.sample.steps
+    from .method.schedule import shifted_sigmas
+    from .sample import save_grid
+    images = trainer.sample_student(prompts, shifted_sigmas(steps, trainer.cfg.sample.shift), seed=args.seed)
+    out = save_grid([[im] for im in images], Path(args.out))
+    print(json.dumps({"prompts": prompts, "steps": steps, "checkpoint": str(trainer.loaded_from), "grid": str(out)}, indent=1))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="dopsd", description="D-OPSD trainer for step-distilled diffusion transformers")
+    sub = p.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train", help="train from a YAML config or preset name (e.g. tiny-cpu)")
+    t.add_argument("config", nargs="?", default="tiny-cpu", help="YAML path or preset name (default: tiny-cpu)")
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. train.steps=100")
+    t.add_argument("--dry-run", action="store_true", help="validate the config and print the resolved plan; load no weights")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar (the per-step table still prints)")
+    t.add_argument("--no-samples", action="store_true", help="skip the before/after sample grid")
+    s = sub.add_parser("sample", help="few-step samples from a training run's checkpoint")
+    s.add_argument("run", help="the run's output_dir (holds config.yaml and checkpoints/)")
+    s.add_argument("--checkpoint", default=None, help="a step-XXXXXX directory (default: the newest)")
+    s.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable); default: captions from the data")
+    s.add_argument("--steps", type=int, default=None, help="sampler steps (default: sample.steps of the run's config)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--out", default="samples.png", help="PNG path for the grid")
+    args = p.parse_args(argv)
+    try:
+        return _train(args) if args.command == "train" else _sample(args)
+    except (ConfigError, CheckpointError) as err:
+        print(f"dopsd: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

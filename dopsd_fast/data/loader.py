@@ -1,0 +1,50 @@
+"""An endless, resumable batch stream: shuffled epochs and one caption variant per sample per iteration.
+
+All randomness is derived from (seed, epoch, position), so the stream's state is two integers and a resumed run
+sees exactly the batches the uninterrupted run would have seen.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class Batch:
+    images: list[Tensor]      # (3, H, W) each
+    prompts: list[str]        # the caption variant drawn for this iteration
+
+
+class PairStream:
+    def __init__(self, dataset, batch_size: int, seed: int):
+        self.dataset, self.batch_size, self.seed = dataset, batch_size, seed
+        self.epoch, self.position = 0, 0
+
+    def _order(self) -> list[int]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return torch.randperm(len(self.dataset), generator=g).tolist()
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> Batch:
+        images, prompts = [], []
+        for _ in range(self.batch_size):
+            order = self._order()
+            if self.position >= len(order):
+                self.epoch, self.position = self.epoch + 1, 0
+                order = self._order()
+            pair = self.dataset[order[self.position]]
+            g = torch.Generator().manual_seed(hash((self.seed, self.epoch, self.position)) & 0x7FFFFFFF)
+            images.append(pair.image)
+            prompts.append(pair.captions[int(torch.randint(len(pair.captions), (1,), generator=g))])
+            self.position += 1
+        return Batch(images, prompts)
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])

@@ -1,0 +1,79 @@
+"""Teacher and student: one network, two roles.
+
+The student sees the text context c_s and is trained; the teacher sees the privileged context c_t and is an
+EMA of the student, run without autograd. ``LoRARoles`` keeps one frozen base with two adapters;
+``FullRoles`` keeps a second, frozen copy of all weights.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import torch
+from torch import Tensor, nn
+
+from ..nn.lora_linear import adapter_parameters, inject_lora, set_active_adapter
+from .ema import EMATeacher
+
+
+class Roles:
+    student_model: nn.Module
+    teacher_model: nn.Module
+    ema: EMATeacher
+    trainable: dict[str, nn.Parameter]     # what the optimizer holds and the checkpoint saves as "student"
+
+    def use(self, role: str) -> nn.Module:
+        return self.student_model if role == "student" else self.teacher_model
+
+    def context(self, role: str, feats: list[Tensor]):
+        """Caption path (depends on neither x nor t): computed once per iteration per role."""
+        model = self.use(role)
+        if role == "teacher":
+            with torch.no_grad():
+                return model.encode_context(feats)
+        return model.encode_context(feats)
+
+    def teacher(self, x: list[Tensor], t: Tensor, ctx) -> list[Tensor]:
+        with torch.no_grad():
+            return self.use("teacher")(x, t, context=ctx)
+
+    def student(self, x: list[Tensor], t: Tensor, ctx) -> list[Tensor]:
+        return self.use("student")(x, t, context=ctx)
+
+    def update_teacher(self, decay: float) -> None:
+        self.ema.update(decay)
+
+
+class LoRARoles(Roles):
+    def __init__(self, model: nn.Module, targets: list[str], rank: int, alpha: float):
+        model.requires_grad_(False)
+        self.targets = inject_lora(model, targets, ["student", "teacher"], rank, alpha)
+        student, teacher = adapter_parameters(model, "student"), adapter_parameters(model, "teacher")
+        assert [k.replace(".student", ".teacher") for k in student] == list(teacher)
+        with torch.no_grad():
+            for s, t in zip(student.values(), teacher.values()):
+                t.copy_(s)          # teacher starts as the student, i.e. as the exact base model
+        for p in student.values():
+            p.requires_grad_(True)
+        self.model = self.student_model = self.teacher_model = model
+        self.trainable = student
+        self.ema = EMATeacher(teacher, list(student.values()))
+
+    def use(self, role: str) -> nn.Module:
+        set_active_adapter(self.model, role)
+        return self.model
+
+
+class FullRoles(Roles):
+    def __init__(self, model: nn.Module):
+        self.student_model = model.requires_grad_(True)
+        self.teacher_model = copy.deepcopy(model).requires_grad_(False)
+        self.trainable = dict(model.named_parameters())
+        self.ema = EMATeacher(dict(self.teacher_model.named_parameters()), list(self.trainable.values()))
+
+
+def detached_context(ctx):
+    """A leaf copy of a context whose tokens collect gradient over the K roll-out steps (see step.py)."""
+    if not ctx.tokens.requires_grad:
+        return ctx
+    return dataclasses.replace(ctx, tokens=ctx.tokens.detach().requires_grad_(True))

@@ -1,0 +1,73 @@
+"""One D-OPSD iteration, read top to bottom: the table of contents of the method.
+
+fresh noise -> for k in 0..K-1: teacher(x_k, c_t) and student(x_k, c_s) at the student's state ->
+divergence (teacher stopped) -> backward -> next state from the STUDENT's output (detached).
+The caller then clips, steps the optimizer and updates the EMA teacher.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from .divergence import flat, rollout_loss
+from .roles import Roles, detached_context
+from .schedule import FlowConvention
+
+
+@dataclass
+class StepOutput:
+    loss: float                 # mean over the K roll-out steps
+    losses: list[float]         # loss_k per roll-out step
+
+
+def dopsd_step(roles: Roles, flow: FlowConvention, c_s: list[Tensor], c_t: list[Tensor],
+               latent_shapes: list[tuple[int, ...]], sigmas: list[float],
+               loss_kind: Literal["x0", "velocity"] = "x0", per_step_backward: bool = True,
+               generator: torch.Generator | None = None, dtype: torch.dtype = torch.float32) -> StepOutput:
+    """Roll the student out for K = len(sigmas) - 1 steps and accumulate grad of mean_k loss_k.
+
+    ``per_step_backward`` backpropagates loss_k / K right after step k, holding one student graph instead of K;
+    the gradient is the same because every state is detached (method.md section 12). The student's caption path is
+    then run forward once and backward once: its output is a leaf that collects gradient over the K steps.
+    """
+    K = len(sigmas) - 1
+    ctx_t = roles.context("teacher", c_t)
+    ctx_s_graph = roles.context("student", c_s)
+    ctx_s = detached_context(ctx_s_graph) if per_step_backward else ctx_s_graph
+    x = [torch.randn(s, generator=generator, dtype=torch.float32).to(dtype) for s in latent_shapes]
+    held, losses = [], []
+    for k in range(K):
+        sigma, sigma_next = sigmas[k], sigmas[k + 1]
+        t = flow.time(torch.full((len(x),), sigma, dtype=torch.float32))
+        out_t = roles.teacher(x, t, ctx_t)
+        out_s = roles.student(x, t, ctx_s)
+        loss_k = rollout_loss(flow, x, out_s, out_t, sigma, loss_kind)
+        if per_step_backward:
+            (loss_k / K).backward()
+        else:
+            held.append(loss_k)
+        losses.append(loss_k.item())
+        x = [flow.euler(xi, oi.detach(), sigma, sigma_next) for xi, oi in zip(x, out_s)]
+    if per_step_backward:
+        if ctx_s is not ctx_s_graph:
+            ctx_s_graph.tokens.backward(ctx_s.tokens.grad)
+    else:
+        (torch.stack(held).sum() / K).backward()
+    return StepOutput(loss=sum(losses) / K, losses=losses)
+
+
+def sft_step(roles: Roles, flow: FlowConvention, c_s: list[Tensor], x0: list[Tensor], shift: float,
+             generator: torch.Generator | None = None) -> StepOutput:
+    """The baseline D-OPSD is compared with: flow matching on the target latents (off-policy)."""
+    u = torch.rand(len(x0), generator=generator)
+    sigma = shift * u / (1 + (shift - 1) * u)
+    eps = [torch.randn(xi.shape, generator=generator).to(xi.dtype) for xi in x0]
+    x_t = [(1 - s) * xi + s * e for s, xi, e in zip(sigma.tolist(), x0, eps)]
+    out = roles.student(x_t, flow.time(sigma), roles.context("student", c_s))
+    target = [flow.target(xi, e) for xi, e in zip(x0, eps)]
+    loss = torch.nn.functional.mse_loss(flat(out), flat(target))
+    loss.backward()
+    return StepOutput(loss=loss.item(), losses=[loss.item()])

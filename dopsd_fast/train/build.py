@@ -1,0 +1,106 @@
+"""Config -> parts. ``resolve_plan`` checks everything that can be checked without weights (used by --dry-run)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, asdict
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..contexts.toy import ToyMultimodalEncoder, ToyTextEncoder
+from ..data.latents import PixelLatents
+from ..data.loader import PairStream
+from ..data.synthetic import SyntheticPairs
+from ..method.roles import FullRoles, LoRARoles, Roles
+from ..models.z_image import ZImageConfig, ZImageTransformer
+from .config import Config, ConfigError
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+@dataclass
+class Plan:
+    arch: ZImageConfig
+    total_params: int
+    trainable_params: int
+    lora_modules: int
+
+    def describe(self, cfg: Config) -> dict[str, Any]:
+        m = cfg.method
+        return {
+            "model": {"family": cfg.model.family, "weights": cfg.model.pretrained or f"random init (seed {cfg.model.init_seed})",
+                      "dtype": cfg.model.dtype, "arch": asdict(self.arch), "parameters": self.total_params},
+            "adapter": {"mode": cfg.adapter.mode, "trainable_parameters": self.trainable_params,
+                        **({"rank": cfg.adapter.rank, "alpha": cfg.adapter.alpha, "lora_modules": self.lora_modules}
+                           if cfg.adapter.mode == "lora" else {})},
+            "method": {"objective": m.objective, "loss": m.loss, "K": len(m.sigmas), "sigmas": m.sigmas + [0.0],
+                       "ema_decay": m.ema_decay, "per_step_backward": m.per_step_backward},
+            "optim": asdict(cfg.optim),
+            "train": asdict(cfg.train),
+            "data": asdict(cfg.data),
+            "context": asdict(cfg.context),
+        }
+
+
+def resolve_arch(cfg: Config) -> ZImageConfig:
+    arch = dict(cfg.model.arch)
+    if cfg.data.kind == "synthetic":
+        arch.setdefault("in_channels", PixelLatents.channels)
+    try:
+        a = ZImageConfig.from_dict(arch)
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"model.arch: {err}") from None
+    if sum(a.axes_dims) != a.dim // a.n_heads:
+        raise ConfigError(f"model.arch.axes_dims: must sum to dim/n_heads = {a.dim // a.n_heads}, got {list(a.axes_dims)}")
+    if cfg.data.kind == "synthetic" and a.in_channels != PixelLatents.channels:
+        raise ConfigError(f"model.arch.in_channels: the synthetic data set is pixel-space RGB, so it must be 3, got {a.in_channels}")
+    patch = a.all_patch_size[0]
+    if cfg.data.image_size % patch:
+        raise ConfigError(f"data.image_size: must be a multiple of the patch size {patch}")
+    return a
+
+
+def build_model(arch: ZImageConfig, device: str | torch.device = "cpu") -> ZImageTransformer:
+    with torch.device(device):
+        return ZImageTransformer(arch)
+
+
+def build_roles(cfg: Config, model: nn.Module) -> Roles:
+    a = cfg.adapter
+    if a.mode == "lora":
+        return LoRARoles(model, a.targets, a.rank, a.alpha)
+    return FullRoles(model)
+
+
+def resolve_plan(cfg: Config) -> Plan:
+    """Everything checkable without weights: architecture, adapter targets, parameter counts (meta device)."""
+    arch = resolve_arch(cfg)
+    model = build_model(arch, "meta")
+    total = sum(p.numel() for p in model.parameters())
+    try:
+        roles = build_roles(cfg, model)
+    except ValueError as err:
+        raise ConfigError(f"adapter.targets: {err}") from None
+    lora_modules = len(getattr(roles, "targets", []))
+    return Plan(arch, total, sum(p.numel() for p in roles.trainable.values()), lora_modules)
+
+
+def check_buildable(cfg: Config) -> None:
+    """Refuse, before any model is built, the parts this version cannot assemble yet."""
+    if cfg.context.kind != "toy":
+        raise ConfigError(f"context.kind: {cfg.context.kind!r} needs the Qwen3 / Qwen3-VL context encoders, which this version "
+                          "does not ship yet; use context.kind=toy (the embedded default)")
+    if cfg.model.pretrained is not None:
+        raise ConfigError("model.pretrained: loading official weights is not in this version yet; "
+                          "leave it null to train the embedded tiny model")
+
+
+def build_data(cfg: Config) -> tuple[SyntheticPairs, PairStream]:
+    d = cfg.data
+    dataset = SyntheticPairs(d.num_pairs, d.image_size, d.seed)
+    return dataset, PairStream(dataset, cfg.train.batch_size, cfg.train.seed)
+
+
+def build_contexts(cfg: Config, arch: ZImageConfig) -> tuple[ToyTextEncoder, ToyMultimodalEncoder]:
+    text = ToyTextEncoder(arch.cap_feat_dim, cfg.context.max_text_tokens)
+    return text, ToyMultimodalEncoder(text, cfg.data.image_size, image_first=cfg.context.teacher_order == "image_first")

@@ -1,0 +1,119 @@
+"""Atomic, resumable checkpoints in safetensors (never pickle).
+
+Layout of ``<output_dir>/checkpoints/step-000050/``:
+  student.safetensors    trainable tensors (LoRA student adapter, or all weights in full mode)
+  teacher.safetensors    EMA teacher, fp32 master copy
+  optimizer.safetensors  AdamW moments and step counts, keyed by parameter name
+  rng.safetensors        noise-generator and global torch RNG states
+  state.json             step, data-stream position, optimizer hyper-parameters, config; written last
+
+A checkpoint is written into ``step-XXXXXX.tmp`` and renamed when complete, so a crash mid-write never
+leaves a directory that looks complete and never touches the previous checkpoints.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used; the message names the file and the fix."""
+
+
+def _contiguous(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    return {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+
+
+def load_tensors(path: Path, expected: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
+    """Load a safetensors file; with ``expected``, check that keys and shapes match exactly."""
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing; the checkpoint directory is incomplete, resume from an earlier one")
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({err}); resume from an earlier checkpoint") from None
+    if expected is not None:
+        missing = sorted(set(expected) - set(tensors))
+        extra = sorted(set(tensors) - set(expected))
+        shapes = [f"{k}: file {tuple(tensors[k].shape)} vs model {tuple(expected[k].shape)}"
+                  for k in expected if k in tensors and tensors[k].shape != expected[k].shape]
+        if missing or extra or shapes:
+            parts = []
+            if missing:
+                parts.append(f"{len(missing)} missing (e.g. {', '.join(missing[:3])})")
+            if extra:
+                parts.append(f"{len(extra)} unexpected (e.g. {', '.join(extra[:3])})")
+            if shapes:
+                parts.append(f"{len(shapes)} mis-shaped (e.g. {'; '.join(shapes[:3])})")
+            raise CheckpointError(f"{path}: keys do not match the model: {'; '.join(parts)}. "
+                                  "Was it written with another model/adapter config (model.arch, adapter.rank, adapter.targets)?")
+    return tensors
+
+
+def optimizer_tensors(optimizer: torch.optim.Optimizer, names: list[str]) -> tuple[dict[str, Tensor], list[dict[str, Any]]]:
+    """Optimizer state keyed by parameter name, plus JSON-able param groups."""
+    sd = optimizer.state_dict()
+    tensors = {f"{names[i]}::{k}": v for i, st in sd["state"].items() for k, v in st.items() if torch.is_tensor(v)}
+    groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in sd["param_groups"]]
+    return tensors, groups
+
+
+def load_optimizer(optimizer: torch.optim.Optimizer, names: list[str], tensors: dict[str, Tensor], groups: list[dict]) -> None:
+    index = {n: i for i, n in enumerate(names)}
+    state: dict[int, dict[str, Tensor]] = {}
+    for key, v in tensors.items():
+        name, _, field = key.rpartition("::")
+        if name not in index:
+            raise CheckpointError(f"optimizer state names parameter {name!r}, which the model does not have")
+        state.setdefault(index[name], {})[field] = v
+    groups = [{k: (tuple(v) if k == "betas" else v) for k, v in g.items()} for g in groups]
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+def save_checkpoint(root: Path, step: int, parts: dict[str, dict[str, Tensor]], state: dict[str, Any], keep_last: int) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step:06d}"
+    tmp = root / f"step-{step:06d}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    for name, tensors in parts.items():
+        save_file(_contiguous(tensors), str(tmp / f"{name}.safetensors"))
+    (tmp / "state.json").write_text(json.dumps(state, indent=1))
+    if final.exists():                     # re-saving the same step: move the old copy aside first
+        old = root / f"step-{step:06d}.old"
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, final)
+    for stale in list_checkpoints(root)[:-keep_last]:
+        shutil.rmtree(stale)
+    return final
+
+
+def list_checkpoints(root: Path) -> list[Path]:
+    """Complete checkpoints (a ``state.json`` present), oldest first."""
+    if not root.is_dir():
+        return []
+    found = [p for p in root.glob("step-*") if p.is_dir() and p.suffix == "" and (p / "state.json").is_file()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+
+def read_state(ckpt: Path) -> dict[str, Any]:
+    path = ckpt / "state.json"
+    if not path.is_file():
+        raise CheckpointError(f"{ckpt}: no state.json, so this is not a complete checkpoint directory "
+                              f"(pass a step-XXXXXX directory written by `dopsd train`)")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{path}: corrupt ({err}); resume from an earlier checkpoint") from None

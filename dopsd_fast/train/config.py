@@ -1,0 +1,273 @@
+"""Typed training configuration: YAML preset + ``--set a.b=c`` overrides, validated before anything is built.
+
+Every section is a dataclass; unknown keys, wrong types and out-of-range values raise :class:`ConfigError`
+naming the dotted key, so a typo never silently falls back to a default.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad config key or value; the message names the key and the fix."""
+
+
+@dataclass
+class ModelConfig:
+    family: Literal["z_image"] = "z_image"
+    # Diffusers-format transformer folder; None builds random weights from `arch` (tiny/test models).
+    pretrained: str | None = None
+    # ZImageConfig overrides, e.g. {dim: 64, n_layers: 2}; keys are checked when the plan is resolved.
+    arch: dict[str, Any] = field(default_factory=dict)
+    dtype: Literal["fp32", "bf16"] = "fp32"
+    gradient_checkpointing: bool = False
+    init_seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    kind: Literal["synthetic"] = "synthetic"
+    num_pairs: int = 4
+    image_size: int = 32
+    seed: int = 0
+
+
+@dataclass
+class ContextConfig:
+    # toy: frozen hashed-word text encoder + patch image encoder sharing its word table (CPU default);
+    # its feature size is model.arch.cap_feat_dim.
+    kind: Literal["toy", "qwen3"] = "toy"
+    max_text_tokens: int = 64
+    # Teacher context order: the authors put the image first ([image, prompt]).
+    teacher_order: Literal["image_first", "text_first"] = "image_first"
+
+
+@dataclass
+class AdapterConfig:
+    mode: Literal["lora", "full"] = "lora"
+    rank: int = 64
+    alpha: float = 128.0
+    # Module-name suffixes that get LoRA; the official Z-Image set (also hits the refiners).
+    targets: list[str] = field(default_factory=lambda: [
+        "attention.to_q", "attention.to_k", "attention.to_v", "attention.to_out.0",
+        "feed_forward.w1", "feed_forward.w2", "feed_forward.w3"])
+
+
+@dataclass
+class MethodConfig:
+    objective: Literal["dopsd", "sft"] = "dopsd"
+    loss: Literal["x0", "velocity"] = "x0"
+    # Roll-out noise levels sigma_0 = 1 > ... > sigma_{K-1}; sigma_K = 0 is implied.
+    sigmas: list[float] = field(default_factory=lambda: [1.0, 0.9, 0.75, 0.5])
+    ema_decay: float = 0.9999
+    # Backpropagate each step's loss/K at once (one live student graph) instead of K graphs to the end.
+    per_step_backward: bool = True
+    # SFT baseline: sigma = shift*u / (1 + (shift-1)*u), u ~ U(0, 1).
+    sft_shift: float = 3.0
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    warmup_steps: int = 0
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 2000
+    batch_size: int = 1
+    seed: int = 30
+    output_dir: str = "outputs/run"
+    log_every: int = 1
+    checkpoint_every: int = 500
+    keep_last: int = 3
+    # "auto": continue from the newest checkpoint in output_dir if there is one; or a checkpoint path; or null.
+    resume: str | None = "auto"
+
+
+@dataclass
+class SampleConfig:
+    # Few-step sampler of the turbo model: sigma = shift*s/(1+(shift-1)*s), s = linspace(1, 1/N, N), then 0.
+    steps: int = 8
+    shift: float = 3.0
+    prompts: list[str] = field(default_factory=list)
+    seed: int = 0
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    context: ContextConfig = field(default_factory=ContextConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------- typed conversion
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping of {tp.__name__} fields, got {value!r}")
+        return _build(tp, value, key)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in typing.get_args(tp):
+            return None
+        errors = []
+        for arm in typing.get_args(tp):
+            if arm is type(None):
+                continue
+            try:
+                return _convert(value, arm, key)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(errors[0])
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(repr, choices))}")
+        return value
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (item,) = typing.get_args(tp)
+        return [_convert(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    if tp is Any:
+        return value
+    raise TypeError(f"unsupported config type {tp} at {key}")
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for k in data:
+        if k not in names:
+            where = f"{prefix}.{k}" if prefix else k
+            near = difflib.get_close_matches(str(k), names, n=1)
+            hint = f" (did you mean '{prefix + '.' if prefix else ''}{near[0]}'?)" if near else ""
+            raise ConfigError(f"unknown config key '{where}'{hint}; valid keys here: {', '.join(names)}")
+    kwargs = {k: _convert(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+# ---------------------------------------------------------------- semantic checks
+
+def _check(ok: bool, key: str, msg: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {msg}")
+
+
+def validate(cfg: Config) -> Config:
+    m, o, t, a = cfg.method, cfg.optim, cfg.train, cfg.adapter
+    s = m.sigmas
+    _check(len(s) >= 1, "method.sigmas", "needs at least one roll-out step")
+    _check(all(0.0 < x <= 1.0 for x in s), "method.sigmas", f"every sigma must be in (0, 1], got {s}")
+    _check(all(x > y for x, y in zip(s, s[1:])), "method.sigmas", f"must be strictly decreasing, got {s}")
+    _check(0.0 <= m.ema_decay < 1.0, "method.ema_decay", f"must be in [0, 1), got {m.ema_decay}")
+    _check(m.sft_shift > 0, "method.sft_shift", "must be > 0")
+    _check(o.lr > 0, "optim.lr", f"must be > 0, got {o.lr}")
+    _check(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas", f"need two values in [0, 1), got {o.betas}")
+    _check(o.eps > 0, "optim.eps", "must be > 0")
+    _check(o.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
+    _check(o.grad_clip >= 0, "optim.grad_clip", "must be >= 0 (0 disables clipping)")
+    _check(o.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
+    _check(t.steps >= 1, "train.steps", "must be >= 1")
+    _check(t.batch_size >= 1, "train.batch_size", "must be >= 1")
+    _check(t.log_every >= 1, "train.log_every", "must be >= 1")
+    _check(t.checkpoint_every >= 1, "train.checkpoint_every", "must be >= 1")
+    _check(t.keep_last >= 1, "train.keep_last", "must be >= 1")
+    _check(a.rank >= 1, "adapter.rank", "must be >= 1")
+    _check(a.alpha > 0, "adapter.alpha", "must be > 0")
+    _check(a.mode == "full" or len(a.targets) > 0, "adapter.targets", "LoRA mode needs at least one target")
+    _check(cfg.data.num_pairs >= 1, "data.num_pairs", "must be >= 1")
+    _check(cfg.data.image_size % 16 == 0 and cfg.data.image_size > 0, "data.image_size",
+           f"must be a positive multiple of 16, got {cfg.data.image_size}")
+    _check(cfg.sample.steps >= 1, "sample.steps", "must be >= 1")
+    _check(cfg.sample.shift > 0, "sample.shift", "must be > 0")
+    return cfg
+
+
+# ---------------------------------------------------------------- loading
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected key=value, e.g. --set train.steps=100")
+    key, raw = item.split("=", 1)
+    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else ""
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for item in overrides:
+        path, value = _parse_override(item)
+        node = data
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {item!r}: '{part}' is not a section")
+        node[path[-1]] = value
+    return data
+
+
+def preset_path(name_or_path: str) -> Path:
+    """A YAML path, or the name of a shipped preset (``tiny-cpu`` -> ``configs/tiny-cpu.yaml``)."""
+    p = Path(name_or_path)
+    if p.is_file():
+        return p
+    shipped = resources.files("dopsd_fast.configs") / f"{p.stem}.yaml"
+    if p.suffix in ("", ".yaml") and shipped.is_file():
+        return Path(str(shipped))
+    names = sorted(f.name[:-5] for f in resources.files("dopsd_fast.configs").iterdir() if f.name.endswith(".yaml"))
+    raise ConfigError(f"config file {name_or_path!r} not found; pass a YAML path or a preset name: {', '.join(names)}")
+
+
+def load_config(name_or_path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    data: dict[str, Any] = {}
+    if name_or_path is not None:
+        path = preset_path(name_or_path)
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML ({err})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections (model:, train:, ...)")
+    return validate(_build(Config, apply_overrides(data, list(overrides)), ""))

@@ -1,0 +1,38 @@
+"""Per-step table on the terminal and a JSONL log beside the checkpoints."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+
+class StepLog:
+    def __init__(self, path: Path, K: int, enabled: bool = True):
+        self.path, self.K = path, K
+        self.bar = tqdm(disable=not enabled, unit="it", dynamic_ncols=True, leave=False)
+        self.header_done = False
+
+    def start(self, step: int, total: int) -> None:
+        self.bar.reset(total=total)
+        self.bar.update(step)
+
+    def _header(self) -> str:
+        ks = " ".join(f"{'loss_' + str(k):>9}" for k in range(self.K))
+        return f"{'step':>6} {'loss':>10} {ks} {'grad_norm':>10} {'lr':>9} {'s/it':>7}"
+
+    def log(self, row: dict[str, Any], show: bool) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{row['loss']:.4g}")
+        if show:
+            if not self.header_done:
+                tqdm.write(self._header())
+                self.header_done = True
+            ks = " ".join(f"{v:9.4g}" for v in row["losses"]) if len(row["losses"]) == self.K else f"{'':>{10 * self.K - 1}}"
+            tqdm.write(f"{row['step']:6d} {row['loss']:10.5g} {ks} {row['grad_norm']:10.4g} {row['lr']:9.2e} {row['sec']:7.3f}")
+
+    def close(self) -> None:
+        self.bar.close()

@@ -1,0 +1,208 @@
+"""The trainer: parts assembled from the config, a loop that fits on a screen, atomic resumable checkpoints.
+
+``Trainer.forward_backward_step`` is the one method an objective overrides (``SFTTrainer`` below); the
+algorithm itself lives in :mod:`dopsd_fast.method`.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+import yaml
+from safetensors.torch import save_file
+
+from ..data.latents import PixelLatents
+from ..data.loader import Batch
+from ..method.schedule import Z_IMAGE, rollout_sigmas, shifted_sigmas
+from ..method.step import StepOutput, dopsd_step, sft_step
+from ..sample import sample, save_grid
+from . import checkpoint as ckpt
+from .build import DTYPES, build_contexts, build_data, build_model, build_roles, check_buildable, resolve_plan
+from .config import Config, load_config
+from .metrics import StepLog
+
+
+class Trainer:
+    def __init__(self, cfg: Config, progress: bool = True):
+        check_buildable(cfg)
+        self.cfg, self.plan = cfg, resolve_plan(cfg)
+        self.out = Path(cfg.train.output_dir)
+        self.dtype = DTYPES[cfg.model.dtype]
+        torch.manual_seed(cfg.model.init_seed)
+        self.model = build_model(self.plan.arch).to(self.dtype)
+        self.model.gradient_checkpointing = cfg.model.gradient_checkpointing
+        self.base_state = {k: v.clone() for k, v in self.model.state_dict().items()} if cfg.model.pretrained is None else None
+        self.roles = build_roles(cfg, self.model)
+        o = cfg.optim
+        self.optimizer = torch.optim.AdamW(self.roles.trainable.values(), lr=o.lr, betas=tuple(o.betas), eps=o.eps,
+                                           weight_decay=o.weight_decay)
+        self.dataset, self.stream = build_data(cfg)
+        self.text_encoder, self.mm_encoder = build_contexts(cfg, self.plan.arch)
+        self.codec, self.flow = PixelLatents(), Z_IMAGE
+        self.sigmas = rollout_sigmas(cfg.method.sigmas)
+        self.sample_sigmas = shifted_sigmas(cfg.sample.steps, cfg.sample.shift)
+        self.noise = torch.Generator().manual_seed(cfg.train.seed)
+        self.step = 0
+        self.progress = progress
+
+    # ------------------------------------------------------------------ one iteration
+    def forward_backward_step(self, batch: Batch) -> StepOutput:
+        c_s = self.text_encoder(batch.prompts)
+        c_t = self.mm_encoder(batch.prompts, batch.images)
+        shapes = [self.codec.latent_shape(*img.shape[-2:]) for img in batch.images]
+        return dopsd_step(self.roles, self.flow, self._cast(c_s), self._cast(c_t), shapes, self.sigmas,
+                          self.cfg.method.loss, self.cfg.method.per_step_backward, self.noise, self.dtype)
+
+    def optimizer_step(self) -> float:
+        o = self.cfg.optim
+        lr = o.lr * min(1.0, (self.step + 1) / o.warmup_steps) if o.warmup_steps else o.lr
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        params = list(self.roles.trainable.values())
+        norm = torch.nn.utils.clip_grad_norm_(params, o.grad_clip if o.grad_clip > 0 else float("inf"))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.roles.update_teacher(self.cfg.method.ema_decay)
+        return float(norm)
+
+    # ------------------------------------------------------------------ the loop
+    def train(self) -> list[StepOutput]:
+        cfg, t = self.cfg, self.cfg.train
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.resume()
+        self._write_run_files()
+        log = StepLog(self.out / "metrics.jsonl", len(self.sigmas) - 1, enabled=self.progress)
+        log.start(self.step, t.steps)
+        history = []
+        while self.step < t.steps:
+            tic = time.perf_counter()
+            result = self.forward_backward_step(next(self.stream))
+            grad_norm = self.optimizer_step()
+            self.step += 1
+            history.append(result)
+            row = {"step": self.step, "loss": result.loss, "losses": result.losses, "grad_norm": grad_norm,
+                   "lr": self.optimizer.param_groups[0]["lr"], "ema_decay": cfg.method.ema_decay,
+                   "sec": time.perf_counter() - tic}
+            log.log(row, show=self.step % t.log_every == 0 or self.step == t.steps)
+            if self.step % t.checkpoint_every == 0 or self.step == t.steps:
+                self.save()
+        log.close()
+        return history
+
+    # ------------------------------------------------------------------ checkpoints
+    @property
+    def checkpoint_root(self) -> Path:
+        return self.out / "checkpoints"
+
+    def save(self) -> Path:
+        names = list(self.roles.trainable)
+        opt_tensors, groups = ckpt.optimizer_tensors(self.optimizer, names)
+        rng = {"noise": self.noise.get_state(), "torch": torch.get_rng_state()}
+        state = {"step": self.step, "data": self.stream.state_dict(), "param_groups": groups,
+                 "adapter_mode": self.cfg.adapter.mode, "config": self.cfg.to_dict()}
+        parts = {"student": dict(self.roles.trainable), "teacher": self.roles.ema.state_dict(),
+                 "optimizer": opt_tensors, "rng": rng}
+        return ckpt.save_checkpoint(self.checkpoint_root, self.step, parts, state, self.cfg.train.keep_last)
+
+    def resume_point(self) -> Path | None:
+        """The checkpoint ``train.resume`` points at: null, "auto" (newest in output_dir, if any) or a path."""
+        r = self.cfg.train.resume
+        if r == "auto":
+            found = ckpt.list_checkpoints(self.checkpoint_root)
+            return found[-1] if found else None
+        return None if r is None else Path(r)
+
+    def resume(self) -> Path | None:
+        path = self.resume_point()
+        if path is not None:
+            self.load(path)
+            print(f"resumed from {path} at step {self.step}")
+        return path
+
+    def load(self, path: Path) -> None:
+        state = ckpt.read_state(path)
+        if state.get("adapter_mode") != self.cfg.adapter.mode:
+            raise ckpt.CheckpointError(f"{path}: written in adapter.mode={state.get('adapter_mode')!r}, "
+                                       f"but this run uses {self.cfg.adapter.mode!r}")
+        student = ckpt.load_tensors(path / "student.safetensors", dict(self.roles.trainable))
+        teacher = ckpt.load_tensors(path / "teacher.safetensors", self.roles.ema.state_dict())
+        optim = ckpt.load_tensors(path / "optimizer.safetensors")
+        rng = ckpt.load_tensors(path / "rng.safetensors")
+        with torch.no_grad():
+            for k, p in self.roles.trainable.items():
+                p.copy_(student[k])
+        self.roles.ema.load_state_dict(teacher)
+        ckpt.load_optimizer(self.optimizer, list(self.roles.trainable), optim, state["param_groups"])
+        self.noise.set_state(rng["noise"])
+        torch.set_rng_state(rng["torch"])
+        self.stream.load_state_dict(state["data"])
+        self.step = int(state["step"])
+
+    def _write_run_files(self) -> None:
+        (self.out / "config.yaml").write_text(yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
+        if self.base_state is not None and not (self.out / "base.safetensors").exists():
+            # A randomly initialised base is part of the run: `dopsd sample` needs it to rebuild the student.
+            save_file({k: v.contiguous() for k, v in self.base_state.items()}, str(self.out / "base.safetensors"))
+
+    # ------------------------------------------------------------------ samples
+    def sample_grid(self, path: Path, before: list | None = None, rows: int = 4) -> Path:
+        """Rows: data pairs; columns: target, [student before], student at the sampler's N steps, at the K training steps."""
+        pairs = [self.dataset[i] for i in range(min(rows, len(self.dataset)))]
+        prompts = [p.captions[1] for p in pairs]
+        cols = [[p.image for p in pairs]]
+        if before is not None:
+            cols.append(before)
+        cols.append(self.sample_student(prompts, self.sample_sigmas))
+        cols.append(self.sample_student(prompts, self.sigmas))
+        return save_grid([list(r) for r in zip(*cols)], path)
+
+    def sample_student(self, prompts: list[str], sigmas: list[float], seed: int | None = None):
+        g = torch.Generator().manual_seed(self.cfg.sample.seed if seed is None else seed)
+        model = self.roles.use("student")
+        shape = self.codec.latent_shape(self.cfg.data.image_size, self.cfg.data.image_size)
+        latents = sample(model, self.flow, self._cast(self.text_encoder(prompts)), shape, sigmas, g, self.dtype)
+        return [self.codec.decode(x.float()) for x in latents]
+
+    def _cast(self, feats):
+        return [f.to(self.dtype) for f in feats]
+
+
+class SFTTrainer(Trainer):
+    """The baseline: flow matching of the student on the target latents (off-policy)."""
+
+    def forward_backward_step(self, batch: Batch) -> StepOutput:
+        x0 = [self.codec.encode(img).to(self.dtype) for img in batch.images]
+        return sft_step(self.roles, self.flow, self._cast(self.text_encoder(batch.prompts)), x0,
+                        self.cfg.method.sft_shift, self.noise)
+
+
+def load_for_sampling(run_dir: Path, checkpoint: str | None = None) -> Trainer:
+    """Rebuild a run's student from ``<run_dir>/config.yaml``, its base weights and a checkpoint's student tensors."""
+    cfg_path = run_dir / "config.yaml"
+    if not cfg_path.is_file():
+        raise ckpt.CheckpointError(f"{cfg_path}: missing; pass the output_dir of a `dopsd train` run")
+    cfg = load_config(str(cfg_path), ["train.resume=null", f"train.output_dir={json.dumps(str(run_dir))}"])
+    trainer = Trainer(cfg, progress=False)
+    base = run_dir / "base.safetensors"
+    if cfg.model.pretrained is None:
+        base_sd = ckpt.load_tensors(base, trainer.base_state)
+        with torch.no_grad():
+            for k, v in trainer.model.state_dict().items():
+                if k in base_sd:
+                    v.copy_(base_sd[k])
+    found = ckpt.list_checkpoints(trainer.checkpoint_root)
+    if checkpoint is None and not found:
+        raise ckpt.CheckpointError(f"{trainer.checkpoint_root}: no complete checkpoint; train first or pass --checkpoint")
+    path = Path(checkpoint) if checkpoint else found[-1]
+    student = ckpt.load_tensors(path / "student.safetensors", dict(trainer.roles.trainable))
+    with torch.no_grad():
+        for k, p in trainer.roles.trainable.items():
+            p.copy_(student[k])
+    trainer.loaded_from = path
+    return trainer
+
+
+def make_trainer(cfg: Config, progress: bool = True) -> Trainer:
+    return (SFTTrainer if cfg.method.objective == "sft" else Trainer)(cfg, progress)

@@ -1,0 +1,8 @@
+"""Shared pytest setup: make the repository importable without installing it."""
+
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
