@@ -43,10 +43,12 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _sample(args: argparse.Namespace) -> int:
+    if args.steps is not None and args.steps < 1:
+        raise ConfigError(f"--steps: must be >= 1, got {args.steps}")
     from .train.trainer import load_for_sampling
     trainer = load_for_sampling(Path(args.run), args.checkpoint)
     prompts = args.prompt or trainer.cfg.sample.prompts or [p.captions[1] for p in (trainer.dataset[i] for i in range(min(4, len(trainer.dataset))))]
-    steps = args.steps or trainer.cfg.sample.steps
+    steps = trainer.cfg.sample.steps if args.steps is None else args.steps
     from .method.schedule import shifted_sigmas
     from .sample import save_grid
     images = trainer.sample_student(prompts, shifted_sigmas(steps, trainer.cfg.sample.shift), seed=args.seed)

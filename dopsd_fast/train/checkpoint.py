@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -104,7 +105,8 @@ def list_checkpoints(root: Path) -> list[Path]:
     """Complete checkpoints (a ``state.json`` present), oldest first."""
     if not root.is_dir():
         return []
-    found = [p for p in root.glob("step-*") if p.is_dir() and p.suffix == "" and (p / "state.json").is_file()]
+    found = [p for p in root.glob("step-*")
+             if re.fullmatch(r"step-\d+", p.name) and p.is_dir() and (p / "state.json").is_file()]
     return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
 
@@ -114,6 +116,10 @@ def read_state(ckpt: Path) -> dict[str, Any]:
         raise CheckpointError(f"{ckpt}: no state.json, so this is not a complete checkpoint directory "
                               f"(pass a step-XXXXXX directory written by `dopsd train`)")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
+        state = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise CheckpointError(f"{path}: corrupt ({err}); resume from an earlier checkpoint") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: corrupt (expected a JSON object, got {type(state).__name__}); "
+                              "resume from an earlier checkpoint")
+    return state

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -19,6 +20,10 @@ import yaml
 
 class ConfigError(ValueError):
     """A bad config key or value; the message names the key and the fix."""
+
+
+# YAML 1.1 (PyYAML) reads exponent floats without a dot, such as 1e-4, as strings.
+_EXP_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
 @dataclass
@@ -165,6 +170,11 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str):      # YAML 1.1 reads `1e-4` (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
         return float(value)
@@ -233,7 +243,12 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
     if "=" not in item:
         raise ConfigError(f"--set {item!r}: expected key=value, e.g. --set train.steps=100")
     key, raw = item.split("=", 1)
-    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else ""
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as err:
+        raise ConfigError(f"--set {item!r}: the value of {key.strip()} is not valid YAML "
+                          f"({getattr(err, 'problem', None) or err}); quote it if it is a string") from None
+    return key.strip().split("."), value
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -254,7 +269,8 @@ def preset_path(name_or_path: str) -> Path:
     if p.is_file():
         return p
     shipped = resources.files("dopsd_fast.configs") / f"{p.stem}.yaml"
-    if p.suffix in ("", ".yaml") and shipped.is_file():
+    # Only a bare name falls back to a shipped preset: a missing path with a folder in it is an error.
+    if p.suffix in ("", ".yaml") and len(p.parts) == 1 and shipped.is_file():
         return Path(str(shipped))
     names = sorted(f.name[:-5] for f in resources.files("dopsd_fast.configs").iterdir() if f.name.endswith(".yaml"))
     raise ConfigError(f"config file {name_or_path!r} not found; pass a YAML path or a preset name: {', '.join(names)}")
