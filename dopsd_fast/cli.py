@@ -8,13 +8,16 @@ from pathlib import Path
 
 import yaml
 
+from .method.schedule import shifted_sigmas
+from .sample import save_grid
+from .train.build import check_buildable, resolve_plan
 from .train.checkpoint import CheckpointError
 from .train.config import ConfigError, load_config
+from .train.trainer import load_for_sampling, make_trainer
 
 
 def _train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.set)
-    from .train.build import check_buildable, resolve_plan    # config errors surface before torch work
     plan = resolve_plan(cfg)
     if args.dry_run:
         print(yaml.safe_dump({"plan": plan.describe(cfg)}, sort_keys=False, default_flow_style=None), end="")
@@ -24,7 +27,6 @@ def _train(args: argparse.Namespace) -> int:
         except ConfigError as err:
             print(f"config is valid, but this version cannot train it yet: {err}")
         return 0
-    from .train.trainer import make_trainer
     trainer = make_trainer(cfg, progress=not args.no_progress)
     print(f"dopsd: {cfg.method.objective} on {cfg.model.family}, {plan.trainable_params:,} trainable of "
           f"{plan.total_params:,} parameters, K={len(cfg.method.sigmas)}, {cfg.train.steps} steps -> {trainer.out}")
@@ -45,12 +47,9 @@ def _train(args: argparse.Namespace) -> int:
 def _sample(args: argparse.Namespace) -> int:
     if args.steps is not None and args.steps < 1:
         raise ConfigError(f"--steps: must be >= 1, got {args.steps}")
-    from .train.trainer import load_for_sampling
     trainer = load_for_sampling(Path(args.run), args.checkpoint)
     prompts = args.prompt or trainer.cfg.sample.prompts or [p.captions[1] for p in (trainer.dataset[i] for i in range(min(4, len(trainer.dataset))))]
     steps = trainer.cfg.sample.steps if args.steps is None else args.steps
-    from .method.schedule import shifted_sigmas
-    from .sample import save_grid
     images = trainer.sample_student(prompts, shifted_sigmas(steps, trainer.cfg.sample.shift), seed=args.seed)
     out = save_grid([[im] for im in images], Path(args.out))
     print(json.dumps({"prompts": prompts, "steps": steps, "checkpoint": str(trainer.loaded_from), "grid": str(out)}, indent=1))

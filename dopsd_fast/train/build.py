@@ -90,6 +90,9 @@ def check_buildable(cfg: Config) -> None:
     if cfg.context.kind != "toy":
         raise ConfigError(f"context.kind: {cfg.context.kind!r} needs the Qwen3 / Qwen3-VL context encoders, which this version "
                           "does not ship yet; use context.kind=toy (the embedded default)")
+    if cfg.data.kind != "synthetic":
+        raise ConfigError(f"data.kind: {cfg.data.kind!r} (image folders with captions) is not in this version yet; "
+                          "use data.kind=synthetic")
     if cfg.model.pretrained is not None:
         raise ConfigError("model.pretrained: loading official weights is not in this version yet; "
                           "leave it null to train the embedded tiny model")

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -20,10 +19,6 @@ import yaml
 
 class ConfigError(ValueError):
     """A bad config key or value; the message names the key and the fix."""
-
-
-# YAML 1.1 (PyYAML) reads exponent floats without a dot, such as 1e-4, as strings.
-_EXP_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
 @dataclass
@@ -40,8 +35,10 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    kind: Literal["synthetic"] = "synthetic"
-    num_pairs: int = 4
+    # synthetic: procedural shapes (embedded default); folder: images with caption sidecars at `path`.
+    kind: Literal["synthetic", "folder"] = "synthetic"
+    path: str | None = None
+    num_pairs: int = 4          # synthetic only
     image_size: int = 32
     seed: int = 0
 
@@ -230,6 +227,7 @@ def validate(cfg: Config) -> Config:
     _check(a.alpha > 0, "adapter.alpha", "must be > 0")
     _check(a.mode == "full" or len(a.targets) > 0, "adapter.targets", "LoRA mode needs at least one target")
     _check(cfg.data.num_pairs >= 1, "data.num_pairs", "must be >= 1")
+    _check(cfg.data.kind != "folder" or bool(cfg.data.path), "data.path", "data.kind=folder needs data.path (a folder of images)")
     _check(cfg.data.image_size % 16 == 0 and cfg.data.image_size > 0, "data.image_size",
            f"must be a positive multiple of 16, got {cfg.data.image_size}")
     _check(cfg.sample.steps >= 1, "sample.steps", "must be >= 1")

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from dopsd_fast.train.memory import ActivationMeter
-from tests.helpers import randomize_adapters, tiny_trainer
+from dopsd_fast.testing import randomize_adapters, tiny_trainer
 
 
 def grads_after_one_step(tmp_path, per_step: bool, mode: str, loss: str):

@@ -1,7 +1,7 @@
 """Stopping and resuming gives the same next losses as not stopping."""
 import pytest
 
-from tests.helpers import tiny_trainer
+from dopsd_fast.testing import tiny_trainer
 
 
 @pytest.mark.parametrize("mode", ["lora", "full"])

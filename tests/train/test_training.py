@@ -3,7 +3,7 @@ import math
 
 import torch
 
-from tests.helpers import tiny_trainer
+from dopsd_fast.testing import tiny_trainer
 
 
 def test_dopsd_loss_falls_over_50_iterations(tmp_path):

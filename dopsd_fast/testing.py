@@ -1,4 +1,4 @@
-"""Small builders shared by tests (tiny preset, temporary output dirs, seeded perturbations)."""
+"""Builders for tests and benchmarks: the tiny preset in a temporary directory, seeded adapter weights."""
 from __future__ import annotations
 
 import torch

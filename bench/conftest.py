@@ -1,0 +1,8 @@
+"""`pytest bench/`: throughput and memory, ours and the baseline measured in the same run."""
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import torch  # noqa: E402
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
