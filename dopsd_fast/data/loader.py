@@ -21,10 +21,13 @@ class PairStream:
     def __init__(self, dataset, batch_size: int, seed: int):
         self.dataset, self.batch_size, self.seed = dataset, batch_size, seed
         self.epoch, self.position = 0, 0
+        self._cached: tuple[int, list[int]] = (-1, [])    # (epoch, its permutation)
 
     def _order(self) -> list[int]:
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        return torch.randperm(len(self.dataset), generator=g).tolist()
+        if self._cached[0] != self.epoch:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+            self._cached = (self.epoch, torch.randperm(len(self.dataset), generator=g).tolist())
+        return self._cached[1]
 
     def __iter__(self):
         return self

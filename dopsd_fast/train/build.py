@@ -1,7 +1,8 @@
 """Config -> parts. ``resolve_plan`` checks everything that can be checked without weights (used by --dry-run)."""
 from __future__ import annotations
 
-from dataclasses import dataclass, asdict
+import dataclasses
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -42,6 +43,25 @@ class Plan:
         }
 
 
+def _check_arch_values(arch: dict[str, Any]) -> None:
+    """Types from ZImageConfig's defaults; sizes must be positive."""
+    for f in dataclasses.fields(ZImageConfig):
+        if f.name not in arch:
+            continue
+        v, default = arch[f.name], f.default
+        if isinstance(default, tuple):
+            ok = isinstance(v, (list, tuple)) and len(v) > 0 and all(isinstance(i, int) and not isinstance(i, bool) and i > 0 for i in v)
+            want = "a list of positive integers"
+        elif isinstance(default, bool):
+            ok, want = isinstance(v, bool), "true/false"
+        elif isinstance(default, int):
+            ok, want = isinstance(v, int) and not isinstance(v, bool) and v > 0, "a positive integer"
+        else:
+            ok, want = isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0, "a positive number"
+        if not ok:
+            raise ConfigError(f"model.arch.{f.name}: expected {want}, got {v!r}")
+
+
 def resolve_arch(cfg: Config) -> ZImageConfig:
     arch = dict(cfg.model.arch)
     if cfg.data.kind == "synthetic":
@@ -50,6 +70,9 @@ def resolve_arch(cfg: Config) -> ZImageConfig:
         a = ZImageConfig.from_dict(arch)
     except (ValueError, TypeError) as err:
         raise ConfigError(f"model.arch: {err}") from None
+    _check_arch_values(arch)
+    if a.dim % a.n_heads:
+        raise ConfigError(f"model.arch.n_heads: must divide dim={a.dim}, got {a.n_heads}")
     if sum(a.axes_dims) != a.dim // a.n_heads:
         raise ConfigError(f"model.arch.axes_dims: must sum to dim/n_heads = {a.dim // a.n_heads}, got {list(a.axes_dims)}")
     if cfg.data.kind == "synthetic" and a.in_channels != PixelLatents.channels:

@@ -76,14 +76,18 @@ def load_optimizer(optimizer: torch.optim.Optimizer, names: list[str], tensors: 
             raise CheckpointError(f"optimizer state names parameter {name!r}, which the model does not have")
         state.setdefault(index[name], {})[field] = v
     groups = [{k: (tuple(v) if k == "betas" else v) for k, v in g.items()} for g in groups]
-    optimizer.load_state_dict({"state": state, "param_groups": groups})
+    try:
+        optimizer.load_state_dict({"state": state, "param_groups": groups})
+    except (ValueError, KeyError) as err:
+        raise CheckpointError(f"optimizer state does not fit this run's optimizer ({err})") from None
 
 
 def save_checkpoint(root: Path, step: int, parts: dict[str, dict[str, Tensor]], state: dict[str, Any], keep_last: int) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:06d}"
     tmp = root / f"step-{step:06d}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
+    for partial in root.glob("step-*.tmp"):      # leftovers of an interrupted save: never complete
+        shutil.rmtree(partial, ignore_errors=True)
     tmp.mkdir()
     for name, tensors in parts.items():
         save_file(_contiguous(tensors), str(tmp / f"{name}.safetensors"))
@@ -110,7 +114,7 @@ def list_checkpoints(root: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
 
-def read_state(ckpt: Path) -> dict[str, Any]:
+def read_state(ckpt: Path, required: tuple[str, ...] = ()) -> dict[str, Any]:
     path = ckpt / "state.json"
     if not path.is_file():
         raise CheckpointError(f"{ckpt}: no state.json, so this is not a complete checkpoint directory "
@@ -122,4 +126,8 @@ def read_state(ckpt: Path) -> dict[str, Any]:
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}: corrupt (expected a JSON object, got {type(state).__name__}); "
                               "resume from an earlier checkpoint")
+    missing = [k for k in required if k not in state]
+    if missing:
+        raise CheckpointError(f"{path}: lacks {', '.join(missing)}; not written by this version of `dopsd train`, "
+                              "resume from another checkpoint")
     return state

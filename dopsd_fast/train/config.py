@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -126,6 +127,9 @@ class Config:
 
 # ---------------------------------------------------------------- typed conversion
 
+_SCALARS = {bool: "true/false", int: "an integer", float: "a number", str: "a string"}
+
+
 def _convert(value: Any, tp: Any, key: str) -> Any:
     origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp):
@@ -158,27 +162,18 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping, got {value!r}")
         return dict(value)
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{key}: expected true/false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, str):      # YAML 1.1 reads `1e-4` (no dot) as a string
+    if tp in _SCALARS:
+        if tp is float and isinstance(value, str):      # YAML 1.1 reads `1e-4` (no dot) as a string
             try:
                 value = float(value)
             except ValueError:
                 pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{key}: expected a string, got {value!r}")
-        return value
+        accepted = (int, float) if tp is float else tp
+        if not isinstance(value, accepted) or (isinstance(value, bool) and tp is not bool):
+            raise ConfigError(f"{key}: expected {_SCALARS[tp]}, got {value!r}")
+        if tp is float and not math.isfinite(value):
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
+        return float(value) if tp is float else value
     if tp is Any:
         return value
     raise TypeError(f"unsupported config type {tp} at {key}")
@@ -231,6 +226,7 @@ def validate(cfg: Config) -> Config:
     _check(cfg.data.image_size % 16 == 0 and cfg.data.image_size > 0, "data.image_size",
            f"must be a positive multiple of 16, got {cfg.data.image_size}")
     _check(cfg.sample.steps >= 1, "sample.steps", "must be >= 1")
+    _check(cfg.context.max_text_tokens >= 1, "context.max_text_tokens", "must be >= 1")
     _check(cfg.sample.shift > 0, "sample.shift", "must be > 0")
     return cfg
 
@@ -254,7 +250,9 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         path, value = _parse_override(item)
         node = data
         for part in path[:-1]:
-            node = node.setdefault(part, {})
+            if node.get(part) is None:          # absent, or left empty in the YAML (`sample:`)
+                node[part] = {}
+            node = node[part]
             if not isinstance(node, dict):
                 raise ConfigError(f"--set {item!r}: '{part}' is not a section")
         node[path[-1]] = value
@@ -280,8 +278,8 @@ def load_config(name_or_path: str | None = None, overrides: list[str] | tuple[st
         path = preset_path(name_or_path)
         try:
             data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML ({err})") from None
+        except (yaml.YAMLError, UnicodeDecodeError) as err:
+            raise ConfigError(f"{path}: not valid UTF-8 YAML ({err})") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections (model:, train:, ...)")
     return validate(_build(Config, apply_overrides(data, list(overrides)), ""))

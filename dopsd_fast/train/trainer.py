@@ -122,14 +122,14 @@ class Trainer:
         return path
 
     def load(self, path: Path) -> None:
-        state = ckpt.read_state(path)
-        if state.get("adapter_mode") != self.cfg.adapter.mode:
+        state = ckpt.read_state(path, required=("step", "data", "param_groups", "adapter_mode"))
+        if state["adapter_mode"] != self.cfg.adapter.mode:
             raise ckpt.CheckpointError(f"{path}: written in adapter.mode={state.get('adapter_mode')!r}, "
                                        f"but this run uses {self.cfg.adapter.mode!r}")
         student = ckpt.load_tensors(path / "student.safetensors", dict(self.roles.trainable))
         teacher = ckpt.load_tensors(path / "teacher.safetensors", self.roles.ema.state_dict())
         optim = ckpt.load_tensors(path / "optimizer.safetensors")
-        rng = ckpt.load_tensors(path / "rng.safetensors")
+        rng = ckpt.load_tensors(path / "rng.safetensors", {"noise": self.noise.get_state(), "torch": torch.get_rng_state()})
         with torch.no_grad():
             for k, p in self.roles.trainable.items():
                 p.copy_(student[k])

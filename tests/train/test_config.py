@@ -76,7 +76,7 @@ def test_explicit_yaml_path(tmp_path):
 def test_invalid_yaml_file(tmp_path):
     f = tmp_path / "bad.yaml"
     f.write_text("train: {steps: [1,\n")
-    with pytest.raises(ConfigError, match="not valid YAML"):
+    with pytest.raises(ConfigError, match="not valid UTF-8 YAML"):
         load_config(str(f))
 
 
@@ -134,6 +134,8 @@ def test_unknown_key_without_near_match_lists_valid_keys():
     ("method=3", "method", "mapping"),
     ("method.loss=kl", "method.loss", "'x0', 'velocity'"),
     ("model.dtype=fp16", "model.dtype", "'fp32', 'bf16'"),
+    ("optim.lr=inf", "optim.lr", "finite"),
+    ("optim.lr=.nan", "optim.lr", "finite"),
 ])
 def test_wrong_types_name_the_key(override, key, fragment):
     with pytest.raises(ConfigError) as e:
@@ -159,6 +161,8 @@ def test_wrong_types_name_the_key(override, key, fragment):
     ("train.keep_last=0", "train.keep_last"),
     ("adapter.targets=[]", "adapter.targets"),
     ("sample.steps=0", "sample.steps"),
+    ("context.max_text_tokens=0", "context.max_text_tokens"),
+    ("data.kind=folder", "data.path"),
 ])
 def test_semantic_errors_name_the_key(override, key):
     with pytest.raises(ConfigError) as e:
@@ -203,6 +207,11 @@ def test_no_model_builds_fixture_detects_a_build(no_model_builds):
     ("model.arch.dimm=64", "model.arch", "dimm"),
     ("model.arch.axes_dims=[8, 8, 8]", "model.arch.axes_dims", "dim/n_heads = 32"),
     ("model.arch.in_channels=4", "model.arch.in_channels", "must be 3"),
+    ("model.arch.n_heads=0", "model.arch.n_heads", "positive integer"),
+    ("model.arch.n_heads=3", "model.arch.n_heads", "divide dim"),
+    ("model.arch.dim=abc", "model.arch.dim", "positive integer"),
+    ("model.arch.rope_theta=-1", "model.arch.rope_theta", "positive number"),
+    ("model.arch.axes_dims=[8, x, 12]", "model.arch.axes_dims", "list of positive integers"),
 ])
 def test_arch_errors_before_any_model_is_built(no_model_builds, override, key, fragment):
     cfg = load_config("tiny-cpu", [override])      # model.arch is a free mapping: accepted here ...
@@ -302,3 +311,10 @@ def test_cli_malformed_set_value_exit_2(capsys, tmp_path):
     rc = main(["train", "--dry-run", "--set", f"train.output_dir={tmp_path / 'run'}", "--set", "method.sigmas=[1.0,"])
     err = capsys.readouterr().err
     assert rc == 2 and "dopsd: error:" in err and "method.sigmas" in err and "Traceback" not in err
+
+
+def test_set_into_a_section_left_empty_in_the_yaml(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("sample:\ntrain: {steps: 3}\n")
+    cfg = load_config(str(path), ["sample.steps=2"])
+    assert cfg.sample.steps == 2 and cfg.train.steps == 3
