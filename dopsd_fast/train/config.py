@@ -32,6 +32,8 @@ class ModelConfig:
     dtype: Literal["fp32", "bf16"] = "fp32"
     gradient_checkpointing: bool = False
     init_seed: int = 0
+    # Fused-op implementation: auto = Triton on CUDA tensors, the PyTorch reference elsewhere (DOPSD_BACKEND too).
+    ops_backend: Literal["auto", "triton", "reference"] = "auto"
 
 
 @dataclass

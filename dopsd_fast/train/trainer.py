@@ -15,6 +15,7 @@ from safetensors.torch import save_file
 
 from ..data.latents import PixelLatents
 from ..data.loader import Batch
+from ..ops._dispatch import use_backend
 from ..method.schedule import Z_IMAGE, rollout_sigmas, shifted_sigmas
 from ..method.step import StepOutput, dopsd_step, sft_step
 from ..sample import sample, save_grid
@@ -69,13 +70,20 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
     def train(self) -> list[StepOutput]:
-        cfg, t = self.cfg, self.cfg.train
+        t = self.cfg.train
         self.out.mkdir(parents=True, exist_ok=True)
         self.resume()
         self._write_run_files()
         log = StepLog(self.out / "metrics.jsonl", len(self.sigmas) - 1, enabled=self.progress)
         log.start(self.step, t.steps)
-        history = []
+        with use_backend(self.cfg.model.ops_backend):
+            history = self._loop(log)
+        log.close()
+        return history
+
+    def _loop(self, log: StepLog) -> list[StepOutput]:
+        cfg, t = self.cfg, self.cfg.train
+        history: list[StepOutput] = []
         while self.step < t.steps:
             tic = time.perf_counter()
             result = self.forward_backward_step(next(self.stream))
@@ -88,7 +96,6 @@ class Trainer:
             log.log(row, show=self.step % t.log_every == 0 or self.step == t.steps)
             if self.step % t.checkpoint_every == 0 or self.step == t.steps:
                 self.save()
-        log.close()
         return history
 
     # ------------------------------------------------------------------ checkpoints
@@ -162,7 +169,8 @@ class Trainer:
         g = torch.Generator().manual_seed(self.cfg.sample.seed if seed is None else seed)
         model = self.roles.use("student")
         shape = self.codec.latent_shape(self.cfg.data.image_size, self.cfg.data.image_size)
-        latents = sample(model, self.flow, self._cast(self.text_encoder(prompts)), shape, sigmas, g, self.dtype)
+        with use_backend(self.cfg.model.ops_backend):
+            latents = sample(model, self.flow, self._cast(self.text_encoder(prompts)), shape, sigmas, g, self.dtype)
         return [self.codec.decode(x.float()) for x in latents]
 
     def _cast(self, feats):
