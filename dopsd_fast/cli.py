@@ -9,6 +9,7 @@ from pathlib import Path
 import yaml
 
 from .method.schedule import shifted_sigmas
+from .models.loading import WeightsError
 from .sample import save_grid
 from .train.build import check_buildable, resolve_plan
 from .train.checkpoint import CheckpointError
@@ -75,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         return _train(args) if args.command == "train" else _sample(args)
-    except (ConfigError, CheckpointError) as err:
+    except (ConfigError, CheckpointError, WeightsError) as err:
         print(f"dopsd: error: {err}", file=sys.stderr)
         return 2
 

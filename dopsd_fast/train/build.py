@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -13,6 +14,7 @@ from ..data.latents import PixelLatents
 from ..data.loader import PairStream
 from ..data.synthetic import SyntheticPairs
 from ..method.roles import FullRoles, LoRARoles, Roles
+from ..models.loading import WeightsError, read_config
 from ..models.z_image import ZImageConfig, ZImageTransformer
 from .config import Config, ConfigError
 
@@ -63,6 +65,8 @@ def _check_arch_values(arch: dict[str, Any]) -> None:
 
 
 def resolve_arch(cfg: Config) -> ZImageConfig:
+    if cfg.model.pretrained is not None:
+        return _pretrained_arch(cfg)
     arch = dict(cfg.model.arch)
     if cfg.data.kind == "synthetic":
         arch.setdefault("in_channels", PixelLatents.channels)
@@ -80,6 +84,24 @@ def resolve_arch(cfg: Config) -> ZImageConfig:
     patch = a.all_patch_size[0]
     if cfg.data.image_size % patch:
         raise ConfigError(f"data.image_size: must be a multiple of the patch size {patch}")
+    return a
+
+
+def _pretrained_arch(cfg: Config) -> ZImageConfig:
+    """The folder's config.json defines the architecture (read without touching the weights)."""
+    if cfg.model.arch:
+        raise ConfigError("model.arch: must be empty when model.pretrained is set (the folder's config.json defines it)")
+    folder = Path(cfg.model.pretrained)
+    if not (folder / "config.json").is_file():
+        raise ConfigError(f"model.pretrained: {folder / 'config.json'} not found; point it at the transformer/ folder "
+                          "of a diffusers Z-Image checkpoint")
+    try:
+        a = read_config(folder)
+    except WeightsError as err:
+        raise ConfigError(f"model.pretrained: {err}") from None
+    if cfg.data.kind == "synthetic" and a.in_channels != PixelLatents.channels:
+        raise ConfigError(f"model.pretrained: a {a.in_channels}-channel latent model cannot train on the pixel-space "
+                          "synthetic data set; use data.kind=folder")
     return a
 
 
@@ -116,9 +138,6 @@ def check_buildable(cfg: Config) -> None:
     if cfg.data.kind != "synthetic":
         raise ConfigError(f"data.kind: {cfg.data.kind!r} (image folders with captions) is not in this version yet; "
                           "use data.kind=synthetic")
-    if cfg.model.pretrained is not None:
-        raise ConfigError("model.pretrained: loading official weights is not in this version yet; "
-                          "leave it null to train the embedded tiny model")
 
 
 def build_data(cfg: Config) -> tuple[SyntheticPairs, PairStream]:

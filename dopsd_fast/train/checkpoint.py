@@ -24,6 +24,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from ..models.loading import describe_mismatch
+
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used; the message names the file and the fix."""
@@ -42,20 +44,11 @@ def load_tensors(path: Path, expected: dict[str, Tensor] | None = None) -> dict[
     except (SafetensorError, OSError, ValueError) as err:
         raise CheckpointError(f"{path}: not a readable safetensors file ({err}); resume from an earlier checkpoint") from None
     if expected is not None:
-        missing = sorted(set(expected) - set(tensors))
-        extra = sorted(set(tensors) - set(expected))
-        shapes = [f"{k}: file {tuple(tensors[k].shape)} vs model {tuple(expected[k].shape)}"
-                  for k in expected if k in tensors and tensors[k].shape != expected[k].shape]
-        if missing or extra or shapes:
-            parts = []
-            if missing:
-                parts.append(f"{len(missing)} missing (e.g. {', '.join(missing[:3])})")
-            if extra:
-                parts.append(f"{len(extra)} unexpected (e.g. {', '.join(extra[:3])})")
-            if shapes:
-                parts.append(f"{len(shapes)} mis-shaped (e.g. {'; '.join(shapes[:3])})")
-            raise CheckpointError(f"{path}: keys do not match the model: {'; '.join(parts)}. "
-                                  "Was it written with another model/adapter config (model.arch, adapter.rank, adapter.targets)?")
+        mismatch = describe_mismatch({k: tuple(v.shape) for k, v in tensors.items()},
+                                     {k: tuple(v.shape) for k, v in expected.items()})
+        if mismatch:
+            raise CheckpointError(f"{path}: keys do not match the model: {mismatch}. Was it written with another "
+                                  "model/adapter config (model.arch, adapter.rank, adapter.targets)?")
     return tensors
 
 

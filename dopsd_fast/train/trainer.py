@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 from ..data.latents import PixelLatents
 from ..data.loader import Batch
 from ..ops._dispatch import use_backend
+from ..models.loading import load_zimage_transformer
 from ..method.schedule import Z_IMAGE, rollout_sigmas, shifted_sigmas
 from ..method.step import StepOutput, dopsd_step, sft_step
 from ..sample import sample, save_grid
@@ -31,8 +32,11 @@ class Trainer:
         self.cfg, self.plan = cfg, resolve_plan(cfg)
         self.out = Path(cfg.train.output_dir)
         self.dtype = DTYPES[cfg.model.dtype]
-        torch.manual_seed(cfg.model.init_seed)
-        self.model = build_model(self.plan.arch).to(self.dtype)
+        torch.manual_seed(cfg.model.init_seed)      # random base (tiny models) and LoRA init
+        if cfg.model.pretrained is None:
+            self.model = build_model(self.plan.arch).to(self.dtype)
+        else:
+            self.model = load_zimage_transformer(cfg.model.pretrained, self.dtype)
         self.model.gradient_checkpointing = cfg.model.gradient_checkpointing
         self.base_state = {k: v.clone() for k, v in self.model.state_dict().items()} if cfg.model.pretrained is None else None
         self.roles = build_roles(cfg, self.model)

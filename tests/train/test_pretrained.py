@@ -1,0 +1,40 @@
+"""`model.pretrained`: train from a diffusers-format transformer folder; bad folders fail before anything is built."""
+import json
+
+import pytest
+import torch
+
+from dopsd_fast.cli import main
+
+diffusers = pytest.importorskip("diffusers")
+from diffusers.models.transformers.transformer_z_image import ZImageTransformer2DModel  # noqa: E402
+
+PIXEL_TINY = dict(all_patch_size=[2], all_f_patch_size=[1], in_channels=3, dim=64, n_layers=1, n_refiner_layers=1,
+                  n_heads=2, n_kv_heads=2, cap_feat_dim=32, axes_dims=[8, 12, 12], axes_lens=[256, 64, 64])
+
+
+def _train(tmp_path, *extra):
+    return main(["train", "--no-progress", "--no-samples", "--set", f"train.output_dir={json.dumps(str(tmp_path / 'run'))}",
+                 "--set", "train.steps=1", "--set", "train.resume=null", "--set", "model.arch={}", *extra])
+
+
+def test_train_from_a_diffusers_folder(tmp_path):
+    torch.manual_seed(0)
+    ZImageTransformer2DModel(**PIXEL_TINY).save_pretrained(tmp_path / "transformer")
+    assert _train(tmp_path, "--set", f"model.pretrained={json.dumps(str(tmp_path / 'transformer'))}") == 0
+    assert (tmp_path / "run" / "checkpoints" / "step-000001" / "student.safetensors").is_file()
+    assert not (tmp_path / "run" / "base.safetensors").exists()      # the base lives in the pretrained folder
+
+
+def test_missing_folder_and_arch_conflict_are_config_errors(tmp_path, capsys):
+    assert _train(tmp_path, "--set", f"model.pretrained={json.dumps(str(tmp_path / 'none'))}") == 2
+    assert "model.pretrained:" in capsys.readouterr().err
+    assert main(["train", "--dry-run", "--set", "model.pretrained=x"]) == 2          # tiny-cpu sets model.arch
+    assert "model.arch: must be empty" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_latent_model_on_pixel_data_is_refused(tmp_path, capsys):
+    ZImageTransformer2DModel(**{**PIXEL_TINY, "in_channels": 16}).save_pretrained(tmp_path / "t16")
+    assert _train(tmp_path, "--set", f"model.pretrained={json.dumps(str(tmp_path / 't16'))}") == 2
+    assert "16-channel latent model" in capsys.readouterr().err
