@@ -19,7 +19,7 @@ from .train.trainer import load_for_sampling, make_trainer
 
 def _train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.set)
-    plan = resolve_plan(cfg)
+    plan = resolve_plan(cfg, need_weights=not args.dry_run)
     if args.dry_run:
         print(yaml.safe_dump({"plan": plan.describe(cfg)}, sort_keys=False, default_flow_style=None), end="")
         try:

@@ -31,7 +31,7 @@ class Plan:
     def describe(self, cfg: Config) -> dict[str, Any]:
         m = cfg.method
         return {
-            "model": {"family": cfg.model.family, "weights": cfg.model.pretrained or f"random init (seed {cfg.model.init_seed})",
+            "model": {"family": cfg.model.family, "weights": _weights_note(cfg),
                       "dtype": cfg.model.dtype, "arch": asdict(self.arch), "parameters": self.total_params},
             "adapter": {"mode": cfg.adapter.mode, "trainable_parameters": self.trainable_params,
                         **({"rank": cfg.adapter.rank, "alpha": cfg.adapter.alpha, "lora_modules": self.lora_modules}
@@ -64,9 +64,16 @@ def _check_arch_values(arch: dict[str, Any]) -> None:
             raise ConfigError(f"model.arch.{f.name}: expected {want}, got {v!r}")
 
 
-def resolve_arch(cfg: Config) -> ZImageConfig:
+def _weights_note(cfg: Config) -> str:
+    p = cfg.model.pretrained
+    if p is None:
+        return f"random init (seed {cfg.model.init_seed})"
+    return p if Path(p).exists() else f"{p} (not found yet: the official Z-Image-Turbo config is assumed)"
+
+
+def resolve_arch(cfg: Config, need_weights: bool = True) -> ZImageConfig:
     if cfg.model.pretrained is not None:
-        return _pretrained_arch(cfg)
+        return _pretrained_arch(cfg, need_weights)
     arch = dict(cfg.model.arch)
     if cfg.data.kind == "synthetic":
         arch.setdefault("in_channels", PixelLatents.channels)
@@ -87,11 +94,16 @@ def resolve_arch(cfg: Config) -> ZImageConfig:
     return a
 
 
-def _pretrained_arch(cfg: Config) -> ZImageConfig:
-    """The folder's config.json defines the architecture (read without touching the weights)."""
+def _pretrained_arch(cfg: Config, need_weights: bool) -> ZImageConfig:
+    """The folder's config.json defines the architecture (read without touching the weights).
+
+    Without ``need_weights`` (a dry run planning ahead of the download) a missing folder means the official config.
+    """
     if cfg.model.arch:
         raise ConfigError("model.arch: must be empty when model.pretrained is set (the folder's config.json defines it)")
     folder = Path(cfg.model.pretrained)
+    if not need_weights and not folder.exists():
+        return ZImageConfig()
     if not (folder / "config.json").is_file():
         raise ConfigError(f"model.pretrained: {folder / 'config.json'} not found; point it at the transformer/ folder "
                           "of a diffusers Z-Image checkpoint")
@@ -117,9 +129,9 @@ def build_roles(cfg: Config, model: nn.Module) -> Roles:
     return FullRoles(model)
 
 
-def resolve_plan(cfg: Config) -> Plan:
+def resolve_plan(cfg: Config, need_weights: bool = True) -> Plan:
     """Everything checkable without weights: architecture, adapter targets, parameter counts (meta device)."""
-    arch = resolve_arch(cfg)
+    arch = resolve_arch(cfg, need_weights)
     model = build_model(arch, "meta")
     total = sum(p.numel() for p in model.parameters())
     try:

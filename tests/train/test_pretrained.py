@@ -38,3 +38,9 @@ def test_latent_model_on_pixel_data_is_refused(tmp_path, capsys):
     ZImageTransformer2DModel(**{**PIXEL_TINY, "in_channels": 16}).save_pretrained(tmp_path / "t16")
     assert _train(tmp_path, "--set", f"model.pretrained={json.dumps(str(tmp_path / 't16'))}") == 2
     assert "16-channel latent model" in capsys.readouterr().err
+
+
+def test_dry_run_plans_an_official_preset_before_the_download(capsys):
+    assert main(["train", "zimage-turbo-lora", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "not found yet" in out and "parameters: 6154908736" in out and "trainable_parameters: 158760960" in out
