@@ -5,6 +5,21 @@ import os
 os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from dopsd_fast.ops._dispatch import use_backend  # noqa: E402
+
 torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture(autouse=True)
+def _reference_ops_outside_op_tests(request):
+    """Model, method and trainer tests run the PyTorch reference ops: under the Triton interpreter a single
+    tiny D-OPSD step takes seconds. Op tests (tests/ops) force each backend themselves, and tests that compare
+    the fused path with the reference ask for it explicitly."""
+    if "ops" in request.node.path.parts or request.node.get_closest_marker("fused"):
+        yield
+        return
+    with use_backend("reference"):
+        yield

@@ -3,21 +3,24 @@ from __future__ import annotations
 
 from typing import Literal
 
+import itertools
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..ops.rollout_step import rollout_coefs, rollout_step
 from .schedule import FlowConvention
 
 
 def flat(xs: list[Tensor]) -> Tensor:
     """Samples of different latent sizes as one vector, so a mean is over all elements of the batch."""
-    return torch.cat([x.reshape(-1) for x in xs])
+    return xs[0].reshape(-1) if len(xs) == 1 else torch.cat([x.reshape(-1) for x in xs])
 
 
 def rollout_loss(flow: FlowConvention, x: list[Tensor], out_s: list[Tensor], out_t: list[Tensor],
                  sigma: float, kind: Literal["x0", "velocity"]) -> Tensor:
-    """MSE(student, stopgrad(teacher)), mean over all elements.
+    """MSE(student, stopgrad(teacher)), mean over all elements: the definition :func:`rollout_update` fuses.
 
     ``x0``: as released, compares x0 = to_x0(x, out, sigma) (= sigma^2 * the velocity MSE, weighting early steps).
     ``velocity``: the paper's form, compares the raw outputs.
@@ -26,3 +29,14 @@ def rollout_loss(flow: FlowConvention, x: list[Tensor], out_s: list[Tensor], out
     if kind == "x0":
         s, t = flow.to_x0(xf, s, sigma), flow.to_x0(xf, t, sigma)
     return F.mse_loss(s, t)
+
+
+def rollout_update(flow: FlowConvention, x: list[Tensor], out_s: list[Tensor], out_t: list[Tensor], sigma: float,
+                   sigma_next: float, kind: Literal["x0", "velocity"]) -> tuple[Tensor, list[Tensor]]:
+    """One roll-out step in one pass (``ops.rollout_step``): the divergence of :func:`rollout_loss` and the
+    student's Euler step ``flow.euler(x, out_s, sigma, sigma_next)``; returns (loss, next states)."""
+    sizes = [xi.numel() for xi in x]
+    cu = torch.tensor([0, *itertools.accumulate(sizes)], dtype=torch.int32, device=x[0].device)
+    step_coef, loss_coef = rollout_coefs(flow.sign, sigma, sigma_next, kind, len(x), x[0].device)
+    x_next, sq_sum = rollout_step(flat(x), flat(out_s), flat(out_t).detach(), cu, step_coef, loss_coef)
+    return sq_sum.sum() / sum(sizes), [xn.view(xi.shape) for xn, xi in zip(x_next.split(sizes), x)]

@@ -8,6 +8,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..ops.ema_update import ema_update
+
 
 class EMATeacher:
     def __init__(self, teacher: dict[str, Tensor], student: list[Tensor]):
@@ -21,11 +23,9 @@ class EMATeacher:
 
     @torch.no_grad()
     def update(self, decay: float) -> None:
-        src = [s.detach() if s.dtype == torch.float32 else s.detach().float() for s in self.student]
-        torch._foreach_lerp_(self.master, src, 1.0 - decay)   # m <- m + (1 - decay) * (s - m)
-        for t, m in zip(self.teacher, self.master):
-            if t.data_ptr() != m.data_ptr():
-                t.copy_(m)
+        # m <- m + (1 - decay) * (s - m) for every tensor, and low-precision teachers rounded from m, in one pass
+        lowp = [None if t.data_ptr() == m.data_ptr() else t for t, m in zip(self.teacher, self.master)]
+        ema_update(self.master, [s.detach() for s in self.student], decay, lowp)
 
     def state_dict(self) -> dict[str, Tensor]:
         return dict(zip(self.names, self.master))

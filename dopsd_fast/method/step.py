@@ -12,7 +12,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from .divergence import flat, rollout_loss
+from .divergence import flat, rollout_update
 from .roles import Roles, detached_context
 from .schedule import FlowConvention
 
@@ -44,13 +44,12 @@ def dopsd_step(roles: Roles, flow: FlowConvention, c_s: list[Tensor], c_t: list[
         t = flow.time(torch.full((len(x),), sigma, dtype=torch.float32))
         out_t = roles.teacher(x, t, ctx_t)
         out_s = roles.student(x, t, ctx_s)
-        loss_k = rollout_loss(flow, x, out_s, out_t, sigma, loss_kind)
+        loss_k, x = rollout_update(flow, x, out_s, out_t, sigma, sigma_next, loss_kind)   # x: next state, detached
         if per_step_backward:
             (loss_k / K).backward()
         else:
             held.append(loss_k)
         losses.append(loss_k.item())
-        x = [flow.euler(xi, oi.detach(), sigma, sigma_next) for xi, oi in zip(x, out_s)]
     if per_step_backward:
         if ctx_s is not ctx_s_graph:
             ctx_s_graph.tokens.backward(ctx_s.tokens.grad)

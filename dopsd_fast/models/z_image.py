@@ -23,7 +23,9 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
+from dopsd_fast.ops.epilogues import gated_residual, modulated_layer_norm, modulated_rms_norm, qk_norm_rope
 from dopsd_fast.ops.packed_attention import packed_attention
+from dopsd_fast.ops.reference import rms_norm_ref, rope_ref
 
 SEQ_MULTIPLE = 32  # caption and image token lists are each padded to a multiple of this
 ADALN_EMBED_DIM = 256  # width of t_emb (capped at dim)
@@ -83,11 +85,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        xf = x.float()
-        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        if self.weight.dtype in (torch.float16, torch.bfloat16):
-            y = y.to(self.weight.dtype)
-        return y * self.weight
+        return rms_norm_ref(x, self.weight, self.eps)
 
 
 @dataclass
@@ -117,11 +115,6 @@ def sample_index_of(lengths: list[int], device: torch.device) -> Tensor:
     return index.to(device)
 
 
-def per_token(values: Tensor, sample_index: Tensor) -> Tensor:
-    """(B, C) per-sample values -> broadcastable against (T, C) packed tokens (no copy when B == 1)."""
-    return values if values.shape[0] == 1 else values[sample_index]
-
-
 def rope_cos_sin(positions: Tensor, axes_dims: tuple[int, ...], theta: float) -> tuple[Tensor, Tensor]:
     """positions: int (T, n_axes) -> cos, sin fp32 (T, sum(axes_dims)/2).
 
@@ -134,13 +127,6 @@ def rope_cos_sin(positions: Tensor, axes_dims: tuple[int, ...], theta: float) ->
         angles.append((positions[:, axis, None].double() * omega).float())
     angle = torch.cat(angles, dim=-1)
     return torch.cos(angle), torch.sin(angle)
-
-
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """x: (T, H, D) with adjacent pairs (2i, 2i+1) as complex numbers; cos/sin: (T, D/2). Rotates in fp32."""
-    re, im = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # (T, H, D/2) each
-    cos, sin = cos[:, None], sin[:, None]
-    return torch.stack((re * cos - im * sin, re * sin + im * cos), dim=-1).flatten(-2).to(x.dtype)
 
 
 class ZImageAttention(nn.Module):
@@ -158,10 +144,10 @@ class ZImageAttention(nn.Module):
     def forward(self, x: Tensor, seq: PackedSequence) -> Tensor:
         # x: (T, dim) -> q, k, v: (T, heads, head_dim)
         q, k, v = (proj(x).unflatten(-1, (self.n_heads, -1)) for proj in (self.to_q, self.to_k, self.to_v))
-        if self.norm_q is not None:
-            q, k = self.norm_q(q), self.norm_k(k)
-        q = apply_rope(q, seq.rope_cos, seq.rope_sin)
-        k = apply_rope(k, seq.rope_cos, seq.rope_sin)
+        if self.norm_q is not None:      # per-head RMSNorm + RoPE on Q and K in one pass
+            q, k = qk_norm_rope(q, k, self.norm_q.weight, self.norm_k.weight, seq.rope_cos, seq.rope_sin, QK_NORM_EPS)
+        else:
+            q, k = rope_ref(q, seq.rope_cos, seq.rope_sin), rope_ref(k, seq.rope_cos, seq.rope_sin)
         out = packed_attention(q, k, v, seq.cu_seqlens, seq.max_seqlen)
         return self.to_out[0](out.flatten(1))
 
@@ -200,12 +186,14 @@ class ZImageBlock(nn.Module):
         if not self.modulated:
             x = x + self.attention_norm2(self.attention(self.attention_norm1(x), seq))
             return x + self.ffn_norm2(self.feed_forward(self.ffn_norm1(x)))
-        mod = per_token(self.adaLN_modulation(t_emb), seq.sample_index)  # (B or T, 4*dim)
-        scale_msa, gate_msa, scale_mlp, gate_mlp = mod.chunk(4, dim=-1)
-        gate_msa, gate_mlp = gate_msa.tanh(), gate_mlp.tanh()
-        scale_msa, scale_mlp = 1.0 + scale_msa, 1.0 + scale_mlp
-        x = x + gate_msa * self.attention_norm2(self.attention(self.attention_norm1(x) * scale_msa, seq))
-        return x + gate_mlp * self.ffn_norm2(self.feed_forward(self.ffn_norm1(x) * scale_mlp))
+        # (B, dim) each, raw: the fused epilogues add the 1 to the scales, apply tanh to the gates, and pick
+        # each token's row through sample_index
+        scale_msa, gate_msa, scale_mlp, gate_mlp = self.adaLN_modulation(t_emb).chunk(4, dim=-1)
+        idx, eps = seq.sample_index, self.attention_norm1.eps
+        h = modulated_rms_norm(x, self.attention_norm1.weight, scale_msa, idx, eps)
+        x = gated_residual(x, self.attention(h, seq), self.attention_norm2.weight, gate_msa, idx, eps)
+        h = modulated_rms_norm(x, self.ffn_norm1.weight, scale_mlp, idx, eps)
+        return gated_residual(x, self.feed_forward(h), self.ffn_norm2.weight, gate_mlp, idx, eps)
 
 
 class FinalLayer(nn.Module):
@@ -216,8 +204,8 @@ class FinalLayer(nn.Module):
 
     def forward(self, x: Tensor, sample_index: Tensor, t_emb: Tensor) -> Tensor:
         # x: (T, dim); sample_index: (T,); t_emb: (B, adaln_dim) -> (T, out_dim)
-        scale = 1.0 + per_token(self.adaLN_modulation(t_emb), sample_index)
-        return self.linear(F.layer_norm(x, x.shape[-1:], eps=FINAL_NORM_EPS) * scale)
+        scale = self.adaLN_modulation(t_emb)      # (B, dim); the op applies 1 + scale per token
+        return self.linear(modulated_layer_norm(x, None, scale, sample_index, FINAL_NORM_EPS))
 
 
 class TimestepEmbedder(nn.Module):

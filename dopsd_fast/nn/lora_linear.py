@@ -4,12 +4,20 @@ D-OPSD keeps two adapters with the same config on one frozen DiT: ``student`` (t
 (its EMA, frozen). The base ``weight``/``bias`` keep their original parameter names, so the model's
 state-dict keys still equal the checkpoint keys; adapters add ``<name>.lora_A.<adapter>`` [r, in] and
 ``<name>.lora_B.<adapter>`` [out, r] (PEFT's shapes).
+
+``forward`` runs the one active adapter (plain torch, what the trainer uses); ``forward_segments`` runs packed
+rows whose segments use different adapters (teacher and student rows of a roll-out step) in one call of the
+fused op ``dopsd_fast.ops.lora_linear.lora_linear``: one base GEMM, a LoRA term per segment.
 """
 from __future__ import annotations
+
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from ..ops.lora_linear import lora_linear
 
 
 class LoRALinear(nn.Module):
@@ -35,6 +43,29 @@ class LoRALinear(nn.Module):
             return y
         a, b = self.lora_A[self.active_adapter], self.lora_B[self.active_adapter]
         return y + self.scale * F.linear(F.linear(x, a), b)
+
+    @property
+    def adapter_names(self) -> list[str]:
+        """Adapter names in ParameterDict order: index i here is adapter i in ``forward_segments``' tensors."""
+        return list(self.lora_A.keys())
+
+    def forward_segments(self, x: Tensor, seg_offsets: Tensor | Sequence[int],
+                         seg_adapters: Sequence[str | None] | Tensor) -> Tensor:
+        """Packed rows, one adapter per contiguous row segment; ignores ``active_adapter``.
+
+        x: (..., in), the leading dims flattened to T rows; seg_offsets: int32 (S+1,) tensor on x's device (or a
+        list of ints) from 0 to T; seg_adapters: S adapter names (None = base only), or an int32 (S,) tensor of
+        indices into ``adapter_names`` (-1 = base only). Returns (..., out). Equals running each segment through
+        ``forward`` with that adapter active; gradients reach only the adapters that require grad.
+        """
+        if not isinstance(seg_offsets, Tensor):
+            seg_offsets = torch.tensor(list(seg_offsets), dtype=torch.int32, device=x.device)
+        if not isinstance(seg_adapters, Tensor):
+            names = self.adapter_names
+            seg_adapters = torch.tensor([-1 if n is None else names.index(n) for n in seg_adapters],
+                                        dtype=torch.int32, device=x.device)
+        return lora_linear(x, self.weight, self.bias, list(self.lora_A.values()), list(self.lora_B.values()),
+                           self.scale, seg_offsets, seg_adapters)
 
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, rank={self.rank}, alpha={self.alpha}, "

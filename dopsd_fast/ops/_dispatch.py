@@ -23,8 +23,10 @@ def interpreting() -> bool:
 
 
 def requested_backend() -> Backend:
-    if _forced:
-        return _forced[-1]
+    # the innermost non-auto use_backend wins; "auto" (e.g. a config's default) defers to outer blocks and the env
+    for name in reversed(_forced):
+        if name != "auto":
+            return name
     value = os.environ.get("DOPSD_BACKEND", "auto")
     if value not in ("auto", "triton", "reference"):
         raise ValueError(f"DOPSD_BACKEND={value!r}: expected auto, triton or reference")
@@ -43,7 +45,7 @@ def backend_for(*tensors: torch.Tensor) -> Literal["triton", "reference"]:
 
 @contextlib.contextmanager
 def use_backend(name: Backend) -> Iterator[None]:
-    """Force a backend inside a block (the config switch and tests use this)."""
+    """Force a backend inside a block (the config switch and tests use this); ``auto`` defers to outer choices."""
     if name not in ("auto", "triton", "reference"):
         raise ValueError(f"backend {name!r}: expected auto, triton or reference")
     _forced.append(name)

@@ -1,0 +1,102 @@
+"""lora_linear (one base GEMM + per-segment LoRA epilogue) vs the reference vs the base GEMM alone (F.linear).
+
+The packed batch is half teacher rows (adapter 1, frozen) and half student rows (adapter 0, trainable); x needs
+grad (it comes from the layer below), the base is frozen. "base_linear" is the floor: the frozen GEMM without
+any LoRA. TFLOP/s use each impl's useful FLOPs: base 2·T·in·out per GEMM; LoRA adds 2·T·r·(in+out) to fwd and
+dX, and 2·T_student·r·(in+out) for dA, dB of the student.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dopsd_fast.ops._dispatch import use_backend
+from dopsd_fast.ops.lora_linear import lora_linear
+from dopsd_fast.ops.reference import lora_linear_ref
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+DTYPE = torch.bfloat16
+# (T, in, out, r): Z-Image D=3840 (attention projections), FFN 3840 <-> 10240; 4096-9000 packed rows, r = 64.
+SIZES = {"zimage_proj_T4096": (4096, 3840, 3840, 64), "zimage_proj_T9000": (9000, 3840, 3840, 64),
+         "zimage_ffn_up_T9000": (9000, 3840, 10240, 64), "zimage_ffn_down_T9000": (9000, 10240, 3840, 64)} if CUDA \
+    else {"tiny_cpu": (37, 48, 100, 4)}
+ROUNDS = 10 if CUDA else 1
+IMPLS = ["reference", "triton", "base_linear"]
+
+
+def _inputs(T, n_in, n_out, r):
+    g = torch.Generator(device=DEVICE).manual_seed(0)
+    rnd = lambda *s: torch.randn(*s, generator=g, device=DEVICE).to(DTYPE)  # noqa: E731
+    x = rnd(T, n_in).requires_grad_()
+    w, b = rnd(n_out, n_in) / n_in**0.5, rnd(n_out)
+    A = [rnd(r, n_in) / n_in**0.5 for _ in range(2)]
+    B = [rnd(n_out, r) / r**0.5 for _ in range(2)]
+    A[0].requires_grad_(), B[0].requires_grad_()       # student trainable, teacher (index 1) frozen
+    off = torch.tensor([0, T // 2, T], dtype=torch.int32, device=DEVICE)
+    ad = torch.tensor([1, 0], dtype=torch.int32, device=DEVICE)
+    return x, w, b, A, B, off, ad
+
+
+def _forward(impl, x, w, b, A, B, off, ad):
+    if impl == "base_linear":
+        return F.linear(x, w, b)
+    if impl == "reference":
+        return lora_linear_ref(x, w, b, A, B, 2.0, off, ad)
+    with use_backend("triton"):
+        return lora_linear(x, w, b, A, B, 2.0, off, ad)
+
+
+def _sync():
+    if CUDA:
+        torch.cuda.synchronize()
+
+
+@pytest.mark.parametrize("size", list(SIZES))
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("pass_", ["fwd", "bwd", "full"])
+def test_lora_linear(benchmark, size, impl, pass_):
+    T, n_in, n_out, r = SIZES[size]
+    args = _inputs(T, n_in, n_out, r)
+    x, _, _, A, B, _, _ = args
+    leaves = [x, A[0], B[0]]
+    benchmark.group = f"lora_linear-{size}-{pass_}"
+    dy = torch.randn(T, n_out, device=DEVICE, dtype=DTYPE)
+
+    def clear():
+        for t in leaves:
+            t.grad = None
+
+    def fwd():
+        with torch.no_grad():
+            out = _forward(impl, *args)
+        _sync()
+        return out
+
+    def setup_bwd():
+        clear()
+        return (_forward(impl, *args),), {}
+
+    def bwd(y):
+        y.backward(dy)
+        _sync()
+
+    def full():
+        clear()
+        _forward(impl, *args).backward(dy)
+        _sync()
+
+    gemm, lora = 2 * T * n_in * n_out, 2 * T * r * (n_in + n_out)
+    flops = {"fwd": gemm, "bwd": gemm} if impl == "base_linear" else \
+        {"fwd": gemm + lora, "bwd": gemm + lora + lora // 2}
+    flops["full"] = flops["fwd"] + flops["bwd"]
+    if CUDA:
+        torch.cuda.reset_peak_memory_stats()
+    if pass_ == "bwd":
+        benchmark.pedantic(bwd, setup=setup_bwd, rounds=ROUNDS, warmup_rounds=1 if CUDA else 0)
+    else:
+        benchmark.pedantic(fwd if pass_ == "fwd" else full, rounds=ROUNDS, warmup_rounds=1 if CUDA else 0)
+    benchmark.extra_info["flops"] = flops[pass_]
+    if benchmark.stats is not None:   # None under --benchmark-disable
+        benchmark.extra_info["TFLOP/s"] = flops[pass_] / benchmark.stats.stats.median / 1e12
+    if CUDA:
+        benchmark.extra_info["peak_memory_bytes"] = torch.cuda.max_memory_allocated()
