@@ -1,19 +1,33 @@
 """dopsd_fast: a kernel-accelerated trainer for D-OPSD (on-policy self-distillation, arXiv 2605.05204).
 
 Data flow: data -> contexts -> roll-out -> teacher/student predictions -> divergence -> optimizer/EMA.
-The method lives in ``dopsd_fast.method`` (start with ``method/step.py``); the trainer in ``dopsd_fast.train``.
+The method lives in ``dopsd_fast.method`` (start with ``method/step.py``); the trainer in ``dopsd_fast.train``;
+the fused ops (Triton on CUDA, PyTorch reference elsewhere; ``use_backend`` forces one) in ``dopsd_fast.ops``.
 """
 from .method.roles import FullRoles, LoRARoles
 from .method.schedule import Z_IMAGE, FlowConvention, rollout_sigmas, shifted_sigmas
 from .method.step import dopsd_step, sft_step
+from .models.loading import load_zimage_transformer
 from .models.z_image import ZImageConfig, ZImageTransformer
 from .nn.lora_linear import LoRALinear
-from .ops.packed_attention import packed_attention
+from .ops._dispatch import use_backend
+from .ops.ema_update import ema_update
+from .ops.epilogues import gated_residual, modulated_layer_norm, modulated_rms_norm, qk_norm_rope
+from .ops.lora_linear import lora_linear
+from .ops.merge_state import merge_state
+from .ops.packed_attention import PrefixPlan, packed_attention, packed_attention_with_lse, prefix_attention
+from .ops.rollout_step import rollout_coefs, rollout_step
 from .train.config import Config, ConfigError, load_config
 from .train.trainer import SFTTrainer, Trainer, make_trainer
 
 __all__ = [
-    "Config", "ConfigError", "FlowConvention", "FullRoles", "LoRALinear", "LoRARoles", "SFTTrainer", "Trainer",
-    "ZImageConfig", "ZImageTransformer", "Z_IMAGE", "dopsd_step", "load_config", "make_trainer", "packed_attention",
-    "rollout_sigmas", "sft_step", "shifted_sigmas",
+    # method and model
+    "FlowConvention", "FullRoles", "LoRALinear", "LoRARoles", "Z_IMAGE", "ZImageConfig", "ZImageTransformer",
+    "dopsd_step", "load_zimage_transformer", "rollout_sigmas", "sft_step", "shifted_sigmas",
+    # fused ops
+    "PrefixPlan", "ema_update", "gated_residual", "lora_linear", "merge_state", "modulated_layer_norm",
+    "modulated_rms_norm", "packed_attention", "packed_attention_with_lse", "prefix_attention", "qk_norm_rope",
+    "rollout_coefs", "rollout_step", "use_backend",
+    # trainer
+    "Config", "ConfigError", "SFTTrainer", "Trainer", "load_config", "make_trainer",
 ]
