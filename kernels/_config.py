@@ -1,7 +1,8 @@
-"""Launch heuristics shared by the Triton kernels."""
+"""Launch heuristics and small @triton.jit helpers shared by the Triton kernels."""
 from __future__ import annotations
 
 import triton
+import triton.language as tl
 
 # Under TRITON_INTERPRET=1 every program instance costs ~ms on the CPU: kernels use few, large blocks there.
 from dopsd_fast.ops._dispatch import interpreting  # noqa: F401  (re-exported for the kernels)
@@ -14,3 +15,15 @@ def block_for(n: int, cap: int = 4096) -> int:
 
 def num_warps_for(block: int) -> int:
     return 4 if block <= 2048 else 8 if block <= 8192 else 16
+
+
+@triton.jit
+def round_fp32_to(v, DTYPE: tl.constexpr):
+    """fp32 -> DTYPE, round to nearest even. bf16 is rounded by hand: the interpreter's fp32->bf16 cast truncates."""
+    if DTYPE == tl.bfloat16:
+        bits = v.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        r = tl.where(v != v, v.to(tl.bfloat16), bits.to(tl.uint16).to(tl.bfloat16, bitcast=True))
+    else:
+        r = v.to(DTYPE)
+    return r

@@ -18,23 +18,11 @@ import torch
 import triton
 import triton.language as tl
 
-from ._config import interpreting, num_warps_for
+from ._config import interpreting, num_warps_for, round_fp32_to
 
 _TL_DTYPE = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 _TABLE_CACHE: OrderedDict[tuple, tuple[torch.Tensor, bool]] = OrderedDict()
 _TABLE_CACHE_SIZE = 16
-
-
-@triton.jit
-def _round_fp32_to(v, DTYPE: tl.constexpr):
-    """fp32 -> DTYPE, round to nearest even. bf16 is rounded by hand: the interpreter's fp32->bf16 cast truncates."""
-    if DTYPE == tl.bfloat16:
-        bits = v.to(tl.uint32, bitcast=True)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
-        r = tl.where(v != v, v.to(tl.bfloat16), bits.to(tl.uint16).to(tl.bfloat16, bitcast=True))
-    else:
-        r = v.to(DTYPE)
-    return r
 
 
 @triton.jit
@@ -64,7 +52,7 @@ def _lerp_chunk(t_ptrs, s_ptrs, l_ptrs, m, coef, LOWP_DTYPE: tl.constexpr, WRITE
         r = _fma(-d, c, s, FMA_VIA_FP64)     # s - (1 - w)(s - t)
     tl.store(t_ptrs, r, mask=m)
     if WRITE_LOWP:
-        tl.store(l_ptrs, _round_fp32_to(r, LOWP_DTYPE), mask=m)
+        tl.store(l_ptrs, round_fp32_to(r, LOWP_DTYPE), mask=m)
 
 
 @triton.jit

@@ -16,21 +16,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._config import block_for, interpreting, num_warps_for
+from ._config import block_for, interpreting, num_warps_for, round_fp32_to
 
 _MAX_PROGRAMS_PER_SEGMENT = 1024   # bounds the second stage to one block per sample
-
-
-@triton.jit
-def _round_fp32_to(v, DTYPE: tl.constexpr):
-    """fp32 -> DTYPE, round to nearest even. bf16 is rounded by hand: the interpreter's fp32->bf16 cast truncates."""
-    if DTYPE == tl.bfloat16:
-        bits = v.to(tl.uint32, bitcast=True)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
-        r = tl.where(v != v, v.to(tl.bfloat16), bits.to(tl.uint16).to(tl.bfloat16, bitcast=True))
-    else:
-        r = v.to(DTYPE)
-    return r
 
 
 @triton.jit
@@ -59,7 +47,7 @@ def _rollout_step_fwd_kernel(
         x = tl.load(x_ptr + idx, mask=m, other=0.0).to(tl.float32)
         s = tl.load(s_ptr + idx, mask=m, other=0.0).to(tl.float32)
         t = tl.load(t_ptr + idx, mask=m, other=0.0).to(tl.float32)
-        tl.store(xn_ptr + idx, _round_fp32_to(x + c_step * s, xn_ptr.dtype.element_ty), mask=m)
+        tl.store(xn_ptr + idx, round_fp32_to(x + c_step * s, xn_ptr.dtype.element_ty), mask=m)
         d = c_loss * (s - t)            # = x0_s - x0_t for the x0 loss; masked lanes give 0
         acc += d * d
         if WRITE_GRAD:
@@ -89,7 +77,7 @@ def _rollout_step_bwd_kernel(g_ptr, cu_ptr, gss_ptr, out_ptr, P, BLOCK: tl.const
         idx = lo + offs
         m = idx < end
         g = tl.load(g_ptr + idx, mask=m, other=0.0)
-        tl.store(out_ptr + idx, _round_fp32_to(g * scale, out_ptr.dtype.element_ty), mask=m)
+        tl.store(out_ptr + idx, round_fp32_to(g * scale, out_ptr.dtype.element_ty), mask=m)
 
 
 @functools.lru_cache(maxsize=None)
