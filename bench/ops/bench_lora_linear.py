@@ -7,20 +7,19 @@ dX, and 2·T_student·r·(in+out) for dA, dB of the student.
 """
 import pytest
 import torch
+from _passes import CUDA, sync, time_pass
 import torch.nn.functional as F
 
 from dopsd_fast.ops._dispatch import use_backend
 from dopsd_fast.ops.lora_linear import lora_linear
 from dopsd_fast.ops.reference import lora_linear_ref
 
-CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
 DTYPE = torch.bfloat16
 # (T, in, out, r): Z-Image D=3840 (attention projections), FFN 3840 <-> 10240; 4096-9000 packed rows, r = 64.
 SIZES = {"zimage_proj_T4096": (4096, 3840, 3840, 64), "zimage_proj_T9000": (9000, 3840, 3840, 64),
          "zimage_ffn_up_T9000": (9000, 3840, 10240, 64), "zimage_ffn_down_T9000": (9000, 10240, 3840, 64)} if CUDA \
     else {"tiny_cpu": (37, 48, 100, 4)}
-ROUNDS = 10 if CUDA else 1
 IMPLS = ["reference", "triton", "base_linear"]
 
 
@@ -46,11 +45,6 @@ def _forward(impl, x, w, b, A, B, off, ad):
         return lora_linear(x, w, b, A, B, 2.0, off, ad)
 
 
-def _sync():
-    if CUDA:
-        torch.cuda.synchronize()
-
-
 @pytest.mark.parametrize("size", list(SIZES))
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("pass_", ["fwd", "bwd", "full"])
@@ -69,7 +63,7 @@ def test_lora_linear(benchmark, size, impl, pass_):
     def fwd():
         with torch.no_grad():
             out = _forward(impl, *args)
-        _sync()
+        sync()
         return out
 
     def setup_bwd():
@@ -78,25 +72,15 @@ def test_lora_linear(benchmark, size, impl, pass_):
 
     def bwd(y):
         y.backward(dy)
-        _sync()
+        sync()
 
     def full():
         clear()
         _forward(impl, *args).backward(dy)
-        _sync()
+        sync()
 
     gemm, lora = 2 * T * n_in * n_out, 2 * T * r * (n_in + n_out)
     flops = {"fwd": gemm, "bwd": gemm} if impl == "base_linear" else \
         {"fwd": gemm + lora, "bwd": gemm + lora + lora // 2}
     flops["full"] = flops["fwd"] + flops["bwd"]
-    if CUDA:
-        torch.cuda.reset_peak_memory_stats()
-    if pass_ == "bwd":
-        benchmark.pedantic(bwd, setup=setup_bwd, rounds=ROUNDS, warmup_rounds=1 if CUDA else 0)
-    else:
-        benchmark.pedantic(fwd if pass_ == "fwd" else full, rounds=ROUNDS, warmup_rounds=1 if CUDA else 0)
-    benchmark.extra_info["flops"] = flops[pass_]
-    if benchmark.stats is not None:   # None under --benchmark-disable
-        benchmark.extra_info["TFLOP/s"] = flops[pass_] / benchmark.stats.stats.median / 1e12
-    if CUDA:
-        benchmark.extra_info["peak_memory_bytes"] = torch.cuda.max_memory_allocated()
+    time_pass(benchmark, pass_, fwd, full, bwd, setup_bwd, flops[pass_], "TFLOP/s")

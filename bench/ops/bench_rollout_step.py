@@ -5,18 +5,17 @@ writes x_next and the fp32 gradient; bwd reads the fp32 gradient and writes d/d 
 """
 import pytest
 import torch
+from _passes import CUDA, sync, time_pass
 
 from dopsd_fast.ops._dispatch import use_backend
 from dopsd_fast.ops.reference import rollout_step_ref
 from dopsd_fast.ops.rollout_step import rollout_step
 
-CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
 DTYPE = torch.bfloat16
 # per-sample latent numels: Z-Image 1024^2 = 16x128x128; klein 1024^2 / 768^2 = 128x64x64 / 128x48x48 (patchified)
 SIZES = {"z_image_1024_b1": [262144], "klein_1024+768_b4": [524288, 294912, 524288, 294912]} if CUDA else \
     {"tiny_cpu": [7, 1000, 4099]}
-ROUNDS = 20 if CUDA else 1
 
 
 def _inputs(lengths):
@@ -36,11 +35,6 @@ def _forward(impl, args):
         return rollout_step(*args)
 
 
-def _sync():
-    if CUDA:
-        torch.cuda.synchronize()
-
-
 @pytest.mark.parametrize("size", list(SIZES))
 @pytest.mark.parametrize("impl", ["reference", "triton"])
 @pytest.mark.parametrize("pass_", ["fwd", "bwd", "full"])
@@ -52,7 +46,7 @@ def test_rollout_step(benchmark, size, impl, pass_):
 
     def fwd():
         out = _forward(impl, args)
-        _sync()
+        sync()
         return out
 
     def setup_bwd():
@@ -62,24 +56,14 @@ def test_rollout_step(benchmark, size, impl, pass_):
 
     def bwd(loss):
         loss.backward()
-        _sync()
+        sync()
 
     def full():
         args[1].grad = None
         _, sq_sum = _forward(impl, args)
         (sq_sum.sum() / total).backward()
-        _sync()
+        sync()
 
     nbytes = {"fwd": total * (4 * es + 4), "bwd": total * (4 + es)}
     nbytes["full"] = nbytes["fwd"] + nbytes["bwd"]
-    if CUDA:
-        torch.cuda.reset_peak_memory_stats()
-    if pass_ == "bwd":
-        benchmark.pedantic(bwd, setup=setup_bwd, rounds=ROUNDS, warmup_rounds=1 if CUDA else 0)
-    else:
-        benchmark.pedantic(fwd if pass_ == "fwd" else full, rounds=ROUNDS, warmup_rounds=1 if CUDA else 0)
-    benchmark.extra_info["bytes"] = nbytes[pass_]
-    if benchmark.stats is not None:   # None under --benchmark-disable
-        benchmark.extra_info["GB/s"] = nbytes[pass_] / benchmark.stats.stats.median / 1e9
-    if CUDA:
-        benchmark.extra_info["peak_memory_bytes"] = torch.cuda.max_memory_allocated()
+    time_pass(benchmark, pass_, fwd, full, bwd, setup_bwd, nbytes[pass_], "GB/s")
