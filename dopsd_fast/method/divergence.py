@@ -1,9 +1,8 @@
 """Per-step divergence between student and (stopped) teacher predictions at the student's state."""
 from __future__ import annotations
 
-from typing import Literal
-
 import itertools
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
