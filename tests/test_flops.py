@@ -18,3 +18,24 @@ def test_zimage_forward_matches_models_md(res, caption, tflop, share):
 def test_dense_flops_per_token_per_block():
     f = zimage_forward(ZImageConfig(n_layers=1, n_refiner_layers=0), 32, 0)
     assert f.dense / 32 == pytest.approx(353.9e6, rel=1e-3)
+
+
+def test_dopsd_iteration_full_is_k_times_teacher_plus_three_student_forwards():
+    from dopsd_fast.metrics.flops import dopsd_iteration
+    n = zimage_image_tokens(1024, 1024)
+    fwd = zimage_forward(TURBO, n, 128).total
+    assert dopsd_iteration(TURBO, n, 128, 128, 4).total == pytest.approx(4 * 4 * fwd)
+
+
+def test_dopsd_iteration_lora_backward_is_cheaper_than_two_forwards():
+    from dopsd_fast.metrics.flops import dopsd_iteration, zimage_lora
+    n = zimage_image_tokens(512, 512)
+    fwd = zimage_forward(TURBO, n, 128)
+    lora = zimage_lora(TURBO, n, 128, 64).total
+    it = dopsd_iteration(TURBO, n, 128, 128, 1, lora_rank=64).total
+    backward = it - 2 * (fwd.total + lora)
+    assert backward == pytest.approx(fwd.dense + 2 * fwd.attention + 2 * lora)
+    assert fwd.total < backward < 2 * fwd.total
+    # adapter FLOPs per token and block: 2 r (8 D + 3 (D + H)) with the official targets
+    assert zimage_lora(ZImageConfig(n_layers=1, n_refiner_layers=0), 32, 0, 64).total / 32 == \
+        2 * 64 * (8 * 3840 + 3 * (3840 + 10240))

@@ -21,6 +21,7 @@ from .schedule import FlowConvention
 class StepOutput:
     loss: float                 # mean over the K roll-out steps
     losses: list[float]         # loss_k per roll-out step
+    flops: float = 0.0          # model FLOPs of the iteration (metrics.flops), filled in by the trainer
 
 
 def dopsd_step(roles: Roles, flow: FlowConvention, c_s: list[Tensor], c_t: list[Tensor],

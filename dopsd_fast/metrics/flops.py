@@ -35,6 +35,19 @@ def _block(arch: ZImageConfig, tokens: int, seq_len: int) -> Flops:
     return Flops(dense=dense, attention=4 * seq_len * d * tokens)
 
 
+def _lora_block(arch: ZImageConfig, tokens: int, rank: int) -> Flops:
+    """Adapter GEMMs of one block with the official targets (to_q/k/v/out, w1/w2/w3): x A^T then (.) B^T."""
+    d, hidden = arch.dim, int(arch.dim / 3 * 8)
+    return Flops(dense=2 * rank * (4 * 2 * d + 3 * (d + hidden)) * tokens, attention=0.0)
+
+
+def zimage_lora(arch: ZImageConfig, image_tokens: int, caption_tokens: int, rank: int) -> Flops:
+    """Forward FLOPs of the LoRA adapters alone (all blocks, refiners included: the targets match by suffix)."""
+    ni, lc = round_up(image_tokens, SEQ_MULTIPLE), round_up(caption_tokens, SEQ_MULTIPLE)
+    return (arch.n_refiner_layers * (_lora_block(arch, ni, rank) + _lora_block(arch, lc, rank))
+            + arch.n_layers * _lora_block(arch, ni + lc, rank))
+
+
 def zimage_forward(arch: ZImageConfig, image_tokens: int, caption_tokens: int) -> Flops:
     """One sample's forward: noise refiner on the image, context refiner on the caption, main blocks on both.
 
@@ -47,3 +60,22 @@ def zimage_forward(arch: ZImageConfig, image_tokens: int, caption_tokens: int) -
 
 def zimage_image_tokens(height: int, width: int, vae_factor: int = 8, patch: int = 2) -> int:
     return (height // vae_factor // patch) * (width // vae_factor // patch)
+
+
+def dopsd_iteration(arch: ZImageConfig, image_tokens: int, student_caption: int, teacher_caption: int, steps: int,
+                    lora_rank: int | None = None) -> Flops:
+    """Model FLOPs of one D-OPSD iteration: K x (teacher forward + student forward + student backward).
+
+    Full fine-tuning: backward = 2 x forward. LoRA: the base weights get no gradient, so the backward is the
+    input-gradient GEMMs (= the dense forward), the attention backward (2 x its forward) and the adapters'
+    backward (dX through the adapter, dA, dB: 2 x their forward). Recompute from gradient checkpointing is not
+    counted (it is not model work).
+    """
+    teacher = zimage_forward(arch, image_tokens, teacher_caption)
+    student = zimage_forward(arch, image_tokens, student_caption)
+    if lora_rank is None:
+        return steps * (teacher + 3 * student)
+    teacher += zimage_lora(arch, image_tokens, teacher_caption, lora_rank)
+    adapters = zimage_lora(arch, image_tokens, student_caption, lora_rank)
+    backward = Flops(dense=student.dense + 2 * adapters.dense, attention=2 * student.attention)
+    return steps * (teacher + student + adapters + backward)

@@ -17,6 +17,7 @@ from ..data.latents import PixelLatents
 from ..data.loader import Batch
 from ..ops._dispatch import use_backend
 from ..models.loading import load_zimage_transformer
+from ..metrics import flops
 from ..method.schedule import Z_IMAGE, rollout_sigmas, shifted_sigmas
 from ..method.step import StepOutput, dopsd_step, sft_step
 from ..sample import sample, save_grid
@@ -57,8 +58,16 @@ class Trainer:
         c_s = self.text_encoder(batch.prompts)
         c_t = self.mm_encoder(batch.prompts, batch.images)
         shapes = [self.codec.latent_shape(*img.shape[-2:]) for img in batch.images]
-        return dopsd_step(self.roles, self.flow, self._cast(c_s), self._cast(c_t), shapes, self.sigmas,
-                          self.cfg.method.loss, self.cfg.method.per_step_backward, self.noise, self.dtype)
+        out = dopsd_step(self.roles, self.flow, self._cast(c_s), self._cast(c_t), shapes, self.sigmas,
+                         self.cfg.method.loss, self.cfg.method.per_step_backward, self.noise, self.dtype)
+        rank = self.cfg.adapter.rank if self.cfg.adapter.mode == "lora" else None
+        out.flops = sum(flops.dopsd_iteration(self.plan.arch, self._image_tokens(shape), len(s), len(t),
+                                              len(self.sigmas) - 1, rank).total for shape, s, t in zip(shapes, c_s, c_t))
+        return out
+
+    def _image_tokens(self, latent_shape: tuple[int, ...]) -> int:
+        p = self.plan.arch.all_patch_size[0]
+        return latent_shape[-1] // p * (latent_shape[-2] // p)
 
     def optimizer_step(self) -> float:
         o = self.cfg.optim
@@ -94,9 +103,11 @@ class Trainer:
             grad_norm = self.optimizer_step()
             self.step += 1
             history.append(result)
+            sec = time.perf_counter() - tic
             row = {"step": self.step, "loss": result.loss, "losses": result.losses, "grad_norm": grad_norm,
-                   "lr": self.optimizer.param_groups[0]["lr"], "ema_decay": cfg.method.ema_decay,
-                   "sec": time.perf_counter() - tic}
+                   "lr": self.optimizer.param_groups[0]["lr"], "ema_decay": cfg.method.ema_decay, "sec": sec,
+                   "images_per_s": t.batch_size / sec, "model_tflop": result.flops / 1e12,
+                   "model_tflops_per_s": result.flops / sec / 1e12}
             log.log(row, show=self.step % t.log_every == 0 or self.step == t.steps)
             if self.step % t.checkpoint_every == 0 or self.step == t.steps:
                 self.save()
@@ -186,8 +197,12 @@ class SFTTrainer(Trainer):
 
     def forward_backward_step(self, batch: Batch) -> StepOutput:
         x0 = [self.codec.encode(img).to(self.dtype) for img in batch.images]
-        return sft_step(self.roles, self.flow, self._cast(self.text_encoder(batch.prompts)), x0,
-                        self.cfg.method.sft_shift, self.noise)
+        c_s = self.text_encoder(batch.prompts)
+        out = sft_step(self.roles, self.flow, self._cast(c_s), x0, self.cfg.method.sft_shift, self.noise)
+        # forward + a full backward (2x); with LoRA the true backward is a little cheaper (see dopsd_iteration)
+        out.flops = sum(3 * flops.zimage_forward(self.plan.arch, self._image_tokens(x.shape), len(c)).total
+                        for x, c in zip(x0, c_s))
+        return out
 
 
 def load_for_sampling(run_dir: Path, checkpoint: str | None = None) -> Trainer:

@@ -1,5 +1,8 @@
 """End-to-end behaviour of `dopsd train` on the embedded default."""
+import json
 import math
+
+import pytest
 
 import torch
 
@@ -17,7 +20,10 @@ def test_dopsd_loss_falls_over_50_iterations(tmp_path):
 def test_ema_teacher_follows_student(tmp_path):
     tr = tiny_trainer(tmp_path, "train.steps=3", "train.checkpoint_every=1000")
     teacher0 = [t.clone() for t in tr.roles.ema.teacher]
-    tr.train()
+    results = tr.train()
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["model_tflop"] for r in rows] == pytest.approx([r.flops / 1e12 for r in results])
+    assert all(r["model_tflop"] > 0 and r["images_per_s"] > 0 for r in rows)
     moved = sum((t - t0).abs().sum().item() for t, t0 in zip(tr.roles.ema.teacher, teacher0))
     assert moved > 0
     # after the step the teacher sits between its start and the student (decay 0.99 -> 1% of the way per step)
