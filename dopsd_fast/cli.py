@@ -19,8 +19,8 @@ from .train.trainer import load_for_sampling, make_trainer
 
 def _train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.set)
-    plan = resolve_plan(cfg, need_weights=not args.dry_run)
     if args.dry_run:
+        plan = resolve_plan(cfg, need_weights=False)
         print(yaml.safe_dump({"plan": plan.describe(cfg)}, sort_keys=False, default_flow_style=None), end="")
         try:
             check_buildable(cfg)
@@ -29,12 +29,12 @@ def _train(args: argparse.Namespace) -> int:
             print(f"config is valid, but this version cannot train it yet: {err}")
         return 0
     trainer = make_trainer(cfg, progress=not args.no_progress)
+    plan = trainer.plan
     print(f"dopsd: {cfg.method.objective} on {cfg.model.family}, {plan.trainable_params:,} trainable of "
           f"{plan.total_params:,} parameters, K={len(cfg.method.sigmas)}, {cfg.train.steps} steps -> {trainer.out}")
     before = None
     if not args.no_samples and trainer.resume_point() is None:
-        before = trainer.sample_student([trainer.dataset[i].captions[1] for i in range(min(4, len(trainer.dataset)))],
-                                        trainer.sample_sigmas)
+        before = trainer.sample_student(trainer.grid_pairs()[1], trainer.sample_sigmas)
     trainer.train()
     last = trainer.checkpoint_root / f"step-{trainer.step:06d}"
     print(f"checkpoint: {last}")
@@ -49,7 +49,7 @@ def _sample(args: argparse.Namespace) -> int:
     if args.steps is not None and args.steps < 1:
         raise ConfigError(f"--steps: must be >= 1, got {args.steps}")
     trainer = load_for_sampling(Path(args.run), args.checkpoint)
-    prompts = args.prompt or trainer.cfg.sample.prompts or [p.captions[1] for p in (trainer.dataset[i] for i in range(min(4, len(trainer.dataset))))]
+    prompts = args.prompt or trainer.cfg.sample.prompts or trainer.grid_pairs()[1]
     steps = trainer.cfg.sample.steps if args.steps is None else args.steps
     images = trainer.sample_student(prompts, shifted_sigmas(steps, trainer.cfg.sample.shift), seed=args.seed)
     out = save_grid([[im] for im in images], Path(args.out))

@@ -169,10 +169,14 @@ class Trainer:
             save_file({k: v.contiguous() for k, v in self.base_state.items()}, str(self.out / "base.safetensors"))
 
     # ------------------------------------------------------------------ samples
-    def sample_grid(self, path: Path, before: list | None = None, rows: int = 4) -> Path:
-        """Rows: data pairs; columns: target, [student before], student at the sampler's N steps, at the K training steps."""
+    def grid_pairs(self, rows: int = 4):
+        """The data pairs a sample grid shows, and the caption variant used as each one's prompt."""
         pairs = [self.dataset[i] for i in range(min(rows, len(self.dataset)))]
-        prompts = [p.captions[1] for p in pairs]
+        return pairs, [p.captions[1] for p in pairs]
+
+    def sample_grid(self, path: Path, before: list | None = None) -> Path:
+        """Rows: data pairs; columns: target, [student before], student at the sampler's N steps, at the K training steps."""
+        pairs, prompts = self.grid_pairs()
         cols = [[p.image for p in pairs]]
         if before is not None:
             cols.append(before)
