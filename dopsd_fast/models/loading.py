@@ -1,4 +1,5 @@
-"""Load a diffusers-format transformer folder (config.json + one or sharded safetensors) into our model.
+"""Load diffusers-format component folders (config.json + one or sharded safetensors): our Z-Image transformer,
+the Qwen3 text encoder (transformers) and the VAE (diffusers' AutoencoderKL).
 
 Keys and shapes are checked against the model from the file headers before any tensor is read, so a wrong
 folder fails fast with the names that differ. Weights are never unpickled.
@@ -7,6 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -20,9 +22,9 @@ class WeightsError(RuntimeError):
     """Weights that cannot be loaded; the message names the file and what differs."""
 
 
-def _weight_map(folder: Path) -> dict[str, Path]:
-    """Tensor name -> the shard file holding it."""
-    index, single = folder / f"{WEIGHTS}.safetensors.index.json", folder / f"{WEIGHTS}.safetensors"
+def _weight_map(folder: Path, stem: str = WEIGHTS) -> dict[str, Path]:
+    """Tensor name -> the shard file holding it (``stem``: diffusion_pytorch_model for diffusers, model for transformers)."""
+    index, single = folder / f"{stem}.safetensors.index.json", folder / f"{stem}.safetensors"
     if index.is_file():
         try:
             mapping = json.loads(index.read_text())["weight_map"]
@@ -37,8 +39,8 @@ def _weight_map(folder: Path) -> dict[str, Path]:
     if single.is_file():
         with _open(single) as f:
             return {name: single for name in f.keys()}
-    raise WeightsError(f"{folder}: no {single.name} or {index.name}; point model.pretrained at the "
-                       "transformer/ folder of a diffusers checkpoint")
+    raise WeightsError(f"{folder}: no {single.name} or {index.name}; point the config at the component's "
+                       "folder inside a diffusers checkpoint (transformer/, text_encoder/, vae/)")
 
 
 def _open(path: Path):
@@ -71,6 +73,42 @@ def describe_mismatch(found: dict[str, tuple[int, ...]], expected: dict[str, tup
     return "; ".join(parts) or None
 
 
+def file_shapes(files: dict[str, Path]) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape, read from the safetensors headers only."""
+    found = {}
+    for path in sorted(set(files.values())):
+        with _open(path) as f:
+            found.update({k: tuple(f.get_slice(k).get_shape()) for k in f.keys() if files.get(k) == path})
+    return found
+
+
+def load_checked(model: torch.nn.Module, folder: Path, stem: str = WEIGHTS, dtype: torch.dtype = torch.float32,
+                 device: str | torch.device = "cpu", rename: Callable[[str], str | None] = lambda k: k,
+                 expected: dict[str, tuple[int, ...]] | None = None) -> torch.nn.Module:
+    """Fill ``model`` (built on the meta device) from ``folder`` after checking every name and shape.
+
+    ``rename`` maps a file key to a model key (None drops it, e.g. an unused LM head); ``expected`` is the full
+    key set to check against when ``model`` keeps only part of it (an encoder cut after its last needed layer).
+    Floating tensors are cast to ``dtype`` as they are read.
+    """
+    files = _weight_map(folder, stem)
+    shapes = file_shapes(files)
+    source = {rename(k): k for k in files if rename(k) is not None}      # model key -> file key
+    wanted = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    mismatch = describe_mismatch({new: shapes[old] for new, old in source.items()}, expected or wanted)
+    if mismatch:
+        raise WeightsError(f"{folder}: weights do not match the {type(model).__name__} of its config.json: {mismatch}")
+    state = {}
+    for path in sorted({files[source[k]] for k in wanted}):
+        with _open(path) as f:
+            for new in wanted:
+                if files[source[new]] == path:
+                    t = f.get_tensor(source[new])
+                    state[new] = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+    model.load_state_dict(state, assign=True)
+    return model
+
+
 def load_zimage_transformer(folder: str | Path, dtype: torch.dtype = torch.float32,
                             device: str | torch.device = "cpu") -> ZImageTransformer:
     folder = Path(folder)
@@ -79,20 +117,59 @@ def load_zimage_transformer(folder: str | Path, dtype: torch.dtype = torch.float
     config = read_config(folder)
     with torch.device("meta"):
         model = ZImageTransformer(config)
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    files = _weight_map(folder)
-    found = {}
-    for path in sorted(set(files.values())):
-        with _open(path) as f:
-            found.update({k: tuple(f.get_slice(k).get_shape()) for k in f.keys() if files.get(k) == path})
-    mismatch = describe_mismatch(found, expected)
-    if mismatch:
-        raise WeightsError(f"{folder}: weights do not match the model ({config}): {mismatch}")
-    state = {}
-    for path in sorted(set(files.values())):
-        with _open(path) as f:
-            for k in f.keys():
-                if files.get(k) == path:
-                    state[k] = f.get_tensor(k).to(device=device, dtype=dtype)
-    model.load_state_dict(state, assign=True)
-    return model
+    try:
+        return load_checked(model, folder, WEIGHTS, dtype, device)
+    except WeightsError as err:
+        raise WeightsError(f"{err} (config: {config})") from None
+
+
+def read_component_config(folder: Path, what: str) -> dict:
+    path = folder / "config.json"
+    if not folder.is_dir() or not path.is_file():
+        raise WeightsError(f"{path}: missing; point the config at the {what} folder of a diffusers checkpoint")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise WeightsError(f"{path}: not valid JSON ({err})") from None
+
+
+def load_qwen3_text_encoder(folder: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                            num_layers: int | None = None):
+    """A diffusers ``text_encoder/`` folder (Qwen3, as Qwen3Model or Qwen3ForCausalLM keys) -> ``Qwen3Model``.
+
+    ``num_layers`` keeps only the first decoder layers (the rest are checked but never read) and replaces the
+    final norm by the identity, so the last hidden state is the raw output of layer ``num_layers``.
+    """
+    from transformers import Qwen3Config, Qwen3Model
+
+    folder = Path(folder)
+    raw = read_component_config(folder, "text_encoder/")
+    config = Qwen3Config(**{k: v for k, v in raw.items() if k not in ("architectures", "transformers_version")})
+    with torch.device("meta"):
+        full = Qwen3Model(config)
+    expected = {k: tuple(v.shape) for k, v in full.state_dict().items()}
+    model = full
+    if num_layers is not None and num_layers < config.num_hidden_layers:
+        config.layer_types = config.layer_types[:num_layers]
+        config.num_hidden_layers = num_layers
+        model.layers = model.layers[:num_layers]
+        model.norm = torch.nn.Identity()
+    rename = lambda k: None if k.startswith("lm_head.") else k.removeprefix("model.")
+    load_checked(model, folder, "model", dtype, device, rename, expected)
+    with torch.device(device):      # a non-persistent buffer, still on meta: rebuild it
+        model.rotary_emb = type(model.rotary_emb)(config=config)
+    return model.eval().requires_grad_(False)
+
+
+def load_vae(folder: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+    """A diffusers ``vae/`` folder -> diffusers' ``AutoencoderKL`` (not rewritten here)."""
+    from diffusers import AutoencoderKL
+
+    folder = Path(folder)
+    raw = read_component_config(folder, "vae/")
+    with torch.device("meta"):
+        try:
+            model = AutoencoderKL.from_config(raw)
+        except (TypeError, ValueError) as err:
+            raise WeightsError(f"{folder / 'config.json'}: not an AutoencoderKL config ({err})") from None
+    return load_checked(model, folder, WEIGHTS, dtype, device).eval().requires_grad_(False)
