@@ -144,6 +144,13 @@ def resolve_plan(cfg: Config, need_weights: bool = True) -> Plan:
 
 def check_buildable(cfg: Config) -> None:
     """Refuse, before any model is built, the parts this version cannot assemble yet."""
+    if (cfg.data.kind == "world") != (cfg.context.kind == "world"):
+        raise ConfigError("data.kind and context.kind: the miniature world needs both set to world (see configs/world-demo.yaml)")
+    if cfg.data.kind == "world":
+        if cfg.model.pretrained is None:
+            raise ConfigError("model.pretrained: the world fine-tunes a shipped turbo; set it to the folder "
+                              "dopsd_fast/world/assets/turbo, as `dopsd demo` does")
+        return
     if cfg.context.kind != "toy":
         raise ConfigError(f"context.kind: {cfg.context.kind!r} needs the Qwen3 / Qwen3-VL context encoders, which this version "
                           "does not ship yet; use context.kind=toy (the embedded default)")
@@ -154,10 +161,19 @@ def check_buildable(cfg: Config) -> None:
 
 def build_data(cfg: Config) -> tuple[SyntheticPairs, PairStream]:
     d = cfg.data
+    if d.kind == "world":
+        from ..world.data import ConceptPairs
+        dataset = ConceptPairs(d.seed)
+        return dataset, PairStream(dataset, cfg.train.batch_size, cfg.train.seed)
     dataset = SyntheticPairs(d.num_pairs, d.image_size, d.seed)
     return dataset, PairStream(dataset, cfg.train.batch_size, cfg.train.seed)
 
 
 def build_contexts(cfg: Config, arch: ZImageConfig) -> tuple[ToyTextEncoder, ToyMultimodalEncoder]:
+    if cfg.context.kind == "world":
+        from ..world.bundle import load_encoders
+        from ..world.encoders import MultimodalContext, TextContext
+        encoders = load_encoders()
+        return TextContext(encoders), MultimodalContext(encoders)
     text = ToyTextEncoder(arch.cap_feat_dim, cfg.context.max_text_tokens)
     return text, ToyMultimodalEncoder(text, cfg.data.image_size, image_first=cfg.context.teacher_order == "image_first")

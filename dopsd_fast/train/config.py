@@ -24,10 +24,12 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    family: Literal["z_image"] = "z_image"
+    # z_image: Z-Image-Turbo (S3-DiT); flux2_klein: FLUX.2 [klein] 4B/9B (models/adapter.py bundles the differences).
+    family: Literal["z_image", "flux2_klein"] = "z_image"
     # Diffusers-format transformer folder; None builds random weights from `arch` (tiny/test models).
     pretrained: str | None = None
-    # ZImageConfig overrides, e.g. {dim: 64, n_layers: 2}; keys are checked when the plan is resolved.
+    # The family's config overrides (ZImageConfig {dim: 64, ...}, Flux2KleinConfig {num_layers: 1, ...});
+    # keys are checked when the plan is resolved.
     arch: dict[str, Any] = field(default_factory=dict)
     dtype: Literal["fp32", "bf16"] = "fp32"
     gradient_checkpointing: bool = False
@@ -38,8 +40,9 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    # synthetic: procedural shapes (embedded default); folder: images with caption sidecars at `path`.
-    kind: Literal["synthetic", "folder"] = "synthetic"
+    # synthetic: procedural shapes (embedded default); folder: images with caption sidecars at `path`;
+    # world: the miniature world's new-concept pairs (dopsd_fast/world, `dopsd demo`).
+    kind: Literal["synthetic", "folder", "world"] = "synthetic"
     path: str | None = None
     num_pairs: int = 4          # synthetic only
     image_size: int = 32
@@ -50,10 +53,17 @@ class DataConfig:
 class ContextConfig:
     # toy: frozen hashed-word text encoder + patch image encoder sharing its word table (CPU default);
     # its feature size is model.arch.cap_feat_dim.
-    kind: Literal["toy", "qwen3"] = "toy"
+    # world: the miniature world's tiny Qwen3 LM and its multimodal twin (shipped weights; needs transformers).
+    kind: Literal["toy", "qwen3", "world"] = "toy"
     max_text_tokens: int = 64
     # Teacher context order: the authors put the image first ([image, prompt]).
     teacher_order: Literal["image_first", "text_first"] = "image_first"
+    # Teacher's privileged context. vlm: multimodal encoder features of [image, prompt] replace the text features;
+    # reference (FLUX.2 klein only, the authors' edit branch): text of "<prompt> <reference_prompt>" plus the
+    # target's clean latents as reference tokens (RoPE time id 10), output sliced back to the target.
+    teacher: Literal["vlm", "reference"] = "vlm"
+    reference_prompt: str = ("Make the main subject (facial/ip details), background, and overall composition "
+                             "consistent with the reference image.")
 
 
 @dataclass
@@ -78,6 +88,10 @@ class MethodConfig:
     per_step_backward: bool = True
     # SFT baseline: sigma = shift*u / (1 + (shift-1)*u), u ~ U(0, 1).
     sft_shift: float = 3.0
+    # fixed: roll out on `sigmas`; model: on the model's own sampler schedule with `steps` steps, per image size
+    # (FLUX.2 klein: empirical mu, the authors' scheduler(4, mu); Z-Image: shift `sample.shift`).
+    schedule: Literal["fixed", "model"] = "fixed"
+    steps: int = 4
 
 
 @dataclass
@@ -230,6 +244,9 @@ def validate(cfg: Config) -> Config:
     _check(cfg.sample.steps >= 1, "sample.steps", "must be >= 1")
     _check(cfg.context.max_text_tokens >= 1, "context.max_text_tokens", "must be >= 1")
     _check(cfg.sample.shift > 0, "sample.shift", "must be > 0")
+    _check(m.steps >= 1, "method.steps", "must be >= 1")
+    _check(cfg.context.teacher != "reference" or cfg.model.family == "flux2_klein", "context.teacher",
+           "reference needs reference-image tokens, which only model.family=flux2_klein has; use vlm")
     return cfg
 
 
