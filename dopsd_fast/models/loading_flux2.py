@@ -1,0 +1,156 @@
+"""Load FLUX.2 [klein] transformer weights: a diffusers ``transformer/`` folder or a BFL single file.
+
+The diffusers keys are our parameter names, so a folder loads through ``loading.load_checked``. A BFL file
+(``flux-2-klein-4b.safetensors``, optionally with ComfyUI's ``model.diffusion_model.`` prefix) goes through one
+rename table plus two special cases (models.md 3.8): fused ``qkv`` of double blocks -> to_q/to_k/to_v
+(add_*_proj for text), and ``final_layer.adaLN_modulation.1`` rows (shift | scale) -> ``norm_out.linear``
+rows (scale | shift). Its architecture is read off the tensor shapes. Names and shapes are checked from the
+header before any tensor is read.
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from .flux2_klein import Flux2KleinConfig, Flux2KleinTransformer
+from .loading import WEIGHTS, WeightsError, _open, describe_mismatch, load_checked
+
+COMFY_PREFIX = "model.diffusion_model."
+
+# BFL name (regex, block index as \1) -> diffusers name; "weight"/"scale" suffixes are part of the pattern.
+BFL_RENAMES = [
+    (r"img_in\.weight", "x_embedder.weight"),
+    (r"txt_in\.weight", "context_embedder.weight"),
+    (r"time_in\.in_layer\.weight", "time_guidance_embed.timestep_embedder.linear_1.weight"),
+    (r"time_in\.out_layer\.weight", "time_guidance_embed.timestep_embedder.linear_2.weight"),
+    (r"(double_stream_modulation_img|double_stream_modulation_txt|single_stream_modulation)\.lin\.weight",
+     r"\1.linear.weight"),
+    (r"final_layer\.linear\.weight", "proj_out.weight"),
+    (r"double_blocks\.(\d+)\.img_attn\.proj\.weight", r"transformer_blocks.\1.attn.to_out.0.weight"),
+    (r"double_blocks\.(\d+)\.txt_attn\.proj\.weight", r"transformer_blocks.\1.attn.to_add_out.weight"),
+    (r"double_blocks\.(\d+)\.img_attn\.norm\.query_norm\.scale", r"transformer_blocks.\1.attn.norm_q.weight"),
+    (r"double_blocks\.(\d+)\.img_attn\.norm\.key_norm\.scale", r"transformer_blocks.\1.attn.norm_k.weight"),
+    (r"double_blocks\.(\d+)\.txt_attn\.norm\.query_norm\.scale", r"transformer_blocks.\1.attn.norm_added_q.weight"),
+    (r"double_blocks\.(\d+)\.txt_attn\.norm\.key_norm\.scale", r"transformer_blocks.\1.attn.norm_added_k.weight"),
+    (r"double_blocks\.(\d+)\.img_mlp\.0\.weight", r"transformer_blocks.\1.ff.linear_in.weight"),
+    (r"double_blocks\.(\d+)\.img_mlp\.2\.weight", r"transformer_blocks.\1.ff.linear_out.weight"),
+    (r"double_blocks\.(\d+)\.txt_mlp\.0\.weight", r"transformer_blocks.\1.ff_context.linear_in.weight"),
+    (r"double_blocks\.(\d+)\.txt_mlp\.2\.weight", r"transformer_blocks.\1.ff_context.linear_out.weight"),
+    (r"single_blocks\.(\d+)\.linear1\.weight", r"single_transformer_blocks.\1.attn.to_qkv_mlp_proj.weight"),
+    (r"single_blocks\.(\d+)\.linear2\.weight", r"single_transformer_blocks.\1.attn.to_out.weight"),
+    (r"single_blocks\.(\d+)\.norm\.query_norm\.scale", r"single_transformer_blocks.\1.attn.norm_q.weight"),
+    (r"single_blocks\.(\d+)\.norm\.key_norm\.scale", r"single_transformer_blocks.\1.attn.norm_k.weight"),
+]
+QKV = re.compile(r"double_blocks\.(\d+)\.(img|txt)_attn\.qkv\.weight")
+QKV_NAMES = {"img": ("attn.to_q", "attn.to_k", "attn.to_v"), "txt": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj")}
+FINAL_MODULATION = "final_layer.adaLN_modulation.1.weight"
+
+Convert = Callable[[Tensor], Tensor]
+
+
+def swap_halves(w: Tensor) -> Tensor:
+    """Rows (a | b) -> (b | a): BFL's final (shift | scale) <-> diffusers' (scale | shift); its own inverse."""
+    a, b = w.chunk(2, dim=0)
+    return torch.cat([b, a])
+
+
+def bfl_to_diffusers(name: str, shape: tuple[int, ...]) -> list[tuple[str, tuple[int, ...], Convert]]:
+    """One BFL tensor -> the diffusers tensors it becomes: (name, shape, tensor -> tensor). Unknown names pass
+    through unchanged (and are then reported as unexpected)."""
+    m = QKV.fullmatch(name)
+    if m:
+        third = (shape[0] // 3, *shape[1:])
+        return [(f"transformer_blocks.{m[1]}.{n}.weight", third, lambda w, i=i: w.chunk(3, dim=0)[i])
+                for i, n in enumerate(QKV_NAMES[m[2]])]
+    if name == FINAL_MODULATION:
+        return [("norm_out.linear.weight", shape, swap_halves)]
+    for pattern, target in BFL_RENAMES:
+        if re.fullmatch(pattern, name):
+            return [(re.sub(pattern, target, name), shape, lambda w: w)]
+    return [(name, shape, lambda w: w)]
+
+
+def config_from_bfl_shapes(shapes: dict[str, tuple[int, ...]], where: Path) -> Flux2KleinConfig:
+    """The architecture of a BFL file, from its tensor shapes (BFL files carry no config)."""
+    try:
+        dim, in_channels = shapes["img_in.weight"]
+        head_dim = shapes["double_blocks.0.img_attn.norm.query_norm.scale"][0]
+        blocks = lambda prefix: len({int(k.split(".")[1]) for k in shapes if k.startswith(prefix)})
+        return Flux2KleinConfig(
+            in_channels=in_channels, out_channels=shapes["final_layer.linear.weight"][0],
+            num_layers=blocks("double_blocks."), num_single_layers=blocks("single_blocks."),
+            attention_head_dim=head_dim, num_attention_heads=dim // head_dim,
+            joint_attention_dim=shapes["txt_in.weight"][1],
+            timestep_guidance_channels=shapes["time_in.in_layer.weight"][1],
+            mlp_ratio=shapes["double_blocks.0.img_mlp.0.weight"][0] / 2 / dim,
+            axes_dims_rope=(head_dim // 4,) * 4)
+    except (KeyError, ValueError) as err:
+        raise WeightsError(f"{where}: not a FLUX.2 transformer file in BFL layout (missing or odd tensor {err}); "
+                           "pass a BFL flux-2-klein-*.safetensors or a diffusers transformer/ folder") from None
+
+
+def read_flux2_config(folder: Path) -> Flux2KleinConfig:
+    path = folder / "config.json"
+    if not path.is_file():
+        raise WeightsError(f"{path}: missing; a diffusers transformer folder has config.json beside its weights")
+    try:
+        return Flux2KleinConfig.from_dict(json.loads(path.read_text()))
+    except (json.JSONDecodeError, UnicodeDecodeError, TypeError, ValueError) as err:
+        raise WeightsError(f"{path}: not a FLUX.2 [klein] transformer config ({err})") from None
+
+
+def _bfl_header(path: Path) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
+    """BFL name -> shape, and BFL name -> the key in the file (ComfyUI files prefix every key)."""
+    with _open(path) as f:
+        raw = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    prefixed = all(k.startswith(COMFY_PREFIX) for k in raw)
+    keys = {(k[len(COMFY_PREFIX):] if prefixed else k): k for k in raw}
+    return {k: raw[v] for k, v in keys.items()}, keys
+
+
+def read_pretrained_config(path: str | Path) -> Flux2KleinConfig:
+    """The architecture of a diffusers folder (config.json) or a BFL file (tensor shapes), reading no weights."""
+    path = Path(path)
+    return config_from_bfl_shapes(_bfl_header(path)[0], path) if path.is_file() else read_flux2_config(path)
+
+
+def _load_bfl_file(path: Path, dtype: torch.dtype, device: str | torch.device) -> Flux2KleinTransformer:
+    shapes, file_keys = _bfl_header(path)
+    config = config_from_bfl_shapes(shapes, path)
+    with torch.device("meta"):
+        model = Flux2KleinTransformer(config)
+    plan = {new: (old, shape, fn) for old, s in shapes.items() for new, shape, fn in bfl_to_diffusers(old, s)}
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    mismatch = describe_mismatch({k: v[1] for k, v in plan.items()}, expected)
+    if mismatch:
+        raise WeightsError(f"{path}: weights do not match the FLUX.2 transformer of its shapes ({config}): {mismatch}")
+    state = {}
+    with _open(path) as f:
+        for new, (old, _, fn) in plan.items():
+            state[new] = fn(f.get_tensor(file_keys[old])).to(device=device, dtype=dtype)
+    model.load_state_dict(state, assign=True)
+    return model
+
+
+def load_flux2_klein_transformer(path: str | Path, dtype: torch.dtype = torch.float32,
+                                 device: str | torch.device = "cpu") -> Flux2KleinTransformer:
+    """A diffusers ``transformer/`` folder (config.json + one or sharded safetensors) or a BFL single
+    ``.safetensors`` file -> our transformer in ``dtype`` on ``device``."""
+    path = Path(path)
+    if path.is_file():
+        return _load_bfl_file(path, dtype, device)
+    if not path.is_dir():
+        raise WeightsError(f"{path}: not found; set model.pretrained to a diffusers transformer/ folder or a BFL "
+                           "flux-2-klein-*.safetensors file")
+    config = read_flux2_config(path)
+    with torch.device("meta"):
+        model = Flux2KleinTransformer(config)
+    try:
+        return load_checked(model, path, WEIGHTS, dtype, device)
+    except WeightsError as err:
+        raise WeightsError(f"{err} (config: {config})") from None
