@@ -1,0 +1,99 @@
+"""Aspect-ratio buckets around a target area, resize-shorter + center-crop, and batches within one bucket.
+
+The authors train Z-Image on 11 buckets near 1024^2 (1024^2, 1152x896, ..., 1344x576): one square bucket and
+five per orientation with aspect ratios spaced geometrically up to about 2.33, sides rounded to a multiple.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from PIL import Image
+from torch import Tensor
+
+from .loader import Batch
+
+MAX_ASPECT = 1344 / 576
+
+
+def make_buckets(side: int, count: int = 11, multiple: int | None = None) -> list[tuple[int, int]]:
+    """``count`` (height, width) buckets of area about side^2, sides multiples of ``multiple`` (default side/16, >= 16).
+
+    An odd count gives one square bucket and (count-1)/2 landscape + as many portrait ones; 1 gives the square only.
+    """
+    if count < 1 or count % 2 == 0:
+        raise ValueError(f"bucket count must be odd (square + pairs of orientations), got {count}")
+    m = multiple or max(16, side // 16)
+    per_side = (count - 1) // 2
+    out = [(side // m * m, side // m * m)]
+    for i in range(1, per_side + 1):
+        ratio = MAX_ASPECT ** (i / per_side)
+        w = max(m, round(side * math.sqrt(ratio) / m) * m)
+        h = max(m, round(side / math.sqrt(ratio) / m) * m)
+        out += [(h, w), (w, h)]
+    return sorted(set(out), key=lambda hw: hw[1] / hw[0])
+
+
+def nearest_bucket(height: int, width: int, buckets: list[tuple[int, int]]) -> int:
+    """Index of the bucket whose aspect ratio is closest in log space."""
+    r = math.log(width / height)
+    return min(range(len(buckets)), key=lambda i: abs(math.log(buckets[i][1] / buckets[i][0]) - r))
+
+
+def resize_center_crop(img: Image.Image, height: int, width: int) -> Tensor:
+    """Scale so the image covers (height, width) (the shorter side relative to the bucket fits), crop the centre;
+    returns (3, height, width) in [-1, 1]."""
+    scale = max(height / img.height, width / img.width)
+    size = (max(width, round(img.width * scale)), max(height, round(img.height * scale)))
+    img = img.convert("RGB").resize(size, Image.Resampling.LANCZOS)
+    left, top = (size[0] - width) // 2, (size[1] - height) // 2
+    img = img.crop((left, top, left + width, top + height))
+    x = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(height, width, 3)
+    return x.permute(2, 0, 1).float() / 127.5 - 1.0
+
+
+class BucketBatches:
+    """Endless resumable batches whose images share one bucket (so they stack into one latent shape).
+
+    Each epoch shuffles every bucket, cuts it into batches (the last one wraps round within the bucket, so no
+    image is dropped and batches are full), then shuffles the batch order. One caption variant is drawn per image
+    per iteration. State = (epoch, position), all randomness from (seed, epoch, position), like ``PairStream``.
+    """
+
+    def __init__(self, dataset, batch_size: int, seed: int):
+        self.dataset, self.batch_size, self.seed = dataset, batch_size, seed
+        self.epoch, self.position = 0, 0
+        self._cached: tuple[int, list[list[int]]] = (-1, [])
+
+    def _batches(self) -> list[list[int]]:
+        if self._cached[0] != self.epoch:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+            batches = []
+            for members in self.dataset.bucket_members().values():
+                order = [members[i] for i in torch.randperm(len(members), generator=g).tolist()]
+                n = math.ceil(len(order) / self.batch_size) * self.batch_size
+                order = [order[i % len(order)] for i in range(n)]
+                batches += [order[i:i + self.batch_size] for i in range(0, n, self.batch_size)]
+            self._cached = (self.epoch, [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()])
+        return self._cached[1]
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> Batch:
+        if self.position >= len(self._batches()):
+            self.epoch, self.position = self.epoch + 1, 0
+        g = torch.Generator().manual_seed(hash((self.seed, self.epoch, self.position)) & 0x7FFFFFFF)
+        images, prompts = [], []
+        for i in self._batches()[self.position]:
+            pair = self.dataset[i]
+            images.append(pair.image)
+            prompts.append(pair.captions[int(torch.randint(len(pair.captions), (1,), generator=g))])
+        self.position += 1
+        return Batch(images, prompts)
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
