@@ -38,11 +38,12 @@ def dopsd_step(roles: Roles, flow: FlowConvention, c_s: list[Tensor], c_t: list[
     ctx_t = roles.context("teacher", c_t)
     ctx_s_graph = roles.context("student", c_s)
     ctx_s = detached_context(ctx_s_graph) if per_step_backward else ctx_s_graph
-    x = [torch.randn(s, generator=generator, dtype=torch.float32).to(dtype) for s in latent_shapes]
+    device = c_s[0].device    # noise comes from the host generator: one seed, one roll-out, on any device
+    x = [torch.randn(s, generator=generator, dtype=torch.float32).to(device, dtype) for s in latent_shapes]
     held, losses = [], []
     for k in range(K):
         sigma, sigma_next = sigmas[k], sigmas[k + 1]
-        t = flow.time(torch.full((len(x),), sigma, dtype=torch.float32))
+        t = flow.time(torch.full((len(x),), sigma, dtype=torch.float32, device=device))
         out_t = roles.teacher(x, t, ctx_t)
         out_s = roles.student(x, t, ctx_s)
         loss_k, x = rollout_update(flow, x, out_s, out_t, sigma, sigma_next, loss_kind)   # x: next state, detached
