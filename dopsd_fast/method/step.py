@@ -7,7 +7,7 @@ The caller then clips, steps the optimizer and updates the EMA teacher.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Callable, Literal
 
 import torch
 from torch import Tensor
@@ -27,12 +27,15 @@ class StepOutput:
 def dopsd_step(roles: Roles, flow: FlowConvention, c_s: list[Tensor], c_t: list[Tensor],
                latent_shapes: list[tuple[int, ...]], sigmas: list[float],
                loss_kind: Literal["x0", "velocity"] = "x0", per_step_backward: bool = True,
-               generator: torch.Generator | None = None, dtype: torch.dtype = torch.float32) -> StepOutput:
+               generator: torch.Generator | None = None, dtype: torch.dtype = torch.float32,
+               backward: Callable[[Tensor], object] = Tensor.backward) -> StepOutput:
     """Roll the student out for K = len(sigmas) - 1 steps and accumulate grad of mean_k loss_k.
 
     ``per_step_backward`` backpropagates loss_k / K right after step k, holding one student graph instead of K;
     the gradient is the same because every state is detached (method.md section 12). The student's caption path is
     then run forward once and backward once: its output is a leaf that collects gradient over the K steps.
+    ``backward`` runs every backward of the iteration on a scalar (a DeepSpeed engine passes ``engine.backward``:
+    the K + 1 calls accumulate, and the engine's one ``step()`` afterwards reduces and updates).
     """
     K = len(sigmas) - 1
     ctx_t = roles.context("teacher", c_t)
@@ -48,15 +51,16 @@ def dopsd_step(roles: Roles, flow: FlowConvention, c_s: list[Tensor], c_t: list[
         out_s = roles.student(x, t, ctx_s)
         loss_k, x = rollout_update(flow, x, out_s, out_t, sigma, sigma_next, loss_kind)   # x: next state, detached
         if per_step_backward:
-            (loss_k / K).backward()
+            backward(loss_k / K)
         else:
             held.append(loss_k)
         losses.append(loss_k.item())
     if per_step_backward:
         if ctx_s is not ctx_s_graph:
-            ctx_s_graph.tokens.backward(ctx_s.tokens.grad)
+            # as a scalar <tokens, grad>, whose gradient w.r.t. tokens is exactly grad
+            backward((ctx_s_graph.tokens * ctx_s.tokens.grad).sum())
     else:
-        (torch.stack(held).sum() / K).backward()
+        backward(torch.stack(held).sum() / K)
     return StepOutput(loss=sum(losses) / K, losses=losses)
 
 
