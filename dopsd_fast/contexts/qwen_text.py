@@ -99,26 +99,37 @@ class QwenTextEncoder:
 
     def token_ids(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
         texts = [chat_prompt(self.tokenizer, p, self.spec.enable_thinking) for p in prompts]
+        self.tokenizer.padding_side = "right"       # real tokens keep positions 0..L-1 (the teacher's prefix reuse)
         enc = self.tokenizer(texts, padding="max_length" if self.spec.keep_padding else "longest",
                              max_length=self.spec.max_tokens, truncation=True, return_tensors="pt")
         return enc.input_ids.to(self.device), enc.attention_mask.to(self.device)
 
+    def __call__(self, prompts: list[str]) -> list[Tensor]:
+        return self.encode(prompts).features
+
     @torch.no_grad()
-    def __call__(self, prompts: list[str], output_cache: bool = False):
+    def encode(self, prompts: list[str], keep_cache: bool = False) -> "StudentPass":
+        """Features plus, with ``keep_cache``, the token ids and KV cache a teacher may reuse for a shared prefix."""
         ids, mask = self.token_ids(prompts)
         hooks = HiddenStates(self.model.layers, self.indices)
         try:
-            out = self.model(input_ids=ids, attention_mask=mask, use_cache=output_cache)
+            out = self.model(input_ids=ids, attention_mask=mask, use_cache=keep_cache)
             if self.total_layers in self.indices:        # hidden_states[-1] is after the final norm
                 hooks.found[self.total_layers] = out.last_hidden_state
             feats = hooks.collect(lambda: self.model.embed_tokens(ids))
         finally:
             hooks.close()
         rows = feats if self.spec.keep_padding else [f[m.bool()] for f, m in zip(feats, mask)]
-        result = [r.clone() for r in rows]
-        if output_cache:
-            return result, ids, getattr(out, "cache", None) or getattr(out, "past_key_values", None)
-        return result
+        cache = (getattr(out, "cache", None) or getattr(out, "past_key_values", None)) if keep_cache else None
+        return StudentPass(ids, [r.clone() for r in rows], cache)
+
+
+@dataclass
+class StudentPass:
+    """A student encoder call: right-padded token ids (B, L), feature rows per prompt, KV cache (or None)."""
+    ids: Tensor
+    features: list[Tensor]
+    cache: object = None
 
 
 def _weights_identity(model, spec: TextFeatureSpec) -> str:

@@ -1,0 +1,109 @@
+"""Teacher context: Qwen3-VL with the text encoder's weights swapped in; features = transformers' hidden_states[-2];
+prefix KV reuse only where provably identical, and then equal to the full computation."""
+import logging
+
+import pytest
+import torch
+
+from dopsd_fast.contexts.qwen_text import QwenTextEncoder
+from dopsd_fast.contexts.teacher_vlm import QwenVLTeacher, reuse_blockers, swap_language_model
+
+PROMPTS = ["a red cat sitting on a green mat", "一只猫 on a sofa, watercolour"]
+SMALL = dict(min_pixels=32 * 32, max_pixels=64 * 64)
+
+
+@pytest.fixture(scope="module")
+def student(tiny_root):
+    return QwenTextEncoder.from_pretrained(tiny_root / "text_encoder", tiny_root / "tokenizer")
+
+
+@pytest.fixture(scope="module")
+def images():
+    g = torch.Generator().manual_seed(0)
+    return [torch.rand(3, 48, 64, generator=g) * 2 - 1, torch.rand(3, 64, 32, generator=g) * 2 - 1]
+
+
+def _teacher(tiny_root, student, order="image_first", **kw):
+    return QwenVLTeacher.from_pretrained(tiny_root / "qwen3-vl", student, order, **{**SMALL, **kw})
+
+
+def test_features_equal_transformers_hidden_states_after_swap(tiny_root, student, images):
+    from transformers import Qwen3Model, Qwen3VLForConditionalGeneration
+
+    teacher = _teacher(tiny_root, student)
+    assert not teacher.swap.unmatched_source and not teacher.swap.kept_target
+    ref = Qwen3VLForConditionalGeneration.from_pretrained(tiny_root / "qwen3-vl").model.eval()
+    report = swap_language_model(ref.language_model, Qwen3Model.from_pretrained(tiny_root / "text_encoder"))
+    assert report.unmatched_source == [] and report.kept_target == []
+    feats = teacher(PROMPTS, images)
+    for prompt, image, f in zip(PROMPTS, images, feats):
+        ids, pixels, grid = teacher._inputs(prompt, image)
+        n_image = int((ids == teacher.image_token_id).sum())
+        assert n_image == int(grid.prod()) // 4 and ids[0, 3] == 151652      # <|vision_start|> right after "user\n"
+        with torch.no_grad():
+            hs = ref(input_ids=ids, pixel_values=pixels, image_grid_thw=grid,
+                     mm_token_type_ids=(ids == teacher.image_token_id).int(), output_hidden_states=True).hidden_states
+        assert f.shape == (ids.shape[1], 64)
+        torch.testing.assert_close(f, hs[-2][0], rtol=1e-5, atol=1e-5)
+
+
+def test_max_tokens_keeps_the_first_rows(tiny_root, student, images):
+    full = _teacher(tiny_root, student)(PROMPTS[:1], images[:1])[0]
+    cut = _teacher(tiny_root, student, max_tokens=10)(PROMPTS[:1], images[:1])[0]
+    assert cut.shape == (10, 64)
+    torch.testing.assert_close(cut, full[:10], rtol=0, atol=0)
+
+
+def test_text_first_prefix_reuse_equals_full_computation(tiny_root, student, images, caplog):
+    with caplog.at_level(logging.INFO, logger="dopsd_fast.contexts.teacher_vlm"):
+        teacher = _teacher(tiny_root, student, "text_first")
+    assert teacher.reuses_prefix and "prefix reuse: on" in caplog.text
+    student_pass = student.encode(PROMPTS, keep_cache=True)
+    reused = teacher(PROMPTS, images, student_pass)
+    full = teacher(PROMPTS, images)
+    for prompt, image, a, b in zip(PROMPTS, images, reused, full):
+        p = teacher._shared_prefix(student_pass, PROMPTS.index(prompt), prompt, image)[2]
+        n_prompt = len(student.tokenizer(prompt).input_ids)
+        assert p == 3 + n_prompt              # "<|im_start|>user\n" + the prompt's tokens
+        assert a.shape == b.shape
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_mrope_on_text_positions_is_qwen3_rope():
+    from transformers import Qwen3Model, Qwen3VLModel
+
+    from dopsd_fast.contexts.tiny import tiny_qwen3_config, tiny_qwen3vl_config
+
+    qwen3 = Qwen3Model(tiny_qwen3_config(num_layers=1)).rotary_emb
+    vl = Qwen3VLModel(tiny_qwen3vl_config(num_layers=1)).language_model.rotary_emb
+    x = torch.randn(1, 5, 64)
+    pos = torch.arange(37).view(1, -1)
+    for a, b in zip(qwen3(x, pos), vl(x, pos.view(1, 1, -1).expand(3, 1, -1))):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_different_rope_theta_blocks_reuse_and_is_logged(tiny_root, student, images, caplog):
+    from transformers import Qwen3VLModel
+
+    from dopsd_fast.contexts.tiny import tiny_qwen3vl_config
+
+    vl = Qwen3VLModel(tiny_qwen3vl_config(rope_theta=5e6)).eval()
+    teacher0 = _teacher(tiny_root, student, "text_first")
+    with caplog.at_level(logging.INFO, logger="dopsd_fast.contexts.teacher_vlm"):
+        teacher = QwenVLTeacher(vl, teacher0.tokenizer, teacher0.processor, student, "text_first")
+    assert not teacher.reuses_prefix
+    assert "rope theta differs (Qwen3 10000 vs Qwen3-VL 5e+06)" in caplog.text and "computed in full" in caplog.text
+    # a student pass is ignored, not misused
+    a = teacher(PROMPTS[:1], images[:1], student.encode(PROMPTS[:1], keep_cache=True))[0]
+    torch.testing.assert_close(a, teacher(PROMPTS[:1], images[:1])[0], rtol=0, atol=0)
+
+
+def test_blockers_name_every_difference(student):
+    from dopsd_fast.contexts.teacher_vlm import SwapReport
+    from dopsd_fast.contexts.tiny import tiny_qwen3_config, tiny_qwen3vl_config
+
+    vl = tiny_qwen3vl_config(rope_theta=1e6).text_config
+    vl.rms_norm_eps = 1e-5
+    reasons = reuse_blockers(tiny_qwen3_config(), vl, SwapReport(kept_target=["norm.weight"]), False, True)
+    assert len(reasons) == 4 and any("rms_norm_eps" in r for r in reasons) and any("incomplete" in r for r in reasons)
+    assert reuse_blockers(tiny_qwen3_config(), tiny_qwen3vl_config().text_config, SwapReport(), True, True) == []
