@@ -115,6 +115,23 @@ class TrainConfig:
     keep_last: int = 3
     # "auto": continue from the newest checkpoint in output_dir if there is one; or a checkpoint path; or null.
     resume: str | None = "auto"
+    # TensorBoard event files in <output_dir>/tensorboard beside metrics.jsonl.
+    tensorboard: bool = True
+    # Per-device dense bf16 peak for MFU; null: looked up from the GPU's name (no MFU on CPU).
+    peak_tflops: float | None = None
+
+
+@dataclass
+class DeepSpeedConfig:
+    # ZeRO stage under DeepSpeed; null runs the single-process trainer. 0: data parallel; 1: optimizer states
+    # sharded; 2: + gradients (the authors' setting); 3: + parameters. Launch with torchrun or `deepspeed`.
+    stage: int | None = None
+    # Seconds a collective waits for a peer before this rank fails: a dead or hung rank ends the whole job.
+    timeout_s: float = 600.0
+    # Time every collective for the `communication` column (synchronises after each one, costing overlap).
+    comm_timing: bool = True
+    # Raw DeepSpeed config merged last, e.g. {zero_optimization: {stage3_param_persistence_threshold: 0}}.
+    extra: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -136,6 +153,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -244,6 +262,12 @@ def validate(cfg: Config) -> Config:
     _check(cfg.sample.steps >= 1, "sample.steps", "must be >= 1")
     _check(cfg.context.max_text_tokens >= 1, "context.max_text_tokens", "must be >= 1")
     _check(cfg.sample.shift > 0, "sample.shift", "must be > 0")
+    _check(t.peak_tflops is None or t.peak_tflops > 0, "train.peak_tflops", "must be > 0 (or null to look it up)")
+    ds = cfg.deepspeed
+    _check(ds.stage in (None, 0, 1, 2, 3), "deepspeed.stage", f"must be null, 0, 1, 2 or 3, got {ds.stage}")
+    _check(ds.timeout_s > 0, "deepspeed.timeout_s", "must be > 0")
+    _check(ds.stage is None or m.objective == "dopsd", "deepspeed.stage",
+           "the DeepSpeed engine trains method.objective=dopsd; run the SFT baseline without deepspeed.stage")
     _check(m.steps >= 1, "method.steps", "must be >= 1")
     _check(cfg.context.teacher != "reference" or cfg.model.family == "flux2_klein", "context.teacher",
            "reference needs reference-image tokens, which only model.family=flux2_klein has; use vlm")

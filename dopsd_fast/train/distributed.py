@@ -1,0 +1,98 @@
+"""Process group, ranks, per-rank seeds and the rank-sharded batch stream.
+
+Launch with ``torchrun --nproc_per_node N`` (or ``--nnodes``), or the ``deepspeed`` launcher; both export
+RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT. A plain ``python`` start is a world of one.
+"""
+from __future__ import annotations
+
+import os
+import socket
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from ..data.loader import Batch, PairStream
+
+
+def launched_world_size() -> int:
+    """Processes the launcher started (1 without a launcher)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_process_group(timeout_s: float) -> None:
+    """Join (or, started without a launcher, create) the default process group.
+
+    ``timeout_s`` bounds every collective: a rank whose peer died or hangs raises instead of waiting forever, so a
+    multi-node job fails as a whole (a peer that dies outright closes its sockets and fails the others at once).
+    """
+    import deepspeed
+
+    if dist.is_initialized():
+        return
+    if "RANK" not in os.environ:     # without these, DeepSpeed tries MPI discovery (and needs mpi4py)
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(free_port()))
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
+                               timeout=timedelta(seconds=timeout_s))
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def rank_seed(seed: int, rank: int) -> int:
+    """Rank r's noise seed. Rank 0 keeps ``seed``, so a world of one draws what the single-process trainer draws."""
+    return seed + 1_000_003 * rank
+
+
+def mean_over_ranks(values: list[float]) -> list[float]:
+    """Element-wise mean of a few floats over all ranks (one all-reduce)."""
+    if world_size() == 1:
+        return values
+    t = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(t)
+    return (t / world_size()).tolist()
+
+
+class ShardedStream:
+    """Rank r's share of a global batch of ``batch_size * world`` pairs: rows [r*B, (r+1)*B).
+
+    Every rank walks the same global order (same seed), so the state is the global stream's (epoch, position)
+    and a resumed run, on any rank, continues exactly where the interrupted one stopped.
+    """
+
+    def __init__(self, dataset, batch_size: int, seed: int, rank: int, world: int):
+        self.global_stream = PairStream(dataset, batch_size * world, seed)
+        self.rows = slice(rank * batch_size, (rank + 1) * batch_size)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> Batch:
+        batch = next(self.global_stream)
+        return Batch(batch.images[self.rows], batch.prompts[self.rows])
+
+    def state_dict(self) -> dict[str, int]:
+        return self.global_stream.state_dict()
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.global_stream.load_state_dict(state)
