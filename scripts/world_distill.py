@@ -11,6 +11,7 @@ so the turbo also samples under-specified prompts and in-context prompts well in
 from __future__ import annotations
 
 import argparse
+import json
 import random
 import shutil
 from pathlib import Path
@@ -102,6 +103,11 @@ def main() -> None:
     hashes["base"] = sha256(out / "base" / "diffusion_pytorch_model.safetensors")
     hashes["encoders"] = sha256(out / "encoders.safetensors")
     update_manifest(out, "distill", {"script": "scripts/world_distill.py", "args": vars(a), "sha256": hashes})
+    # The snapshot at step N of a constant-lr run equals `world_pretrain.py --steps N` with the same args.
+    pre_args = json.loads((src.parent / "args.json").read_text())
+    pre_args["steps"] = int(src.name.split("-")[-1])
+    update_manifest(out, "pretrain", {"script": "scripts/world_pretrain.py", "args": pre_args,
+                                      "sha256": {"base": hashes["base"], "encoders": hashes["encoders"]}})
 
 
 if __name__ == "__main__":

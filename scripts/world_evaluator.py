@@ -30,7 +30,7 @@ def batch(rng: random.Random, g: torch.Generator, n: int):
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--out", default="dopsd_fast/world/assets")
-    p.add_argument("--steps", type=int, default=400)
+    p.add_argument("--steps", type=int, default=1200)
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args()
     torch.set_num_threads(1)

@@ -64,8 +64,8 @@ def main() -> None:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        with torch.no_grad():
-            torch._foreach_lerp_(ema, [q.detach() for q in params], 1 - a.ema)
+        with torch.no_grad():       # warm-up EMA: early snapshots are not dominated by the random init
+            torch._foreach_lerp_(ema, [q.detach() for q in params], 1 - min(a.ema, (1 + step) / (10 + step)))
         log.write(json.dumps({"step": step, "loss": loss.item(), "sec": time.time() - tic}) + "\n")
         if step % 25 == 0:
             log.flush()

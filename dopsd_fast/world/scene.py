@@ -83,10 +83,10 @@ def caption(s: Scene, spec: Spec, rng: random.Random) -> str:
     parts = [f"a {obj}"]
     if spec.position:
         parts.append(rng.choice([f"at the {s.position}", f"in the {s.position}"]))
-    if spec.background:
-        parts.append(rng.choice([f"on a {s.background} background", f"on {s.background}"]))
     if spec.background and rng.random() < 0.3:      # a second phrasing: background first
         return f"{s.background} background with " + " ".join(parts)
+    if spec.background:
+        parts.append(rng.choice([f"on a {s.background} background", f"on {s.background}"]))
     return " ".join(parts)
 
 
