@@ -91,7 +91,10 @@ class QwenTextEncoder:
         total = int(config["num_hidden_layers"])
         model = load_qwen3_text_encoder(text_encoder_dir, dtype, device, spec.layers_to_run(total))
         tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
-        return cls(model, tokenizer, spec, total, _folder_identity(Path(text_encoder_dir), spec, dtype))
+        from ..data.feature_cache import folder_fingerprint
+
+        identity = hashlib.sha256(f"{folder_fingerprint(text_encoder_dir)}|{asdict(spec)}|{dtype}".encode()).hexdigest()
+        return cls(model, tokenizer, spec, total, "qwen3-text:" + identity[:16])
 
     @property
     def device(self) -> torch.device:
@@ -138,14 +141,4 @@ def _weights_identity(model, spec: TextFeatureSpec) -> str:
     for name, t in sorted(model.state_dict().items()):
         h.update(name.encode())
         h.update(t.detach().float().cpu().numpy().tobytes())
-    return "qwen3-text:" + h.hexdigest()[:16]
-
-
-def _folder_identity(folder: Path, spec: TextFeatureSpec, dtype: torch.dtype) -> str:
-    """Config, shard names/sizes/mtimes and spec: cheap for multi-GB folders, changes when any file does."""
-    h = hashlib.sha256(json.dumps(asdict(spec)).encode() + str(dtype).encode())
-    for f in sorted(folder.iterdir()):
-        if f.is_file():
-            st = f.stat()
-            h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
     return "qwen3-text:" + h.hexdigest()[:16]

@@ -137,8 +137,10 @@ class QwenVLTeacher:
             patch_size=vision.patch_size, temporal_patch_size=vision.temporal_patch_size,
             merge_size=vision.spatial_merge_size, min_pixels=min_pixels, max_pixels=max_pixels,
             image_mean=saved.get("image_mean", [0.5] * 3), image_std=saved.get("image_std", [0.5] * 3))
-        stat = "|".join(f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in sorted(vl_dir.iterdir()) if f.is_file())
-        return cls(vl, tokenizer, processor, text, order, max_tokens, f"{stat}|{min_pixels}|{max_pixels}|{dtype}")
+        from ..data.feature_cache import folder_fingerprint
+
+        identity = f"{folder_fingerprint(vl_dir)}|{min_pixels}|{max_pixels}|{dtype}"
+        return cls(vl, tokenizer, processor, text, order, max_tokens, identity)
 
     @property
     def reuses_prefix(self) -> bool:
