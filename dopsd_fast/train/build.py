@@ -151,12 +151,8 @@ def check_buildable(cfg: Config) -> None:
             raise ConfigError("model.pretrained: the world fine-tunes a shipped turbo; set it to the folder "
                               "dopsd_fast/world/assets/turbo, as `dopsd demo` does")
         return
-    if cfg.context.kind != "toy":
-        raise ConfigError(f"context.kind: {cfg.context.kind!r} needs the Qwen3 / Qwen3-VL context encoders, which this version "
-                          "does not ship yet; use context.kind=toy (the embedded default)")
-    if cfg.data.kind != "synthetic":
-        raise ConfigError(f"data.kind: {cfg.data.kind!r} (image folders with captions) is not in this version yet; "
-                          "use data.kind=synthetic")
+    from .build_qwen import check_real_parts
+    check_real_parts(cfg, resolve_arch(cfg, need_weights=False))
 
 
 def build_data(cfg: Config) -> tuple[SyntheticPairs, PairStream]:
@@ -165,6 +161,9 @@ def build_data(cfg: Config) -> tuple[SyntheticPairs, PairStream]:
         from ..world.data import ConceptPairs
         dataset = ConceptPairs(d.seed)
         return dataset, PairStream(dataset, cfg.train.batch_size, cfg.train.seed)
+    if d.kind == "folder":
+        from .build_qwen import build_folder_data
+        return build_folder_data(cfg)
     dataset = SyntheticPairs(d.num_pairs, d.image_size, d.seed)
     return dataset, PairStream(dataset, cfg.train.batch_size, cfg.train.seed)
 
@@ -175,5 +174,8 @@ def build_contexts(cfg: Config, arch: ZImageConfig) -> tuple[ToyTextEncoder, Toy
         from ..world.encoders import MultimodalContext, TextContext
         encoders = load_encoders()
         return TextContext(encoders), MultimodalContext(encoders)
+    if cfg.context.kind == "qwen3":
+        from .build_qwen import build_qwen_contexts
+        return build_qwen_contexts(cfg, arch, DTYPES[cfg.model.dtype])
     text = ToyTextEncoder(arch.cap_feat_dim, cfg.context.max_text_tokens)
     return text, ToyMultimodalEncoder(text, cfg.data.image_size, image_first=cfg.context.teacher_order == "image_first")

@@ -28,6 +28,11 @@ class ModelConfig:
     family: Literal["z_image", "flux2_klein"] = "z_image"
     # Diffusers-format transformer folder; None builds random weights from `arch` (tiny/test models).
     pretrained: str | None = None
+    # Z-Image text encoder / tokenizer / VAE folders (context.kind=qwen3, latent data); null: the siblings of
+    # `pretrained` in a diffusers download (text_encoder/, tokenizer/, vae/).
+    text_encoder: str | None = None
+    tokenizer: str | None = None
+    vae: str | None = None
     # The family's config overrides (ZImageConfig {dim: 64, ...}, Flux2KleinConfig {num_layers: 1, ...});
     # keys are checked when the plan is resolved.
     arch: dict[str, Any] = field(default_factory=dict)
@@ -47,6 +52,11 @@ class DataConfig:
     num_pairs: int = 4          # synthetic only
     image_size: int = 32
     seed: int = 0
+    # folder: aspect-ratio buckets around image_size^2 (odd; 1 = square crops only)
+    buckets: int = 11
+    # Encoder-output cache (student text, teacher multimodal features, VAE latents), keyed by content and encoder:
+    # "auto" = $XDG_CACHE_HOME/dopsd_fast (~/.cache/dopsd_fast), a folder, or null for none.
+    cache_dir: str | None = "auto"
 
 
 @dataclass
@@ -58,6 +68,12 @@ class ContextConfig:
     max_text_tokens: int = 64
     # Teacher context order: the authors put the image first ([image, prompt]).
     teacher_order: Literal["image_first", "text_first"] = "image_first"
+    # qwen3: the local Qwen3-VL folder (e.g. Qwen3-VL-4B-Instruct) whose language model gets the text encoder's
+    # weights; the teacher's token limit and the pixel range its target crop is resized into.
+    teacher_model: str | None = None
+    teacher_max_tokens: int = 1024
+    teacher_min_pixels: int = 512 * 512
+    teacher_max_pixels: int = 768 * 768
     # Teacher's privileged context. vlm: multimodal encoder features of [image, prompt] replace the text features;
     # reference (FLUX.2 klein only, the authors' edit branch): text of "<prompt> <reference_prompt>" plus the
     # target's clean latents as reference tokens (RoPE time id 10), output sliced back to the target.
@@ -261,6 +277,12 @@ def validate(cfg: Config) -> Config:
            f"must be a positive multiple of 16, got {cfg.data.image_size}")
     _check(cfg.sample.steps >= 1, "sample.steps", "must be >= 1")
     _check(cfg.context.max_text_tokens >= 1, "context.max_text_tokens", "must be >= 1")
+    _check(cfg.data.buckets >= 1 and cfg.data.buckets % 2 == 1, "data.buckets",
+           f"must be odd (one square bucket + pairs of orientations), got {cfg.data.buckets}")
+    c = cfg.context
+    _check(c.teacher_max_tokens >= 1, "context.teacher_max_tokens", "must be >= 1")
+    _check(0 < c.teacher_min_pixels <= c.teacher_max_pixels, "context.teacher_min_pixels",
+           "must be > 0 and <= context.teacher_max_pixels")
     _check(cfg.sample.shift > 0, "sample.shift", "must be > 0")
     _check(t.peak_tflops is None or t.peak_tflops > 0, "train.peak_tflops", "must be > 0 (or null to look it up)")
     ds = cfg.deepspeed
