@@ -209,6 +209,16 @@ class SFTTrainer(Trainer):
         return out
 
 
+def _square(image: torch.Tensor, size: int) -> torch.Tensor:
+    """Centre square of a (bucketed, maybe non-square) target at the grid's sample size."""
+    h, w = image.shape[-2:]
+    if (h, w) == (size, size):
+        return image
+    s = min(h, w)
+    crop = image[:, (h - s) // 2:(h - s) // 2 + s, (w - s) // 2:(w - s) // 2 + s]
+    return torch.nn.functional.interpolate(crop[None], size=(size, size), mode="area")[0]
+
+
 def load_for_sampling(run_dir: Path, checkpoint: str | None = None) -> Trainer:
     """Rebuild a run's student from ``<run_dir>/config.yaml``, its base weights and a checkpoint's student tensors."""
     cfg_path = run_dir / "config.yaml"
