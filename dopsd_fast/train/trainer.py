@@ -23,6 +23,7 @@ from ..method.step import StepOutput, dopsd_step, sft_step
 from ..sample import sample, save_grid
 from . import checkpoint as ckpt
 from .build import DTYPES, build_contexts, build_data, build_model, build_roles, check_buildable, resolve_plan
+from .build_qwen import build_codec
 from .config import Config, load_config
 from .metrics import StepLog
 
@@ -50,6 +51,7 @@ class Trainer:
         self.sigmas = rollout_sigmas(cfg.method.sigmas)
         self.sample_sigmas = shifted_sigmas(cfg.sample.steps, cfg.sample.shift)
         self.noise = torch.Generator().manual_seed(cfg.train.seed)
+        self.codec = build_codec(cfg, self.plan.arch, self.codec, self.dtype)     # VAE for latent models on folders
         self.step = 0
         self.progress = progress
 
@@ -164,6 +166,10 @@ class Trainer:
 
     def _write_run_files(self) -> None:
         (self.out / "config.yaml").write_text(yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
+        if hasattr(self.dataset, "summary"):        # image folders: what was skipped and why
+            summary = self.dataset.summary()
+            (self.out / "data_summary.json").write_text(json.dumps(summary, indent=1, ensure_ascii=False))
+            print(f"data: {summary['usable']} usable, {summary['skipped']} skipped {summary['skipped_by_reason']}")
         if self.base_state is not None and not (self.out / "base.safetensors").exists():
             # A randomly initialised base is part of the run: `dopsd sample` needs it to rebuild the student.
             save_file({k: v.contiguous() for k, v in self.base_state.items()}, str(self.out / "base.safetensors"))
@@ -172,12 +178,12 @@ class Trainer:
     def grid_pairs(self, rows: int = 4):
         """The data pairs a sample grid shows, and the caption variant used as each one's prompt."""
         pairs = [self.dataset[i] for i in range(min(rows, len(self.dataset)))]
-        return pairs, [p.captions[1] for p in pairs]
+        return pairs, [p.captions[min(1, len(p.captions) - 1)] for p in pairs]
 
     def sample_grid(self, path: Path, before: list | None = None) -> Path:
         """Rows: data pairs; columns: target, [student before], student at the sampler's N steps, at the K training steps."""
         pairs, prompts = self.grid_pairs()
-        cols = [[p.image for p in pairs]]
+        cols = [[_square(p.image, self.cfg.data.image_size) for p in pairs]]
         if before is not None:
             cols.append(before)
         cols.append(self.sample_student(prompts, self.sample_sigmas))
