@@ -10,6 +10,7 @@ from pathlib import Path
 import yaml
 
 from .method.schedule import shifted_sigmas
+from .data.folder import DataError
 from .models.loading import WeightsError
 from .sample import save_grid
 from .train.build import check_buildable, resolve_plan
@@ -72,6 +73,14 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cache(args: argparse.Namespace) -> int:
+    from .train.build_qwen import fill_caches
+
+    report = fill_caches(load_config(args.config, args.set), progress=not args.no_progress)
+    print(json.dumps(report, indent=1, ensure_ascii=False))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="dopsd", description="D-OPSD trainer for step-distilled diffusion transformers")
     sub = p.add_subparsers(dest="command", required=True)
@@ -95,10 +104,14 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--multi-steps", type=int, default=32, help="the multi-step schedule compared with 4 steps")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a world-demo preset key")
+    c = sub.add_parser("cache", help="compute the text / multimodal features and VAE latents of an image folder ahead of training")
+    c.add_argument("config", help="YAML path or preset name (the data.*, model.* and context.* keys are used)")
+    c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    c.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
     try:
-        return {"train": _train, "sample": _sample, "demo": _demo}[args.command](args)
-    except (ConfigError, CheckpointError, WeightsError) as err:
+        return {"train": _train, "sample": _sample, "demo": _demo, "cache": _cache}[args.command](args)
+    except (ConfigError, CheckpointError, WeightsError, DataError) as err:
         print(f"dopsd: error: {err}", file=sys.stderr)
         return 2
 
