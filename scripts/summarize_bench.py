@@ -1,0 +1,99 @@
+#!/usr/bin/env python3
+"""Summarise a scripts/device_check.sh output folder: `python scripts/summarize_bench.py OUT_DIR`.
+
+Reads OUT_DIR/stages.tsv (stage, exit code, seconds, note), the pytest JUnit files tests_*.xml, and the
+pytest-benchmark files bench_*.json; prints one table per kind and writes the same text to OUT_DIR/summary.txt.
+Missing files are reported as missing, never fatal: the summary is what a failed run still has to show.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+
+def stage_lines(out: Path) -> list[str]:
+    path = out / "stages.tsv"
+    if not path.is_file():
+        return ["(no stages.tsv)"]
+    lines = [f"{'stage':<10} {'rc':>4} {'seconds':>8}  note"]
+    for row in path.read_text().splitlines():
+        name, rc, sec, *note = row.split("\t") + [""]
+        flag = "" if rc in ("0", "skip") else "  FAILED" if rc != "124" else "  TIMED OUT"
+        lines.append(f"{name:<10} {rc:>4} {sec:>8}  {note[0]}{flag}")
+    return lines
+
+
+def test_lines(out: Path) -> list[str]:
+    lines = [f"{'tests':<14} {'passed':>7} {'failed':>7} {'errors':>7} {'skipped':>8}"]
+    for path in sorted(out.glob("tests_*.xml")):
+        try:
+            root = ET.parse(path).getroot()
+        except ET.ParseError as err:
+            lines.append(f"{path.stem:<14} unreadable ({err})")
+            continue
+        suites = [root] if root.tag == "testsuite" else list(root)
+        n = {k: sum(int(s.get(k, 0)) for s in suites) for k in ("tests", "failures", "errors", "skipped")}
+        passed = n["tests"] - n["failures"] - n["errors"] - n["skipped"]
+        lines.append(f"{path.stem[6:]:<14} {passed:>7} {n['failures']:>7} {n['errors']:>7} {n['skipped']:>8}")
+        for case in root.iter("testcase"):
+            if case.find("failure") is not None or case.find("error") is not None:
+                lines.append(f"    FAILED {case.get('classname', '')}::{case.get('name', '')}")
+    return lines
+
+
+def _load(path: Path) -> list[dict]:
+    try:
+        return json.loads(path.read_text())["benchmarks"]
+    except (OSError, json.JSONDecodeError, KeyError) as err:
+        return [{"name": f"{path.name}: unreadable ({err})", "extra_info": {}}]
+
+
+def e2e_lines(out: Path) -> list[str]:
+    path = out / "bench_e2e.json"
+    if not path.is_file():
+        return ["(no bench_e2e.json)"]
+    lines = [f"{'case':<14} {'device':<22} {'ours it/s':>9} {'base it/s':>9} {'speedup min/med/max':>20} "
+             f"{'peak MiB ours/base':>19} {'mem ratio':>9} {'MFU ours/base':>14}"]
+    for b in _load(path):
+        e = b.get("extra_info", {})
+        if "ours" not in e:
+            lines.append(f"{b.get('name', '?')}: no measurements")
+            continue
+        o, s = e["ours"], e["baseline"]
+        sp = "/".join(f"{r:.2f}" for r in e["speedup_min_median_max"])
+        mib = f"{o['peak_bytes'] / 2**20:.0f}/{s['peak_bytes'] / 2**20:.0f}"
+        lines.append(f"{e['case']:<14} {e['device'][:22]:<22} {o['it_per_s']:>9.3f} {s['it_per_s']:>9.3f} {sp:>20} "
+                     f"{mib:>19} {e['peak_memory_ratio_ours_over_baseline']:>9.2f} "
+                     f"{o['mfu']:>6.1%}/{s['mfu']:.1%}")
+    return lines
+
+
+def op_lines(out: Path) -> list[str]:
+    path = out / "bench_ops.json"
+    if not path.is_file():
+        return ["(no bench_ops.json)"]
+    lines = [f"{'op bench':<72} {'median ms':>10}  rate"]
+    for b in _load(path):
+        stats, e = b.get("stats") or {}, b.get("extra_info", {})
+        rate = " ".join(f"{e[k]:.1f} {k}" for k in ("TFLOP/s", "GB/s") if k in e)
+        median = f"{stats['median'] * 1e3:10.3f}" if "median" in stats else f"{'-':>10}"
+        lines.append(f"{b.get('name', '?')[:72]:<72} {median}  {rate}")
+    return lines
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 1:
+        print(__doc__.splitlines()[0], file=sys.stderr)
+        return 2
+    out = Path(argv[0])
+    parts = [stage_lines(out), test_lines(out), op_lines(out), e2e_lines(out)]
+    text = "\n\n".join("\n".join(p) for p in parts)
+    (out / "summary.txt").write_text(text + "\n")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
