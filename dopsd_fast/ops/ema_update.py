@@ -13,7 +13,10 @@ def _ema_update_op(teacher: list[Tensor], student: list[Tensor], teacher_lowp: l
     # teacher_lowp == [] means no low-precision copy
     if not teacher:
         return
-    if backend_for(*teacher, *student, *teacher_lowp) == "triton":
+    backend = backend_for(*teacher, *student, *teacher_lowp, native=True)
+    if backend == "cpp":
+        torch.ops.dopsd_C.ema_update(teacher, student, teacher_lowp, decay)
+    elif backend == "triton":
         from dopsd_fast._kernels import ema_update as _k
         _k.ema_update_(teacher, student, decay, teacher_lowp or None)
     else:

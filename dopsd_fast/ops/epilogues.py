@@ -1,7 +1,8 @@
 """Block epilogues (tiers 2+3): custom ops with autograd, and the public functional API.
 
 Each op is ``torch.library.custom_op("dopsd::<op>")`` (compile-safe: ``register_fake`` gives shapes and dtypes)
-whose body runs the Triton launcher (dopsd_fast/_kernels/epilogues.py) or the pure-PyTorch spec
+whose body runs the csrc/ extension (``dopsd_C::<op>``, all but modulated_layer_norm), the Triton launcher
+(dopsd_fast/_kernels/epilogues.py) or the pure-PyTorch spec
 (dopsd_fast/ops/reference.py), chosen by ``_dispatch.backend_for``. Its backward is another custom op,
 ``dopsd::<op>_backward``, dispatched the same way; the reference backend uses the explicit fp32 ``*_backward_ref``
 formulas (autograd cannot run inside a custom op body). Only inputs are saved for backward (the RMS/LayerNorm
@@ -46,7 +47,10 @@ def _check_rows(x: Tensor, d: int | None = None) -> None:
 # ----------------------------------------------------------------------------------------- modulated RMSNorm
 @torch.library.custom_op("dopsd::modulated_rms_norm", mutates_args=())
 def _modulated_rms_norm(x: Tensor, weight: Tensor, scale: Tensor, sample_index: Optional[Tensor], eps: float) -> Tensor:
-    if backend_for(*_tensors(x, weight, scale, sample_index)) == "triton":
+    backend = backend_for(*_tensors(x, weight, scale, sample_index), native=True)
+    if backend == "cpp":
+        return torch.ops.dopsd_C.modulated_rms_norm(x, weight, scale, sample_index, eps)
+    if backend == "triton":
         return _kernels().modulated_rms_norm_fwd(x, weight, scale, sample_index, eps)
     return ref.modulated_rms_norm_ref(x, weight, scale, sample_index, eps).contiguous()
 
@@ -59,7 +63,11 @@ def _(x, weight, scale, sample_index, eps):
 @torch.library.custom_op("dopsd::modulated_rms_norm_backward", mutates_args=())
 def _modulated_rms_norm_backward(grad: Tensor, x: Tensor, weight: Tensor, scale: Tensor, sample_index: Optional[Tensor],
                                  eps: float, need_weight: bool, need_scale: bool) -> tuple[Tensor, Tensor, Tensor]:
-    if backend_for(*_tensors(grad, x, weight, scale, sample_index)) == "triton":
+    backend = backend_for(*_tensors(grad, x, weight, scale, sample_index), native=True)
+    if backend == "cpp":
+        return torch.ops.dopsd_C.modulated_rms_norm_backward(grad, x, weight, scale, sample_index, eps, need_weight,
+                                                             need_scale)
+    if backend == "triton":
         dx, dw, ds = _kernels().modulated_rms_norm_bwd(grad, x, weight, scale, sample_index, eps,
                                                        need_weight=need_weight, need_scale=need_scale)
     else:
@@ -115,7 +123,10 @@ def modulated_rms_norm(x: Tensor, weight: Tensor, scale: Tensor, sample_index: T
 @torch.library.custom_op("dopsd::gated_residual", mutates_args=())
 def _gated_residual(x: Tensor, a: Tensor, weight: Tensor, gate: Tensor, sample_index: Optional[Tensor],
                     eps: float) -> Tensor:
-    if backend_for(*_tensors(x, a, weight, gate, sample_index)) == "triton":
+    backend = backend_for(*_tensors(x, a, weight, gate, sample_index), native=True)
+    if backend == "cpp":
+        return torch.ops.dopsd_C.gated_residual(x, a, weight, gate, sample_index, eps)
+    if backend == "triton":
         return _kernels().gated_residual_fwd(x, a, weight, gate, sample_index, eps)
     return ref.gated_residual_ref(x, a, weight, gate, sample_index, eps).contiguous()
 
@@ -132,7 +143,11 @@ def _(x, a, weight, gate, sample_index, eps):
 @torch.library.custom_op("dopsd::gated_residual_backward", mutates_args=())
 def _gated_residual_backward(grad: Tensor, a: Tensor, weight: Tensor, gate: Tensor, sample_index: Optional[Tensor],
                              eps: float, need_weight: bool, need_gate: bool) -> tuple[Tensor, Tensor, Tensor]:
-    if backend_for(*_tensors(grad, a, weight, gate, sample_index)) == "triton":
+    backend = backend_for(*_tensors(grad, a, weight, gate, sample_index), native=True)
+    if backend == "cpp":
+        return torch.ops.dopsd_C.gated_residual_backward(grad, a, weight, gate, sample_index, eps, need_weight,
+                                                         need_gate)
+    if backend == "triton":
         da, dw, dg = _kernels().gated_residual_bwd(grad, a, weight, gate, sample_index, eps,
                                                    need_weight=need_weight, need_gate=need_gate)
     else:  # dx = grad is the caller's: pass grad as the x the spec only takes the dtype of
@@ -191,7 +206,10 @@ def gated_residual(x: Tensor, a: Tensor, weight: Tensor, gate: Tensor, sample_in
 @torch.library.custom_op("dopsd::qk_norm_rope", mutates_args=())
 def _qk_norm_rope(q: Tensor, k: Tensor, q_weight: Tensor, k_weight: Tensor, cos: Tensor, sin: Tensor,
                   eps: float) -> tuple[Tensor, Tensor]:
-    if backend_for(q, k, q_weight, k_weight, cos, sin) == "triton":
+    backend = backend_for(q, k, q_weight, k_weight, cos, sin, native=True)
+    if backend == "cpp":
+        return torch.ops.dopsd_C.qk_norm_rope(q, k, q_weight, k_weight, cos, sin, eps)
+    if backend == "triton":
         return _kernels().qk_norm_rope_fwd(q, k, q_weight, k_weight, cos, sin, eps)
     oq, ok = ref.qk_norm_rope_ref(q, k, q_weight, k_weight, cos, sin, eps)
     return oq.contiguous(), ok.contiguous()
@@ -207,7 +225,11 @@ def _(q, k, q_weight, k_weight, cos, sin, eps):
 def _qk_norm_rope_backward(grad_q: Tensor, grad_k: Tensor, q: Tensor, k: Tensor, q_weight: Tensor, k_weight: Tensor,
                            cos: Tensor, sin: Tensor, eps: float,
                            need_weight: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    if backend_for(grad_q, grad_k, q, k, q_weight, k_weight, cos, sin) == "triton":
+    backend = backend_for(grad_q, grad_k, q, k, q_weight, k_weight, cos, sin, native=True)
+    if backend == "cpp":
+        return torch.ops.dopsd_C.qk_norm_rope_backward(grad_q, grad_k, q, k, q_weight, k_weight, cos, sin, eps,
+                                                       need_weight)
+    if backend == "triton":
         dq, dk, dqw, dkw = _kernels().qk_norm_rope_bwd(grad_q, grad_k, q, k, q_weight, k_weight, cos, sin, eps,
                                                         need_weight=need_weight)
     else:

@@ -19,7 +19,10 @@ from dopsd_fast.ops.reference import _rollout_segment_ids, rollout_step_grad_ref
 def _rollout_step_op(x: Tensor, out_s: Tensor, out_t: Tensor, cu_seqlens: Tensor, step_coef: Tensor,
                      loss_coef: Tensor, compute_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
     # -> x_next (total,) x.dtype, sq_sum (B,) fp32, grad (total,) fp32 = d sq_sum / d out_s, or (0,) when not asked
-    if backend_for(x, out_s, out_t, cu_seqlens) == "triton":
+    backend = backend_for(x, out_s, out_t, cu_seqlens, native=True)
+    if backend == "cpp":
+        return torch.ops.dopsd_C.rollout_step(x, out_s, out_t, cu_seqlens, step_coef, loss_coef, compute_grad)
+    if backend == "triton":
         from dopsd_fast._kernels import rollout_step as _k
         x_next, sq_sum, grad = _k.rollout_step_fwd(x, out_s, out_t, cu_seqlens, step_coef, loss_coef,
                                                    compute_grad=compute_grad)
@@ -43,7 +46,10 @@ def _(x, out_s, out_t, cu_seqlens, step_coef, loss_coef, compute_grad):
 def _rollout_step_backward_op(grad: Tensor, cu_seqlens: Tensor, grad_sq_sum: Tensor, dtype: torch.dtype) -> Tensor:
     # grad (total,) fp32 from the forward, grad_sq_sum (B,) -> d loss / d out_s (total,) in dtype
     grad_sq_sum = grad_sq_sum.float().contiguous()
-    if backend_for(grad, cu_seqlens, grad_sq_sum) == "triton":
+    backend = backend_for(grad, cu_seqlens, grad_sq_sum, native=True)
+    if backend == "cpp":
+        return torch.ops.dopsd_C.rollout_step_backward(grad, cu_seqlens, grad_sq_sum, dtype)
+    if backend == "triton":
         from dopsd_fast._kernels import rollout_step as _k
         return _k.rollout_step_bwd(grad, cu_seqlens, grad_sq_sum, dtype)
     return (grad * grad_sq_sum[_rollout_segment_ids(cu_seqlens, grad.numel())]).to(dtype)

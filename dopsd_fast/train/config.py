@@ -39,8 +39,9 @@ class ModelConfig:
     dtype: Literal["fp32", "bf16"] = "fp32"
     gradient_checkpointing: bool = False
     init_seed: int = 0
-    # Fused-op implementation: auto = Triton on CUDA tensors, the PyTorch reference elsewhere (DOPSD_BACKEND too).
-    ops_backend: Literal["auto", "triton", "reference"] = "auto"
+    # Fused-op implementation: auto = the csrc/ CUDA kernels (else Triton) on CUDA tensors, the PyTorch reference
+    # elsewhere; cpp forces the csrc/ extension where an op has one (DOPSD_BACKEND too).
+    ops_backend: Literal["auto", "cpp", "triton", "reference"] = "auto"
 
 
 @dataclass
@@ -140,7 +141,7 @@ class TrainConfig:
 @dataclass
 class DeepSpeedConfig:
     # ZeRO stage under DeepSpeed; null runs the single-process trainer. 0: data parallel; 1: optimizer states
-    # sharded; 2: + gradients (the authors' setting); 3: + parameters. Launch with torchrun or `deepspeed`.
+    # sharded; 2: + gradients (the authors' setting); 3 (+ parameters) is planned. Launch with torchrun or `deepspeed`.
     stage: int | None = None
     # Seconds a collective waits for a peer before this rank fails: a dead or hung rank ends the whole job.
     timeout_s: float = 600.0
@@ -287,6 +288,8 @@ def validate(cfg: Config) -> Config:
     _check(t.peak_tflops is None or t.peak_tflops > 0, "train.peak_tflops", "must be > 0 (or null to look it up)")
     ds = cfg.deepspeed
     _check(ds.stage in (None, 0, 1, 2, 3), "deepspeed.stage", f"must be null, 0, 1, 2 or 3, got {ds.stage}")
+    _check(ds.stage != 3, "deepspeed.stage", "ZeRO-3 (partitioned parameters) is not supported by this version yet; "
+           "use 2 (optimizer states and gradients sharded, the authors' setting)")
     _check(ds.timeout_s > 0, "deepspeed.timeout_s", "must be > 0")
     _check(ds.stage is None or m.objective == "dopsd", "deepspeed.stage",
            "the DeepSpeed engine trains method.objective=dopsd; run the SFT baseline without deepspeed.stage")
