@@ -32,17 +32,18 @@ def _train(args: argparse.Namespace) -> int:
         return 0
     trainer = make_trainer(cfg, progress=not args.no_progress)
     plan = trainer.plan
-    print(f"dopsd: {cfg.method.objective} on {cfg.model.family}, {plan.trainable_params:,} trainable of "
+    say = print if trainer.is_main else (lambda *a, **k: None)     # one report per run, not one per rank
+    say(f"dopsd: {cfg.method.objective} on {cfg.model.family}, {plan.trainable_params:,} trainable of "
           f"{plan.total_params:,} parameters, K={len(cfg.method.sigmas)}, {cfg.train.steps} steps -> {trainer.out}")
     before = None
     if not args.no_samples and trainer.resume_point() is None:
         before = trainer.sample_student(trainer.grid_pairs()[1], trainer.sample_sigmas)
     trainer.train()
     last = trainer.checkpoint_root / f"step-{trainer.step:06d}"
-    print(f"checkpoint: {last}")
+    say(f"checkpoint: {last}")
     if not args.no_samples:
         grid = trainer.sample_grid(trainer.out / "samples.png", before)
-        print(f"samples:    {grid}  (columns: target | student before | student after, {cfg.sample.steps} steps | after, "
+        say(f"samples:    {grid}  (columns: target | student before | student after, {cfg.sample.steps} steps | after, "
               f"K={len(cfg.method.sigmas)} training steps)")
     return 0
 
@@ -90,6 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--dry-run", action="store_true", help="validate the config and print the resolved plan; load no weights")
     t.add_argument("--no-progress", action="store_true", help="no progress bar (the per-step table still prints)")
     t.add_argument("--no-samples", action="store_true", help="skip the before/after sample grid")
+    # the `deepspeed` launcher appends --local_rank=N (the rank is read from the environment)
+    t.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     s = sub.add_parser("sample", help="few-step samples from a training run's checkpoint")
     s.add_argument("run", help="the run's output_dir (holds config.yaml and checkpoints/)")
     s.add_argument("--checkpoint", default=None, help="a step-XXXXXX directory (default: the newest)")

@@ -31,7 +31,8 @@ def cache_root(cfg: Config) -> Path | None:
 
 def _need_dir(path: Path, key: str, what: str) -> None:
     if not (path / "config.json").is_file() and not (path / "tokenizer.json").is_file():
-        raise ConfigError(f"{key}: {path} is not a {what} folder (no config.json / tokenizer.json)")
+        raise ConfigError(f"{key}: {path} is not a {what} folder (no config.json / tokenizer.json); "
+                          "download the weights there or set the key to where they are")
 
 
 def uses_vae(cfg: Config, arch) -> bool:

@@ -24,11 +24,15 @@ from ..sample import sample, save_grid
 from . import checkpoint as ckpt
 from .build import DTYPES, build_contexts, build_data, build_model, build_roles, check_buildable, resolve_plan
 from .build_qwen import build_codec
-from .config import Config, load_config
+from .config import Config, ConfigError, load_config
+from .distributed import launched_world_size
 from .metrics import StepLog
 
 
 class Trainer:
+    is_main, world = True, 1                  # a DeepSpeed run has one trainer per rank (deepspeed_engine.py)
+    backward = staticmethod(torch.Tensor.backward)   # every backward of an iteration; DeepSpeed: engine.backward
+
     def __init__(self, cfg: Config, progress: bool = True):
         check_buildable(cfg)
         self.cfg, self.plan = cfg, resolve_plan(cfg)
@@ -61,7 +65,8 @@ class Trainer:
         c_t = self.mm_encoder(batch.prompts, batch.images)
         shapes = [self.codec.latent_shape(*img.shape[-2:]) for img in batch.images]
         out = dopsd_step(self.roles, self.flow, self._cast(c_s), self._cast(c_t), shapes, self.sigmas,
-                         self.cfg.method.loss, self.cfg.method.per_step_backward, self.noise, self.dtype)
+                         self.cfg.method.loss, self.cfg.method.per_step_backward, self.noise, self.dtype,
+                         backward=self.backward)
         rank = self.cfg.adapter.rank if self.cfg.adapter.mode == "lora" else None
         out.flops = sum(flops.dopsd_iteration(self.plan.arch, self._image_tokens(shape), len(s), len(t),
                                               len(self.sigmas) - 1, rank).total for shape, s, t in zip(shapes, c_s, c_t))
@@ -71,9 +76,14 @@ class Trainer:
         p = self.plan.arch.all_patch_size[0]
         return latent_shape[-1] // p * (latent_shape[-2] // p)
 
+    def learning_rate(self) -> float:
+        """The learning rate of the coming optimizer step: linear warm-up, then constant (a function of the step)."""
+        o = self.cfg.optim
+        return o.lr * min(1.0, (self.step + 1) / o.warmup_steps) if o.warmup_steps else o.lr
+
     def optimizer_step(self) -> float:
         o = self.cfg.optim
-        lr = o.lr * min(1.0, (self.step + 1) / o.warmup_steps) if o.warmup_steps else o.lr
+        lr = self.learning_rate()
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         params = list(self.roles.trainable.values())
@@ -89,7 +99,7 @@ class Trainer:
         self.out.mkdir(parents=True, exist_ok=True)
         self.resume()
         self._write_run_files()
-        log = StepLog(self.out / "metrics.jsonl", len(self.sigmas) - 1, enabled=self.progress)
+        log = StepLog(self.out / "metrics.jsonl" if self.is_main else None, len(self.sigmas) - 1, enabled=self.progress)
         log.start(self.step, t.steps)
         with use_backend(self.cfg.model.ops_backend):
             history = self._loop(log)
@@ -108,7 +118,7 @@ class Trainer:
             sec = time.perf_counter() - tic
             row = {"step": self.step, "loss": result.loss, "losses": result.losses, "grad_norm": grad_norm,
                    "lr": self.optimizer.param_groups[0]["lr"], "ema_decay": cfg.method.ema_decay, "sec": sec,
-                   "images_per_s": t.batch_size / sec, "model_tflop": result.flops / 1e12,
+                   "images_per_s": t.batch_size * self.world / sec, "model_tflop": result.flops / 1e12,
                    "model_tflops_per_s": result.flops / sec / 1e12}
             log.log(row, show=self.step % t.log_every == 0 or self.step == t.steps)
             if self.step % t.checkpoint_every == 0 or self.step == t.steps:
@@ -252,4 +262,11 @@ def load_for_sampling(run_dir: Path, checkpoint: str | None = None) -> Trainer:
 
 
 def make_trainer(cfg: Config, progress: bool = True) -> Trainer:
-    return (SFTTrainer if cfg.method.objective == "sft" else Trainer)(cfg, progress)
+    base = SFTTrainer if cfg.method.objective == "sft" else Trainer
+    if cfg.deepspeed.stage is not None:
+        from .deepspeed_engine import make_deepspeed_trainer
+        return make_deepspeed_trainer(base, cfg, progress)
+    if launched_world_size() > 1:
+        raise ConfigError(f"launched as {launched_world_size()} processes, but deepspeed.stage is null: every process "
+                          "would train the same run; set deepspeed.stage (e.g. --set deepspeed.stage=2)")
+    return base(cfg, progress)
