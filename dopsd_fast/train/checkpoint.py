@@ -76,14 +76,33 @@ def load_optimizer(optimizer: torch.optim.Optimizer, names: list[str], tensors: 
 
 
 def save_checkpoint(root: Path, step: int, parts: dict[str, dict[str, Tensor]], state: dict[str, Any], keep_last: int) -> Path:
+    tmp = begin_checkpoint(root, step)
+    for name, tensors in parts.items():
+        save_tensors(tmp / f"{name}.safetensors", tensors)
+    return publish_checkpoint(root, step, state, keep_last)
+
+
+def begin_checkpoint(root: Path, step: int) -> Path:
+    """An empty ``step-XXXXXX.tmp`` to write the parts into (other ranks may write there too, then publish)."""
     root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step-{step:06d}"
-    tmp = root / f"step-{step:06d}.tmp"
     for partial in root.glob("step-*.tmp"):      # leftovers of an interrupted save: never complete
         shutil.rmtree(partial, ignore_errors=True)
+    tmp = pending_dir(root, step)
     tmp.mkdir()
-    for name, tensors in parts.items():
-        save_file(_contiguous(tensors), str(tmp / f"{name}.safetensors"))
+    return tmp
+
+
+def pending_dir(root: Path, step: int) -> Path:
+    return root / f"step-{step:06d}.tmp"
+
+
+def save_tensors(path: Path, tensors: dict[str, Tensor]) -> None:
+    save_file(_contiguous(tensors), str(path))
+
+
+def publish_checkpoint(root: Path, step: int, state: dict[str, Any], keep_last: int) -> Path:
+    """Write ``state.json`` last, rename the pending directory into place and prune to ``keep_last``."""
+    final, tmp = root / f"step-{step:06d}", pending_dir(root, step)
     (tmp / "state.json").write_text(json.dumps(state, indent=1))
     if final.exists():                     # re-saving the same step: move the old copy aside first
         old = root / f"step-{step:06d}.old"

@@ -9,7 +9,8 @@ from tqdm import tqdm
 
 
 class StepLog:
-    def __init__(self, path: Path, K: int, enabled: bool = True):
+    def __init__(self, path: Path | None, K: int, enabled: bool = True):
+        """``path``: the JSONL file, or None on ranks that do not write (DeepSpeed ranks other than 0)."""
         self.path, self.K = path, K
         self.bar = tqdm(disable=not enabled, unit="it", dynamic_ncols=True, leave=False)
         self.header_done = False
@@ -23,11 +24,12 @@ class StepLog:
         return f"{'step':>6} {'loss':>10} {ks} {'grad_norm':>10} {'lr':>9} {'s/it':>7}"
 
     def log(self, row: dict[str, Any], show: bool) -> None:
-        with self.path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
+        if self.path is not None:
+            with self.path.open("a") as f:
+                f.write(json.dumps(row) + "\n")
         self.bar.update(1)
         self.bar.set_postfix(loss=f"{row['loss']:.4g}")
-        if show:
+        if show and self.path is not None:
             if not self.header_done:
                 tqdm.write(self._header())
                 self.header_done = True

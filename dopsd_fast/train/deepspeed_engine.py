@@ -1,0 +1,159 @@
+"""The trainer on a DeepSpeed engine: optimizer, gradient clipping, bf16 and ZeRO 0/1/2 belong to DeepSpeed.
+
+Launch one process per device (``torchrun --nproc_per_node N -m dopsd_fast.cli train CONFIG --set
+deepspeed.stage=2``, or the ``deepspeed`` launcher with a hostfile). Each rank trains on its rows of a global
+batch of ``train.batch_size * world`` pairs with its own roll-out noise; the method code is untouched.
+
+Per-step backward under DeepSpeed: the engine runs in caller-owned accumulation
+(``managed_gradient_accumulation: false``). ``dopsd_step`` hands each of its K + 1 backwards (loss_k / K after
+roll-out step k, then the caption path once) to ``engine.backward`` without the engine's 1/GAS scaling; they
+accumulate into the (ZeRO-partitioned) gradients, and one ``engine.step()`` per iteration averages over ranks,
+clips and updates. The result is the gradient of the mean loss, as in the single-process trainer.
+
+ZeRO stages 0, 1 and 2 keep whole parameters on every rank, so the EMA teacher and both roles' forwards are the
+single-process code; ZeRO-3 (partitioned parameters) is refused by the config for now.
+
+Checkpoints reuse ``checkpoint.py``'s atomic directory: every rank writes into ``step-XXXXXX.tmp`` (DeepSpeed's
+model/optimizer shards under ``deepspeed/``, its own ``rng-rankNNNNN.safetensors``), rank 0 adds the
+student and EMA teacher as safetensors and ``state.json`` last, then renames. The ``deepspeed/`` shards are
+DeepSpeed's own (pickled) format, read back only from this run's directory; ``zero_to_fp32.py`` beside them
+exports the student.
+"""
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+from torch import Tensor
+
+from ..method.ema import EMATeacher
+from ..method.roles import FullRoles
+from . import checkpoint as ckpt
+from . import distributed as dist
+from .config import Config
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def engine_config(cfg: Config, world: int) -> dict:
+    """The DeepSpeed JSON config of a run (``deepspeed.extra`` merged last)."""
+    ds, b = cfg.deepspeed, cfg.train.batch_size
+    conf = {
+        "train_micro_batch_size_per_gpu": b,
+        "train_batch_size": b * world,
+        "gradient_accumulation_steps": 1,
+        "managed_gradient_accumulation": False,     # the K + 1 backwards of an iteration; step() is the boundary
+        "gradient_clipping": cfg.optim.grad_clip,
+        "zero_optimization": {"stage": ds.stage},
+        "zero_allow_untested_optimizer": True,      # the client optimizer is torch.optim.AdamW
+        "bf16": {"enabled": cfg.model.dtype == "bf16"},
+        "steps_per_print": 2**31 - 1,               # the trainer prints its own table
+        "comms_logger": {"enabled": ds.comm_timing, "prof_all": True, "verbose": False, "debug": False},
+    }
+    return _merge(conf, ds.extra)
+
+
+def make_deepspeed_trainer(base: type, cfg: Config, progress: bool = True):
+    """``base`` (the objective's Trainer class) running on a DeepSpeed engine."""
+    return type(f"DeepSpeed{base.__name__}", (DeepSpeedMixin, base), {})(cfg, progress)
+
+
+class DeepSpeedMixin:
+    def __init__(self, cfg: Config, progress: bool = True):
+        import deepspeed
+
+        dist.init_process_group(cfg.deepspeed.timeout_s)
+        self.rank, self.world = dist.rank(), dist.world_size()
+        self.is_main = self.rank == 0
+        super().__init__(cfg, progress=progress and self.is_main)
+        t = cfg.train
+        self.noise = torch.Generator().manual_seed(dist.rank_seed(t.seed, self.rank))
+        self.stream = dist.ShardedStream(self.dataset, t.batch_size, t.seed, self.rank, self.world)
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(model=self.model, optimizer=self.optimizer,
+                                                                 config=engine_config(cfg, self.world))
+        self._rebind_teacher()
+
+    def _rebind_teacher(self) -> None:
+        """The engine moves the model to its device: point the EMA at the parameters the model holds now."""
+        ema, params = self.roles.ema, dict(self.model.named_parameters())
+        student = list(self.roles.trainable.values())
+        if isinstance(self.roles, FullRoles):
+            self.roles.teacher_model.to(self.engine.device)
+            params = dict(self.roles.teacher_model.named_parameters())
+        teacher = [params[n] for n in ema.names]
+        self.roles.ema = EMATeacher(dict(zip(ema.names, teacher)), student)
+
+    # ------------------------------------------------------------------ one iteration
+    def backward(self, loss: Tensor) -> None:
+        self.engine.backward(loss, scale_wrt_gas=False)      # dopsd_step already divides by K
+
+    def forward_backward_step(self, batch):
+        out = super().forward_backward_step(batch)
+        # logged numbers are the global batch's: mean losses over ranks, summed FLOPs
+        mean = dist.mean_over_ranks([out.loss, *out.losses, out.flops])
+        out.loss, out.losses, out.flops = mean[0], mean[1:-1], mean[-1] * self.world
+        return out
+
+    def optimizer_step(self) -> float:
+        lr = self.learning_rate()
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.engine.step()
+        self.roles.update_teacher(self.cfg.method.ema_decay)
+        norm = self.engine.get_global_grad_norm()
+        return math.nan if norm is None else float(norm)
+
+    # ------------------------------------------------------------------ checkpoints
+    def _rng_state(self) -> dict[str, Tensor]:
+        return {"noise": self.noise.get_state(), "torch": torch.get_rng_state()}
+
+    def save(self):
+        root = self.checkpoint_root
+        if self.is_main:
+            ckpt.begin_checkpoint(root, self.step)
+        dist.barrier()
+        tmp = ckpt.pending_dir(root, self.step)
+        self.engine.save_checkpoint(str(tmp / "deepspeed"), tag="engine", save_latest=False,
+                                    exclude_frozen_parameters=True)
+        ckpt.save_tensors(tmp / f"rng-rank{self.rank:05d}.safetensors", self._rng_state())
+        dist.barrier()
+        final = root / f"step-{self.step:06d}"
+        if self.is_main:
+            ckpt.save_tensors(tmp / "student.safetensors", dict(self.roles.trainable))
+            ckpt.save_tensors(tmp / "teacher.safetensors", self.roles.ema.state_dict())
+            state = {"step": self.step, "data": self.stream.state_dict(), "adapter_mode": self.cfg.adapter.mode,
+                     "world_size": self.world, "zero_stage": self.cfg.deepspeed.stage, "config": self.cfg.to_dict()}
+            final = ckpt.publish_checkpoint(root, self.step, state, self.cfg.train.keep_last)
+        dist.barrier()
+        return final
+
+    def load(self, path) -> None:
+        state = ckpt.read_state(path, required=("step", "data", "adapter_mode", "world_size", "zero_stage"))
+        for key, ours in (("adapter_mode", self.cfg.adapter.mode), ("world_size", self.world)):
+            if state[key] != ours:
+                raise ckpt.CheckpointError(f"{path}: written with {key}={state[key]!r}, but this run has {ours!r}; "
+                                           "resume with the same setting or start a new output_dir")
+        if not (path / "deepspeed" / "engine").is_dir():
+            raise ckpt.CheckpointError(f"{path}: no deepspeed/engine/ shards; it was written without deepspeed.stage, "
+                                       "resume it without DeepSpeed")
+        loaded, _ = self.engine.load_checkpoint(str(path / "deepspeed"), tag="engine", load_module_strict=False,
+                                                load_lr_scheduler_states=False)
+        if loaded is None:
+            raise ckpt.CheckpointError(f"{path / 'deepspeed'}: DeepSpeed could not load its shards")
+        self.roles.ema.load_state_dict(ckpt.load_tensors(path / "teacher.safetensors", self.roles.ema.state_dict()))
+        rng = ckpt.load_tensors(path / f"rng-rank{self.rank:05d}.safetensors", self._rng_state())
+        self.noise.set_state(rng["noise"])
+        torch.set_rng_state(rng["torch"])
+        self.stream.load_state_dict(state["data"])
+        self.step = int(state["step"])
+
+    def _write_run_files(self) -> None:
+        if self.is_main:
+            super()._write_run_files()
+        dist.barrier()

@@ -1,0 +1,39 @@
+"""Helpers for the 2-process CPU tests (gloo): launch `dopsd train` under torchrun or as bare ranks."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from dopsd_fast.train.distributed import free_port
+
+RUN_CLI = str(Path(__file__).with_name("run_cli.py"))
+TINY = ["tiny-cpu", "--no-samples", "--no-progress", "--set", "train.resume=auto", "--set", "train.log_every=1"]
+
+
+def rank_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **extra)
+    return env
+
+
+def train_args(out: Path, *sets: str) -> list[str]:
+    return [*TINY, "--set", f"train.output_dir={out}", *[a for s in sets for a in ("--set", s)]]
+
+
+def torchrun(out: Path, *sets: str, nproc: int = 2, **popen) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}",
+           RUN_CLI, "train", *train_args(out, *sets)]
+    return subprocess.Popen(cmd, env=rank_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
+
+
+def finish(proc: subprocess.Popen, timeout: float = 240) -> str:
+    out, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, out[-4000:]
+    return out
+
+
+def logged_rows(out: Path) -> dict[int, dict]:
+    """metrics.jsonl by step; a step logged twice (before a kill, then after the resume) keeps its last row."""
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return {r["step"]: r for r in rows}
