@@ -74,6 +74,25 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from .models.export import save_comfyui_lora, save_diffusers_lora, save_full_weights
+    from .train.build import DTYPES
+
+    trainer = load_for_sampling(Path(args.run), args.checkpoint)
+    dtype = DTYPES[args.dtype] if args.dtype else None
+    out, lora = Path(args.out), trainer.cfg.adapter.mode == "lora"
+    if args.format != "full" and not lora:
+        raise ConfigError(f"--format {args.format}: the run trained all weights (adapter.mode=full); use --format full")
+    if args.format == "diffusers":
+        path = save_diffusers_lora(trainer.model, out, dtype=dtype)
+    elif args.format == "comfyui":
+        path = save_comfyui_lora(trainer.model, out / "lora_comfyui.safetensors", dtype=dtype)
+    else:
+        path = save_full_weights(trainer.roles.student_model, out, "student" if lora else None, dtype)
+    print(json.dumps({"checkpoint": str(trainer.loaded_from), "format": args.format, "written": str(path)}, indent=1))
+    return 0
+
+
 def _cache(args: argparse.Namespace) -> int:
     from .train.build_qwen import fill_caches
 
@@ -107,13 +126,21 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--multi-steps", type=int, default=32, help="the multi-step schedule compared with 4 steps")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a world-demo preset key")
+    e = sub.add_parser("export", help="write a run's student as a diffusers or ComfyUI LoRA, or as full diffusers weights")
+    e.add_argument("run", help="the run's output_dir")
+    e.add_argument("--format", choices=["diffusers", "comfyui", "full"], default="diffusers",
+                   help="diffusers: pytorch_lora_weights.safetensors (ZImagePipeline.load_lora_weights); comfyui: "
+                        "ComfyUI keys (fused qkv); full: merged transformer/ folder")
+    e.add_argument("--checkpoint", default=None, help="a step-XXXXXX directory (default: the newest)")
+    e.add_argument("--dtype", choices=["fp32", "bf16"], default=None, help="default: the run's model.dtype")
+    e.add_argument("--out", required=True, help="output folder")
     c = sub.add_parser("cache", help="compute the text / multimodal features and VAE latents of an image folder ahead of training")
     c.add_argument("config", help="YAML path or preset name (the data.*, model.* and context.* keys are used)")
     c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     c.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
     try:
-        return {"train": _train, "sample": _sample, "demo": _demo, "cache": _cache}[args.command](args)
+        return {"train": _train, "sample": _sample, "demo": _demo, "cache": _cache, "export": _export}[args.command](args)
     except (ConfigError, CheckpointError, WeightsError, DataError) as err:
         print(f"dopsd: error: {err}", file=sys.stderr)
         return 2

@@ -135,3 +135,25 @@ def test_full_weights_merge_the_lora(trained, tmp_path, shard_bytes):
     bf16 = save_full_weights(trained, tmp_path / "bf16", dtype=torch.bfloat16)
     assert {t.dtype for t in load_file(str(bf16 / "diffusion_pytorch_model.safetensors")).values()} == {torch.bfloat16}
     assert math.isfinite(float(expected.abs().sum()))
+
+
+def test_dopsd_export_cli(tmp_path, capsys):
+    """A tiny-cpu run exported in the three formats; the diffusers file holds the trained student's adapters."""
+    from dopsd_fast.cli import main
+
+    run = tmp_path / "run"
+    assert main(["train", "--no-progress", "--no-samples", "--set", f"train.output_dir={json.dumps(str(run))}",
+                 "--set", "train.steps=1", "--set", "train.resume=null"]) == 0
+    for fmt in ("diffusers", "comfyui", "full"):
+        assert main(["export", str(run), "--format", fmt, "--out", str(tmp_path / fmt)]) == 0
+    student = load_file(str(run / "checkpoints" / "step-000001" / "student.safetensors"))
+    lora = load_file(str(tmp_path / "diffusers" / LORA_FILE))
+    key = "layers.0.attention.to_q.lora_B"
+    torch.testing.assert_close(lora[f"transformer.{key}.weight"], student[f"{key}.student"])
+    assert (tmp_path / "comfyui" / "lora_comfyui.safetensors").is_file()
+    assert (tmp_path / "full" / "config.json").is_file()
+    capsys.readouterr()
+    assert main(["train", "--no-progress", "--no-samples", "--set", f"train.output_dir={json.dumps(str(tmp_path / 'f'))}",
+                 "--set", "train.steps=1", "--set", "train.resume=null", "--set", "adapter.mode=full"]) == 0
+    assert main(["export", str(tmp_path / "f"), "--format", "comfyui", "--out", str(tmp_path / "x")]) == 2
+    assert "use --format full" in capsys.readouterr().err
