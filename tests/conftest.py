@@ -23,3 +23,27 @@ def _reference_ops_outside_op_tests(request):
         return
     with use_backend("reference"):
         yield
+
+
+def _op_test_devices() -> list[str]:
+    """Where op tests run: CPU always (Triton under the interpreter, as in CI) and CUDA when there is a GPU. With
+    the interpreter off (scripts/device_check.sh sets TRITON_INTERPRET=0) Triton takes no CPU tensors: CUDA only."""
+    if not torch.cuda.is_available():
+        return ["cpu"]
+    return ["cpu", "cuda"] if os.environ.get("TRITON_INTERPRET") == "1" else ["cuda"]
+
+
+@pytest.fixture(params=_op_test_devices())
+def device(request):
+    """The device an op test runs on; the test body's tensor factories and generators default to it."""
+    with torch.device(request.param):
+        yield request.param
+
+
+def pytest_collection_modifyitems(config, items):
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return
+    skip = pytest.mark.skip(reason="CPU-only op test (Triton interpreter): runs in CI, not on the GPU machine")
+    for item in items:
+        if "ops" in item.path.parts and "tests" in item.path.parts and "device" not in item.fixturenames:
+            item.add_marker(skip)

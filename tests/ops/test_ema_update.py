@@ -14,7 +14,7 @@ SIZES = [(1,), (3,), (1000,), (4097,), (7, 123), (2, 3, 5)]
 
 
 def make(student_dtypes, lowp_dtype=None, seed=0, scale=1.0):
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator(torch.get_default_device()).manual_seed(seed)
     teacher = [torch.randn(sh, generator=g) for sh in SIZES]
     student = [(t + scale * torch.randn(sh, generator=g)).to(student_dtypes[i % len(student_dtypes)])
                for i, (t, sh) in enumerate(zip(teacher, SIZES))]
@@ -38,7 +38,7 @@ STUDENTS = {"fp32": [torch.float32], "bf16": [torch.bfloat16], "mixed": [torch.f
 @pytest.mark.parametrize("decay", [0.9, 0.9999, 0.25])       # 0.25: lerp's large-weight branch
 @pytest.mark.parametrize("students", list(STUDENTS))
 @pytest.mark.parametrize("lowp_dtype", [None, torch.bfloat16, torch.float16])
-def test_launcher_matches_foreach_lerp(decay, students, lowp_dtype):
+def test_launcher_matches_foreach_lerp(device, decay, students, lowp_dtype):
     teacher, student, lowp = make(STUDENTS[students], lowp_dtype)
     want_t, want_l = clone(teacher), clone(lowp)
     _k.ema_update_(teacher, student, decay, lowp, block=1024)   # 4097 elements span 5 chunks
@@ -49,7 +49,7 @@ def test_launcher_matches_foreach_lerp(decay, students, lowp_dtype):
 
 
 @pytest.mark.parametrize("backend", ["triton", "reference"])
-def test_functional_repeated_updates(backend):
+def test_functional_repeated_updates(device, backend):
     """Ten steps at decay 0.9999 with a moving student: the fp32 master keeps every 1e-4 increment."""
     teacher, student, lowp = make(STUDENTS["mixed"], torch.bfloat16, seed=1, scale=1e-3)
     want_t, want_l = clone(teacher), clone(lowp)
@@ -63,9 +63,9 @@ def test_functional_repeated_updates(backend):
     assert all(not torch.equal(t, s) for t, s in zip(teacher, start))
 
 
-def test_views_into_flat_buffers():
+def test_views_into_flat_buffers(device):
     """Tensors as views at odd offsets of flat buffers (a flat fp32 master): misaligned, so no vector hints."""
-    g = torch.Generator().manual_seed(3)
+    g = torch.Generator(torch.get_default_device()).manual_seed(3)
     sizes = [1, 3, 1000, 4097]
     offsets = torch.tensor([1, *sizes]).cumsum(0).tolist()           # element 1 first: 4-byte, not 16-byte aligned
     master, stu = torch.randn(offsets[-1], generator=g), torch.randn(offsets[-1], generator=g).bfloat16()
@@ -92,7 +92,7 @@ def test_table_cache_and_empty():
     _k.ema_update_([torch.empty(0)], [torch.empty(0)], 0.9)
 
 
-def test_functional_partial_copy_list():
+def test_functional_partial_copy_list(device):
     """method/ema.py's case: fp32 teachers are their own master (entry None), the others get a copy."""
     teacher, student, lowp = make(STUDENTS["mixed"], torch.bfloat16, seed=5)
     entries = [lowp[0], None, None, *lowp[3:]]

@@ -33,7 +33,7 @@ SHAPES = [(1, 48), (37, 100), (123, 48)]  # (tokens, D): odd counts, non-powers 
 
 
 def _gen(seed):
-    return torch.Generator().manual_seed(seed)
+    return torch.Generator(torch.get_default_device()).manual_seed(seed)
 
 
 def _sample_index(T, B, g, sorted_=True):
@@ -149,7 +149,7 @@ def test_reference_equals_z_image_block(dtype, lengths, pure_attention):
 
 
 @pytest.mark.parametrize("backend", ["triton", "reference"])
-def test_block_with_ops_matches_model_fwd_bwd(backend, pure_attention):
+def test_block_with_ops_matches_model_fwd_bwd(device, backend, pure_attention):
     """The functional ops wired into ZImageBlock: same output and same gradients (x, norms, adaLN, projections)."""
     block, cfg = _tiny_block(torch.float32)
     x, seq, t_emb = _block_inputs(cfg, [5, 17, 11], torch.float32)
@@ -239,7 +239,7 @@ def _ref_bwd(op, dy, inp):
 @pytest.mark.parametrize("T,D", SHAPES)
 @pytest.mark.parametrize("B", [1, 3])
 @pytest.mark.parametrize("op", ["modulated_rms_norm", "gated_residual", "modulated_layer_norm"])
-def test_launchers_match_reference(op, B, T, D, dtype):
+def test_launchers_match_reference(device, op, B, T, D, dtype):
     inp = _inputs(op, T, D, B, dtype, seed=T + D + B)
     want = R.epilogues_ref[op][0](**_fp32(inp), eps=EPS)
     ref_same_dtype = R.epilogues_ref[op][0](**inp, eps=EPS)  # the model's own numerics in this dtype
@@ -260,7 +260,7 @@ def test_launchers_match_reference(op, B, T, D, dtype):
 
 
 @pytest.mark.parametrize("op", ["modulated_rms_norm", "gated_residual", "modulated_layer_norm"])
-def test_launchers_unsorted_sample_index_and_default_tiles(op):
+def test_launchers_unsorted_sample_index_and_default_tiles(device, op):
     """Shuffled sample ids take the flush path on every tile; default tiles (one tile under the interpreter)."""
     inp = _inputs(op, 123, 48, 4, torch.float32, seed=11, sorted_=False)
     dy = torch.randn(123, 48, generator=_gen(12))
@@ -272,7 +272,7 @@ def test_launchers_unsorted_sample_index_and_default_tiles(op):
 
 
 @pytest.mark.parametrize("op", ["modulated_rms_norm", "gated_residual", "modulated_layer_norm"])
-def test_launchers_real_width(op):
+def test_launchers_real_width(device, op):
     """D = 3840 (Z-Image) in one block, 5 tokens of 2 samples."""
     inp = _inputs(op, 5, 3840, 2, torch.bfloat16, seed=21)
     want = R.epilogues_ref[op][0](**_fp32(inp), eps=EPS)
@@ -284,7 +284,7 @@ def test_launchers_real_width(op):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("T,hq,hk,hd,fused", [(1, 3, 3, 48, False), (13, 3, 2, 100, False), (9, 2, 2, 16, True)])
-def test_qk_launchers_match_reference(T, hq, hk, hd, fused, dtype):
+def test_qk_launchers_match_reference(device, T, hq, hk, hd, fused, dtype):
     q, k, qw, kw, cos, sin = _qk_inputs(T, hq, hk, hd, dtype, seed=T, fused=fused)
     wq, wk = R.qk_norm_rope_ref(q.float(), k.float(), qw.float(), kw.float(), cos, sin, EPS)
     mq, mk = R.qk_norm_rope_ref(q, k, qw, kw, cos, sin, EPS)
@@ -302,7 +302,7 @@ def test_qk_launchers_match_reference(T, hq, hk, hd, fused, dtype):
         _close(gg, wg, dtype, BWD_TOL, name)
 
 
-def test_qk_launcher_real_width():
+def test_qk_launcher_real_width(device):
     """Z-Image attention: 30 heads x 128, 3 tokens."""
     q, k, qw, kw, cos, sin = _qk_inputs(3, 30, 30, 128, torch.bfloat16, seed=5)
     want = R.qk_norm_rope_ref(q.float(), k.float(), qw.float(), kw.float(), cos, sin, EPS)
@@ -310,7 +310,7 @@ def test_qk_launcher_real_width():
         _close(got, w, torch.bfloat16, FWD_TOL, "qk 30x128")
 
 
-def test_launcher_edge_cases():
+def test_launcher_edge_cases(device):
     x = torch.randn(0, 48)
     assert K.modulated_rms_norm_fwd(x, torch.randn(48), torch.randn(1, 48), None, EPS).shape == (0, 48)
     dx, dw, ds = K.modulated_rms_norm_bwd(x, x, torch.randn(48), torch.randn(2, 48), torch.zeros(0, dtype=torch.int64),
@@ -336,7 +336,7 @@ def _call(op, inp):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("B", [1, 3])
 @pytest.mark.parametrize("op", ["modulated_rms_norm", "gated_residual", "modulated_layer_norm"])
-def test_op_fwd_bwd_vs_autograd_through_reference(op, B, dtype, backend):
+def test_op_fwd_bwd_vs_autograd_through_reference(device, op, B, dtype, backend):
     inp = _inputs(op, 37, 100, B, dtype, seed=B + 40)
     diff = [k for k, v in inp.items() if v is not None and v.is_floating_point()]
     ref_leaves = {k: inp[k].float().requires_grad_(True) for k in diff}
@@ -356,7 +356,7 @@ def test_op_fwd_bwd_vs_autograd_through_reference(op, B, dtype, backend):
 
 @pytest.mark.parametrize("backend", ["triton", "reference"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_qk_op_fwd_bwd_vs_autograd_through_reference(dtype, backend):
+def test_qk_op_fwd_bwd_vs_autograd_through_reference(device, dtype, backend):
     q, k, qw, kw, cos, sin = _qk_inputs(13, 3, 2, 100, dtype, seed=3)
     ref_leaves = [t.float().requires_grad_(True) for t in (q, k, qw, kw)]
     wq, wk = R.qk_norm_rope_ref(*ref_leaves, cos, sin, EPS)
@@ -375,7 +375,7 @@ def test_qk_op_fwd_bwd_vs_autograd_through_reference(dtype, backend):
 
 
 @pytest.mark.parametrize("backend", ["triton", "reference"])
-def test_frozen_weights_and_modulation_get_no_grad(backend):
+def test_frozen_weights_and_modulation_get_no_grad(device, backend):
     """LoRA training: norm weights and adaLN outputs frozen -> only the activations get gradients."""
     x = torch.randn(9, 48, requires_grad=True)
     a = torch.randn(9, 48, requires_grad=True)

@@ -34,7 +34,7 @@ def segments(lengths, adapters):
 
 
 def make(T, n_in, n_out, r, dtype, seed=0, n_adapters=2):
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator(torch.get_default_device()).manual_seed(seed)
     rnd = lambda *s: torch.randn(*s, generator=g).to(dtype)  # noqa: E731
     x, w, b = rnd(T, n_in), rnd(n_out, n_in) / n_in**0.5, rnd(n_out)
     A = [rnd(r, n_in) / n_in**0.5 for _ in range(n_adapters)]
@@ -63,7 +63,7 @@ def u_ref(x, A, off, ad):
 
 @pytest.mark.parametrize("dtype", [d for d, _, _ in TOLERANCES])
 @pytest.mark.parametrize("case", CASES, ids=IDS)
-def test_launchers_match_reference(case, dtype):
+def test_launchers_match_reference(device, case, dtype):
     T, n_in, n_out, r, lengths, adapters = case
     off, ad = segments(lengths, adapters)
     x, w, b, A, B = make(T, n_in, n_out, r, dtype)
@@ -74,7 +74,7 @@ def test_launchers_match_reference(case, dtype):
     close(y, lora_linear_ref(*f32([x, w, b]), f32(A), f32(B), SCALE, off, ad), dtype)
     close(u, u_ref(x, A, off, ad), dtype)
 
-    dy = torch.randn(T, n_out, generator=torch.Generator().manual_seed(1)).to(dtype)
+    dy = torch.randn(T, n_out, generator=torch.Generator(torch.get_default_device()).manual_seed(1)).to(dtype)
     dx = torch.full((T, n_in), float("nan"), dtype=dtype)
     got = K.lora_linear_bwd(dy, x, w, A, B, u, SCALE, off, ad, True, [0, 1], True, True, dx=dx)
     want = lora_linear_bwd_ref(*f32([dy, x, w]), f32(A), f32(B), SCALE, off, ad, True, [0, 1], True, True)
@@ -100,14 +100,14 @@ def test_bwd_reference_matches_autograd_through_reference():
 @pytest.mark.parametrize("backend", ["triton", "reference"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("case", CASES[1:3], ids=IDS[1:3])
-def test_op_forward_backward_vs_autograd_reference(case, dtype, backend):
+def test_op_forward_backward_vs_autograd_reference(device, case, dtype, backend):
     """Student (adapter 0) trainable, teacher (adapter 1) frozen, base frozen: dX, dA_0, dB_0; None elsewhere."""
     T, n_in, n_out, r, lengths, adapters = case
     off, ad = segments(lengths, adapters)
     x, w, b, A, B = make(T, n_in, n_out, r, dtype)
     for t in (x, A[0], B[0]):
         t.requires_grad_()
-    dy = torch.randn(T, n_out, generator=torch.Generator().manual_seed(2)).to(dtype)
+    dy = torch.randn(T, n_out, generator=torch.Generator(torch.get_default_device()).manual_seed(2)).to(dtype)
     with use_backend(backend):
         y = lora_linear(x, w, b, A, B, SCALE, off, ad)
         y.backward(dy)
@@ -124,7 +124,7 @@ def test_op_forward_backward_vs_autograd_reference(case, dtype, backend):
 
 
 @pytest.mark.parametrize("backend", ["triton", "reference"])
-def test_trainable_base_and_partial_grads(backend):
+def test_trainable_base_and_partial_grads(device, backend):
     """dW/db when the base requires grad; only B of an adapter trainable -> dA None; x frozen -> no dX."""
     T, n_in, n_out, r, lengths, adapters = CASES[1]
     off, ad = segments(lengths, adapters)
@@ -155,7 +155,7 @@ def test_no_grad_forward_and_stacked_adapters_and_leading_dims():
 
 @pytest.mark.parametrize("backend", ["triton", "reference"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_forward_segments_equals_forward_per_segment(dtype, backend):
+def test_forward_segments_equals_forward_per_segment(device, dtype, backend):
     torch.manual_seed(0)
     lora = LoRALinear(nn.Linear(48, 100).to(dtype), ["student", "teacher"], rank=8, alpha=12.0)
     lora.weight.requires_grad_(False)

@@ -15,7 +15,7 @@ TOLERANCES = [(torch.float32, 1e-6, 1e-6), (torch.float16, 1e-3, 1e-3), (torch.b
 
 def make_state(t, h, d, dtype=torch.float32, seed=0, empty_rows=True):
     """o1, lse1, o2, lse2 with some -inf LSEs (a key set empty for that row) and one row with both empty."""
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator(torch.get_default_device()).manual_seed(seed)
     o1, o2 = (torch.randn(t, h, d, generator=g).to(dtype) for _ in range(2))
     lse_dtype = torch.float64 if dtype == torch.float64 else torch.float32  # the op's contract: fp32
     lse1, lse2 = (3 * torch.randn(h, t, generator=g, dtype=lse_dtype) for _ in range(2))
@@ -32,7 +32,7 @@ def poisoned(*like):
 
 @pytest.mark.parametrize("dtype,rtol,atol", TOLERANCES)
 @pytest.mark.parametrize("t,h,d", [(1, 1, 16), (7, 3, 24), (123, 2, 64)])
-def test_launchers_match_reference(t, h, d, dtype, rtol, atol):
+def test_launchers_match_reference(device, t, h, d, dtype, rtol, atol):
     o1, lse1, o2, lse2 = make_state(t, h, d, dtype)
     out, out_lse = poisoned(o1, lse1)
     got, got_lse = _k.merge_state_fwd(o1, lse1, o2, lse2, out=out, out_lse=out_lse)
@@ -41,7 +41,7 @@ def test_launchers_match_reference(t, h, d, dtype, rtol, atol):
     torch.testing.assert_close(got.float(), want, rtol=rtol, atol=atol)
     torch.testing.assert_close(got_lse, want_lse, rtol=1e-6, atol=1e-6)  # -inf where both empty, compared exactly
 
-    g = torch.Generator().manual_seed(1)
+    g = torch.Generator(torch.get_default_device()).manual_seed(1)
     dout, dlse = torch.randn(o1.shape, generator=g).to(dtype), torch.randn(lse1.shape, generator=g)
     bufs = poisoned(o1, lse1, o2, lse2)
     got = _k.merge_state_bwd(dout, dlse, o1, lse1, o2, lse2, do1=bufs[0], dlse1=bufs[1], do2=bufs[2], dlse2=bufs[3])
@@ -83,7 +83,7 @@ def test_backward_formula_gradcheck_float64():
         fd_inputs = tuple(x.detach().clone().requires_grad_() for x in inputs)
         fd_inputs[3].data[1, 2] = -1e30  # finite stand-in for -inf so finite differences stay defined
         assert torch.autograd.gradcheck(fn, fd_inputs, eps=1e-6, atol=1e-8, rtol=1e-6)
-    g = torch.Generator().manual_seed(4)
+    g = torch.Generator(torch.get_default_device()).manual_seed(4)
     dout, dlse = torch.randn(o1.shape, generator=g, dtype=torch.float64), torch.randn(lse1.shape, generator=g,
                                                                                      dtype=torch.float64)
     out, lse = merge_state_ref(o1, lse1, o2, lse2)
@@ -95,11 +95,11 @@ def test_backward_formula_gradcheck_float64():
 
 @pytest.mark.parametrize("backend", ["triton", "reference"])
 @pytest.mark.parametrize("dtype,rtol,atol", [TOLERANCES[0], TOLERANCES[2]])
-def test_custom_op_forward_backward(backend, dtype, rtol, atol):
+def test_custom_op_forward_backward(device, backend, dtype, rtol, atol):
     o1, lse1, o2, lse2 = make_state(37, 3, 32, dtype, seed=5)
     leaves = [x.clone().requires_grad_() for x in (o1, lse1, o2, lse2)]
     gold = [x.detach().float().requires_grad_() for x in (o1, lse1, o2, lse2)]
-    g = torch.Generator().manual_seed(6)
+    g = torch.Generator(torch.get_default_device()).manual_seed(6)
     w_out, w_lse = torch.randn(o1.shape, generator=g), torch.randn(lse1.shape, generator=g)
 
     def loss(out, lse):  # uses both outputs, so dLSE != 0 reaches the backward

@@ -21,7 +21,7 @@ def cu_of(lengths):
 
 
 def randn(shape, dtype=torch.float32, seed=0):
-    return torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
+    return torch.randn(shape, generator=torch.Generator(torch.get_default_device()).manual_seed(seed)).to(dtype)
 
 
 def make_qkv(len_q, len_k, heads, head_dim, dtype, seed=0):
@@ -46,7 +46,7 @@ LEN_Q, LEN_K = [1, 0, 37, 70], [5, 9, 0, 40]
 
 @pytest.mark.parametrize("dtype,rtol,atol", TOLERANCES)
 @pytest.mark.parametrize("head_dim", [16, 32, 64])
-def test_launchers_match_reference(head_dim, dtype, rtol, atol):
+def test_launchers_match_reference(device, head_dim, dtype, rtol, atol):
     heads = 2
     q, k, v = make_qkv(LEN_Q, LEN_K, heads, head_dim, dtype, seed=head_dim)
     cu_q, cu_k = cu_of(LEN_Q), cu_of(LEN_K)
@@ -74,7 +74,7 @@ def test_launchers_match_reference(head_dim, dtype, rtol, atol):
 
 
 @pytest.mark.parametrize("dtype,rtol,atol", [TOLERANCES[0], TOLERANCES[2]])
-def test_head_dim_128_and_default_blocks(dtype, rtol, atol):
+def test_head_dim_128_and_default_blocks(device, dtype, rtol, atol):
     len_q, len_k = [9, 4], [7, 20]
     q, k, v = make_qkv(len_q, len_k, 1, 128, dtype, seed=3)
     cu_q, cu_k = cu_of(len_q), cu_of(len_k)
@@ -101,7 +101,7 @@ def test_self_attention_matches_sdpa_spec():
 
 @pytest.mark.parametrize("backend", ["triton", "reference"])
 @pytest.mark.parametrize("dtype,rtol,atol", [TOLERANCES[0], TOLERANCES[2]])
-def test_custom_op_forward_backward_with_lse(backend, dtype, rtol, atol):
+def test_custom_op_forward_backward_with_lse(device, backend, dtype, rtol, atol):
     """packed_attention_with_lse: a loss on O and LSE (so dLSE != 0) vs autograd through the reference."""
     len_q, len_k = [3, 50], [33, 17]
     q, k, v = make_qkv(len_q, len_k, 2, 32, dtype, seed=5)
@@ -193,7 +193,7 @@ def prefix_gold(inputs, len_q, len_s, weights, return_lse=False):
 
 
 @pytest.mark.parametrize("case", PREFIX_CASES)
-def test_prefix_attention_equals_attention_over_concatenated_kv(case):
+def test_prefix_attention_equals_attention_over_concatenated_kv(device, case):
     len_q, p, len_s = PREFIX_CASES[case]
     inputs = prefix_inputs(len_q, p, len_s, torch.float32, seed=len(case))
     weights = (randn(inputs[0].shape, seed=21), randn((2, inputs[0].shape[0]), seed=22))
@@ -211,7 +211,7 @@ def test_prefix_attention_equals_attention_over_concatenated_kv(case):
 # fp16 / bf16: the two partial outputs are rounded to the I/O dtype before the fp32 merge, so two roundings.
 @pytest.mark.parametrize("backend", ["triton", "reference"])
 @pytest.mark.parametrize("dtype,tol", [(torch.float16, 3e-3), (torch.bfloat16, 2e-2)])
-def test_prefix_attention_half_precision(backend, dtype, tol):
+def test_prefix_attention_half_precision(device, backend, dtype, tol):
     len_q, p, len_s = PREFIX_CASES["3seg_p17_s40_5_5"]
     inputs = prefix_inputs(len_q, p, len_s, dtype, seed=3)
     weights = (randn(inputs[0].shape, seed=23), randn((2, inputs[0].shape[0]), seed=24))
@@ -256,7 +256,7 @@ def test_prefix_attention_refuses_without_a_valid_plan():
         PrefixPlan.from_segments([kp, other], [vp, vp], source="per-role KV cache")
 
 
-def test_z_image_forward_triton_matches_reference():
+def test_z_image_forward_triton_matches_reference(device):
     """A tiny ZImageTransformer (fp32): the Triton attention path equals the reference (SDPA) path."""
     from dopsd_fast.models.z_image import ZImageConfig, ZImageTransformer
 
@@ -267,7 +267,7 @@ def test_z_image_forward_triton_matches_reference():
     with torch.no_grad():
         for p in model.parameters():
             p.copy_(torch.randn(p.shape) * (p.shape[-1] ** -0.5 if p.dim() >= 2 else 0.2) + (p.dim() < 2))
-    g = torch.Generator().manual_seed(1)
+    g = torch.Generator(torch.get_default_device()).manual_seed(1)
     x = [torch.randn(16, 1, 8, 8, generator=g), torch.randn(16, 1, 6, 10, generator=g)]
     caps = [torch.randn(n, 32, generator=g) for n in (7, 40)]
     t = torch.tensor([0.3, 0.8])

@@ -24,7 +24,7 @@ def cu_of(lengths):
 
 
 def make(lengths, dtype, seed=0):
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator(torch.get_default_device()).manual_seed(seed)
     total, batch = sum(lengths), len(lengths)
     x, s, t = (torch.randn(total, generator=g).to(dtype) for _ in range(3))
     step = torch.rand(batch, generator=g) * 0.5 + 0.05      # sign * (sigma - sigma_next), random per sample
@@ -35,7 +35,7 @@ def make(lengths, dtype, seed=0):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("lengths", LENGTHS, ids=str)
 @pytest.mark.parametrize("launch", [{}, {"block": 128, "programs": 3}], ids=["default", "multi_program"])
-def test_launcher_matches_reference(dtype, lengths, launch):
+def test_launcher_matches_reference(device, dtype, lengths, launch):
     x, s, t, cu, step, loss = make(lengths, dtype)
     total, batch = x.numel(), len(lengths)
     out = torch.full_like(x, float("nan"))
@@ -57,7 +57,7 @@ def test_launcher_matches_reference(dtype, lengths, launch):
     torch.testing.assert_close(res, (g * gss[seg]).to(dtype), rtol=rtol, atol=atol)
 
 
-def test_launcher_empty_segment_and_no_grad():
+def test_launcher_empty_segment_and_no_grad(device):
     x, s, t, cu, step, loss = make([5, 0, 9], torch.float32)
     x_next, sq_sum, g = _k.rollout_step_fwd(x, s, t, cu, step, loss, compute_grad=False)
     assert g is None and sq_sum[1].item() == 0.0
@@ -69,7 +69,7 @@ def test_launcher_empty_segment_and_no_grad():
 @pytest.mark.parametrize("backend", ["triton", "reference"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("lengths", [[1000], [1, 7, 4099]], ids=str)
-def test_op_forward_backward_matches_reference_autograd(backend, dtype, lengths):
+def test_op_forward_backward_matches_reference_autograd(device, backend, dtype, lengths):
     x, s, t, cu, step, loss = make(lengths, dtype, seed=1)
     weights = torch.randn(len(lengths))                   # makes grad_sq_sum differ per sample
     s_ref = s.clone().requires_grad_()
@@ -89,7 +89,7 @@ def test_op_forward_backward_matches_reference_autograd(backend, dtype, lengths)
 
 
 @pytest.mark.parametrize("backend", ["triton", "reference"])
-def test_op_without_grad(backend):
+def test_op_without_grad(device, backend):
     x, s, t, cu, step, loss = make([7, 1000], torch.float32)
     with use_backend(backend), torch.no_grad():
         x_next, sq_sum = rollout_step(x, s.requires_grad_(), t, cu, step, loss)
@@ -101,9 +101,9 @@ def test_op_without_grad(backend):
 
 @pytest.mark.parametrize("flow", [Z_IMAGE, KLEIN], ids=["z_image", "klein"])
 @pytest.mark.parametrize("kind", ["x0", "velocity"])
-def test_reproduces_method_loss_and_euler(flow, kind):
+def test_reproduces_method_loss_and_euler(device, flow, kind):
     """sq_sum.sum() / total == divergence.rollout_loss and x_next == FlowConvention.euler, sample by sample."""
-    g = torch.Generator().manual_seed(2)
+    g = torch.Generator(torch.get_default_device()).manual_seed(2)
     shapes = [(4, 3, 5), (4, 6, 7), (4, 1, 3)]
     x, s, t = ([torch.randn(sh, generator=g) for sh in shapes] for _ in range(3))
     s = [si.requires_grad_() for si in s]
