@@ -1,4 +1,4 @@
-"""Per-step table on the terminal and a JSONL log beside the checkpoints."""
+"""Per-step table on the terminal (with a progress bar and ETA), a JSONL log beside the checkpoints, TensorBoard."""
 from __future__ import annotations
 
 import json
@@ -7,10 +7,14 @@ from typing import Any
 
 from tqdm import tqdm
 
+from .telemetry import TensorBoard
+
 
 class StepLog:
-    def __init__(self, path: Path | None, K: int, enabled: bool = True):
-        """``path``: the JSONL file, or None on ranks that do not write (DeepSpeed ranks other than 0)."""
+    def __init__(self, path: Path | None, K: int, enabled: bool = True, tensorboard: Path | None = None):
+        """``path``: the JSONL file, or None on ranks that do not write (DeepSpeed ranks other than 0);
+        ``tensorboard``: a log dir for the same rows as TensorBoard scalars."""
+        self.tb = TensorBoard(tensorboard) if tensorboard is not None else None
         self.path, self.K = path, K
         self.bar = tqdm(disable=not enabled, unit="it", dynamic_ncols=True, leave=False)
         self.header_done = False
@@ -27,6 +31,8 @@ class StepLog:
         if self.path is not None:
             with self.path.open("a") as f:
                 f.write(json.dumps(row) + "\n")
+        if self.tb is not None:
+            self.tb.log(row)
         self.bar.update(1)
         self.bar.set_postfix(loss=f"{row['loss']:.4g}")
         if show and self.path is not None:
@@ -38,3 +44,5 @@ class StepLog:
 
     def close(self) -> None:
         self.bar.close()
+        if self.tb is not None:
+            self.tb.close()

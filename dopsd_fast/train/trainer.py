@@ -27,6 +27,7 @@ from .build_qwen import build_codec
 from .config import Config, ConfigError, load_config
 from .distributed import launched_world_size
 from .metrics import StepLog
+from .telemetry import Telemetry
 
 
 class Trainer:
@@ -99,7 +100,9 @@ class Trainer:
         self.out.mkdir(parents=True, exist_ok=True)
         self.resume()
         self._write_run_files()
-        log = StepLog(self.out / "metrics.jsonl" if self.is_main else None, len(self.sigmas) - 1, enabled=self.progress)
+        main = self.is_main
+        log = StepLog(self.out / "metrics.jsonl" if main else None, len(self.sigmas) - 1, enabled=self.progress,
+                      tensorboard=self.out / "tensorboard" if main and t.tensorboard else None)
         log.start(self.step, t.steps)
         with use_backend(self.cfg.model.ops_backend):
             history = self._loop(log)
@@ -109,17 +112,20 @@ class Trainer:
     def _loop(self, log: StepLog) -> list[StepOutput]:
         cfg, t = self.cfg, self.cfg.train
         history: list[StepOutput] = []
+        telemetry = Telemetry(self)
         while self.step < t.steps:
             tic = time.perf_counter()
-            result = self.forward_backward_step(next(self.stream))
-            grad_norm = self.optimizer_step()
+            with telemetry.timer.section("forward_backward"):
+                result = self.forward_backward_step(next(self.stream))
+            with telemetry.timer.section("optimizer_s"):
+                grad_norm = self.optimizer_step()
             self.step += 1
             history.append(result)
             sec = time.perf_counter() - tic
             row = {"step": self.step, "loss": result.loss, "losses": result.losses, "grad_norm": grad_norm,
                    "lr": self.optimizer.param_groups[0]["lr"], "ema_decay": cfg.method.ema_decay, "sec": sec,
                    "images_per_s": t.batch_size * self.world / sec, "model_tflop": result.flops / 1e12,
-                   "model_tflops_per_s": result.flops / sec / 1e12}
+                   "model_tflops_per_s": result.flops / sec / 1e12, **telemetry.fields(result, sec)}
             log.log(row, show=self.step % t.log_every == 0 or self.step == t.steps)
             if self.step % t.checkpoint_every == 0 or self.step == t.steps:
                 self.save()

@@ -1,0 +1,158 @@
+"""Per-step telemetry beside the loss: where the time went, MFU, peak memory and (on a GPU) NVML readings.
+
+Time breakdown of one iteration (seconds, this rank):
+  teacher_s   forwards run without autograd (the teacher role)
+  student_s   forwards run with autograd (the student role)
+  backward_s  every backward of the iteration (K per-step ones and the caption path)
+  optimizer_s optimizer step, clipping, EMA update (DeepSpeed: gradient reduction of ZeRO 0/1 too)
+  rollout_s   the rest of the iteration: contexts, noise, Euler updates and divergences
+  comm_s      DeepSpeed collectives (inside backward_s / optimizer_s, not added to them); absent without DeepSpeed
+"""
+from __future__ import annotations
+
+import resource
+import time
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+# Dense bf16 peak per device in TFLOP/s, by a substring of the CUDA device name (train.peak_tflops overrides).
+PEAK_TFLOPS = {"H200": 989.4, "H100": 989.4, "H800": 989.4, "A100": 312.0, "A800": 312.0, "L40S": 362.1, "B200": 2250.0}
+
+
+class StepTimer:
+    def __init__(self):
+        self.sections: dict[str, float] = {}
+
+    @contextmanager
+    def section(self, name: str):
+        tic = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.sections[name] = self.sections.get(name, 0.0) + time.perf_counter() - tic
+
+    def take(self) -> dict[str, float]:
+        out, self.sections = self.sections, {}
+        return out
+
+    def time_forwards(self, *models: nn.Module) -> None:
+        """Attribute every forward of ``models`` to the teacher (no autograd) or the student (autograd)."""
+        for m in {id(m): m for m in models}.values():
+            m.register_forward_pre_hook(self._start)
+            m.register_forward_hook(self._stop)
+
+    def _start(self, module, args):
+        module._telemetry_tic = time.perf_counter()
+
+    def _stop(self, module, args, output):
+        role = "student_s" if torch.is_grad_enabled() else "teacher_s"
+        self.sections[role] = self.sections.get(role, 0.0) + time.perf_counter() - module._telemetry_tic
+
+
+def peak_tflops(configured: float | None) -> float | None:
+    if configured is not None:
+        return configured
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+
+
+def peak_memory_gib() -> float:
+    """Allocator high-water mark on CUDA; the process's peak resident set on CPU."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20     # Linux reports KiB
+
+
+class GPUStats:
+    """Utilisation, memory and power of this process's GPU through NVML; empty when there is none."""
+
+    def __init__(self):
+        self.handle = None
+        if not torch.cuda.is_available():
+            return
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            self.nvml = pynvml
+            self.handle = pynvml.nvmlDeviceGetHandleByIndex(torch.cuda.current_device())
+        except Exception:       # no nvidia-ml-py, or no NVML library: telemetry without it
+            self.handle = None
+
+    def read(self) -> dict[str, float]:
+        if self.handle is None:
+            return {}
+        n, h = self.nvml, self.handle
+        mem = n.nvmlDeviceGetMemoryInfo(h)
+        return {"gpu_util_pct": float(n.nvmlDeviceGetUtilizationRates(h).gpu), "gpu_mem_gib": mem.used / 2**30,
+                "gpu_power_w": n.nvmlDeviceGetPowerUsage(h) / 1000.0}
+
+
+def comm_seconds() -> float | None:
+    """Seconds in DeepSpeed collectives since the last call (its comms logger, when a run enabled it)."""
+    try:
+        from deepspeed.comm.comm import comms_logger
+    except ImportError:
+        return None
+    if not comms_logger.enabled:
+        return None
+    ms = sum(sum(rec[1]) for sizes in comms_logger.comms_dict.values() for rec in sizes.values())
+    comms_logger.comms_dict.clear()
+    return ms / 1000.0
+
+
+class TensorBoard:
+    """Every numeric field of a JSONL row as a scalar (lists as ``name/k``)."""
+
+    def __init__(self, log_dir):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(str(log_dir))
+
+    def log(self, row: dict) -> None:
+        step = row["step"]
+        for key, value in row.items():
+            if key == "step" or value is None:
+                continue
+            values = value if isinstance(value, list) else [value]
+            for i, v in enumerate(values):
+                if isinstance(v, (int, float)) and not isinstance(v, bool):
+                    self.writer.add_scalar(f"{key}/{i}" if isinstance(value, list) else key, v, step)
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class Telemetry:
+    """The extra JSONL fields of a trainer's steps; hooks its forwards and wraps its backward once."""
+
+    def __init__(self, trainer):
+        self.timer, self.gpu, self.world = StepTimer(), GPUStats(), trainer.world
+        self.peak = peak_tflops(trainer.cfg.train.peak_tflops)
+        self.timer.time_forwards(trainer.roles.student_model, trainer.roles.teacher_model)
+        inner = trainer.backward
+
+        def timed_backward(loss):
+            with self.timer.section("backward_s"):
+                inner(loss)
+
+        trainer.backward = timed_backward     # the instance attribute shadows the class's backward
+        comm_seconds()                         # drop collectives of set-up and resume
+
+    def fields(self, result, sec: float) -> dict:
+        s = self.timer.take()
+        forward_backward = s.pop("forward_backward", 0.0)
+        row = {k: s.get(k, 0.0) for k in ("teacher_s", "student_s", "backward_s", "optimizer_s")}
+        row["rollout_s"] = max(0.0, forward_backward - row["teacher_s"] - row["student_s"] - row["backward_s"])
+        comm = comm_seconds()
+        if comm is not None:
+            row["comm_s"] = comm
+        if self.peak is not None:
+            row["mfu"] = result.flops / sec / (self.peak * 1e12 * self.world)
+        row["peak_mem_gib"] = peak_memory_gib()
+        row.update(self.gpu.read())
+        return row

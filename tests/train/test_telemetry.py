@@ -1,0 +1,36 @@
+"""The JSONL row of a step carries the telemetry fields, with consistent values; TensorBoard gets the same rows."""
+import json
+
+import pytest
+
+from dopsd_fast.testing import tiny_trainer
+
+BREAKDOWN = ("teacher_s", "student_s", "backward_s", "optimizer_s", "rollout_s")
+
+
+def test_jsonl_telemetry_fields(tmp_path):
+    pytest.importorskip("tensorboard")
+    tr = tiny_trainer(tmp_path, "train.steps=2", "train.peak_tflops=0.5", "train.checkpoint_every=100")
+    tr.train()
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]
+    K = len(tr.sigmas) - 1
+    for r in rows:
+        assert len(r["losses"]) == K and r["loss"] == pytest.approx(sum(r["losses"]) / K)
+        assert r["grad_norm"] > 0 and r["lr"] == tr.cfg.optim.lr and r["ema_decay"] == tr.cfg.method.ema_decay
+        assert all(r[k] >= 0 for k in BREAKDOWN)
+        # the parts are disjoint pieces of the step (the loop's own bookkeeping is the rest)
+        assert r["teacher_s"] > 0 and r["student_s"] > 0 and r["backward_s"] > 0
+        assert sum(r[k] for k in BREAKDOWN) <= r["sec"] * 1.001
+        assert r["images_per_s"] == pytest.approx(tr.cfg.train.batch_size / r["sec"])
+        assert r["mfu"] == pytest.approx(r["model_tflops_per_s"] / 0.5)
+        assert r["peak_mem_gib"] > 0
+        assert "comm_s" not in r and "gpu_util_pct" not in r     # no DeepSpeed, no GPU: absent, not zero
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_no_mfu_without_a_known_peak(tmp_path):
+    tr = tiny_trainer(tmp_path, "train.steps=1", "train.tensorboard=false")
+    tr.train()
+    row = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])
+    assert "mfu" not in row and not (tmp_path / "tensorboard").exists()
