@@ -60,8 +60,8 @@ class CachedContexts:
 
 def _batch_slice(cache, b: int):
     """One sample's KV from a batched cache, as (keys, values) per layer."""
-    from .teacher_vlm import _cache_layers
-    return [(k[b:b + 1], v[b:b + 1]) for k, v in _cache_layers(cache)]
+    from .teacher_vlm import cache_layers
+    return [(k[b:b + 1], v[b:b + 1]) for k, v in cache_layers(cache)]
 
 
 class CachedLatents:

@@ -168,23 +168,23 @@ class QwenVLTeacher:
     def __call__(self, prompts: list[str], images: list[Tensor], student: StudentPass | None = None) -> list[Tensor]:
         out = []
         for b, (prompt, image) in enumerate(zip(prompts, images)):
-            prefix = self._shared_prefix(student, b, prompt, image) if student is not None and self.reuses_prefix else None
-            out.append(self._encode(prompt, image, prefix)[: self.max_tokens].clone())
+            inputs = self._inputs(prompt, image)
+            prefix = self._shared_prefix(student, b, inputs[0]) if student is not None and self.reuses_prefix else None
+            out.append(self._encode(*inputs, prefix)[: self.max_tokens].clone())
         return out
 
-    def _shared_prefix(self, student: StudentPass, b: int, prompt: str, image: Tensor):
-        ids, _, _ = self._inputs(prompt, image)
+    @staticmethod
+    def _shared_prefix(student: StudentPass, b: int, ids: Tensor) -> tuple[StudentPass, int, int] | None:
+        """(pass, sample, P): the first P token ids are equal in both sequences (so are their rows, causally)."""
         s_ids = student.ids[b]
         n = min(len(s_ids), ids.shape[1])
-        same = (s_ids[:n] == ids[0, :n]).int()
-        p = int(same.cumprod(0).sum())          # length of the common token prefix
+        p = int((s_ids[:n] == ids[0, :n]).int().cumprod(0).sum())
         return (student, b, p) if p > 0 else None
 
-    def _encode(self, prompt: str, image: Tensor, prefix) -> Tensor:
+    def _encode(self, ids: Tensor, pixel_values: Tensor, grid: Tensor, prefix) -> Tensor:
         from transformers import DynamicCache
 
         vl, lm = self.vl, self.vl.language_model
-        ids, pixel_values, grid = self._inputs(prompt, image)
         vision = vl.get_image_features(pixel_values, grid, return_dict=True)
         image_embeds = torch.cat(vision.pooler_output).to(lm.embed_tokens.weight.dtype)
         deepstack = [torch.cat(f) for f in vision.deepstack_features]
@@ -195,7 +195,7 @@ class QwenVLTeacher:
         if prefix is not None:
             student, b, p = prefix
             cache = DynamicCache()
-            for i, layer in enumerate(_cache_layers(student.cache)[: len(lm.layers)]):
+            for i, layer in enumerate(cache_layers(student.cache)[: len(lm.layers)]):
                 cache.update(layer[0][b:b + 1, :, :p], layer[1][b:b + 1, :, :p], i)
             head = [student.features[b][:p]]
         hooks = HiddenStates(lm.layers, self.indices)
@@ -217,7 +217,7 @@ def _cache_argument(model) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
-def _cache_layers(cache) -> list[tuple[Tensor, Tensor]]:
+def cache_layers(cache) -> list[tuple[Tensor, Tensor]]:
     """(keys, values) per layer of a transformers KV cache (DynamicCache layers, or a legacy tuple)."""
     if hasattr(cache, "layers"):
         return [(layer.keys, layer.values) for layer in cache.layers]

@@ -62,7 +62,7 @@ def test_text_first_prefix_reuse_equals_full_computation(tiny_root, student, ima
     reused = teacher(PROMPTS, images, student_pass)
     full = teacher(PROMPTS, images)
     for prompt, image, a, b in zip(PROMPTS, images, reused, full):
-        p = teacher._shared_prefix(student_pass, PROMPTS.index(prompt), prompt, image)[2]
+        p = teacher._shared_prefix(student_pass, PROMPTS.index(prompt), teacher._inputs(prompt, image)[0])[2]
         n_prompt = len(student.tokenizer(prompt).input_ids)
         assert p == 3 + n_prompt              # "<|im_start|>user\n" + the prompt's tokens
         assert a.shape == b.shape
