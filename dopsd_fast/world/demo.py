@@ -19,7 +19,7 @@ from torch import Tensor
 from ..method.schedule import Z_IMAGE, shifted_sigmas
 from ..sample import sample, save_grid
 from ..train.config import load_config
-from ..train.trainer import make_trainer
+from .anchor import anchored_trainer
 from .bundle import assets_dir, load_dit, load_encoders, load_module
 from .metrics import Evaluator, palette_purity
 from .scene import BACKGROUNDS, CONCEPT, CONCEPT_WORD, POSITIONS, SIZE, SIZES, caption, concept_pairs, random_scene, random_spec
@@ -78,8 +78,9 @@ def score(images: Tensor, prompts: Prompts, evaluator: Evaluator) -> dict[str, f
 
 class Demo:
     def __init__(self, out: Path, iterations: int = 200, n_eval: int = 128, multi_steps: int = 32, seed: int = 0,
-                 overrides: tuple[str, ...] = (), log=print):
+                 overrides: tuple[str, ...] = (), log=print, anchor: int = 0):
         self.out, self.iterations, self.n_eval, self.multi, self.seed = out, iterations, n_eval, multi_steps, seed
+        self.anchor = anchor
         self.overrides, self.log = list(overrides), log
         self.encoders = load_encoders()
         self.evaluator = load_module(Evaluator(), assets_dir() / "evaluator.safetensors").eval()
@@ -112,7 +113,7 @@ class Demo:
         cfg = load_config("world-demo", [f"method.objective={objective}", f"train.steps={self.iterations}",
                                          f"model.pretrained={assets_dir() / 'turbo'}",
                                          f"train.output_dir={self.out / objective}", *self.overrides])
-        trainer = make_trainer(cfg, progress=False)
+        trainer = anchored_trainer(cfg, self.anchor)
         tic = time.perf_counter()
         history = trainer.train()
         self.log(f"  {objective}: {len(history)} iterations in {time.perf_counter() - tic:.0f} s, "
