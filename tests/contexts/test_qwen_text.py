@@ -17,14 +17,19 @@ def reference(tiny_root):
     return Qwen3Model.from_pretrained(tiny_root / "text_encoder").eval()
 
 
+@pytest.fixture(scope="module")
+def zimage(tiny_root):
+    return QwenTextEncoder.from_pretrained(tiny_root / "text_encoder", tiny_root / "tokenizer")
+
+
 def _hidden_states(model, enc, prompts):
     ids, mask = enc.token_ids(prompts)
     with torch.no_grad():
         return model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states, ids, mask
 
 
-def test_zimage_features_are_hidden_states_minus_2_real_tokens(tiny_root, reference):
-    enc = QwenTextEncoder.from_pretrained(tiny_root / "text_encoder", tiny_root / "tokenizer")
+def test_zimage_features_are_hidden_states_minus_2_real_tokens(zimage, reference):
+    enc = zimage
     assert len(enc.model.layers) == 2            # 3-layer encoder cut after the layer hidden_states[-2] needs
     feats = enc(PROMPTS)
     hs, ids, mask = _hidden_states(reference, enc, PROMPTS)
@@ -84,7 +89,7 @@ def test_bad_text_encoder_weights_name_the_keys(tiny_root, tmp_path, edit, fragm
     assert fragment in str(err.value)
 
 
-def test_causal_lm_keys_load(tiny_root, tmp_path):
+def test_causal_lm_keys_load(tiny_root, tmp_path, zimage):
     """Hub text_encoder folders saved from Qwen3ForCausalLM carry a `model.` prefix (and maybe lm_head)."""
     tensors = {f"model.{k}": v for k, v in load_file(str(tiny_root / "text_encoder" / "model.safetensors")).items()}
     tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].clone()
@@ -94,5 +99,5 @@ def test_causal_lm_keys_load(tiny_root, tmp_path):
     cfg = json.loads((tiny_root / "text_encoder" / "config.json").read_text()) | {"architectures": ["Qwen3ForCausalLM"]}
     (folder / "config.json").write_text(json.dumps(cfg))
     a = QwenTextEncoder.from_pretrained(folder, tiny_root / "tokenizer")(PROMPTS[:1])[0]
-    b = QwenTextEncoder.from_pretrained(tiny_root / "text_encoder", tiny_root / "tokenizer")(PROMPTS[:1])[0]
+    b = zimage(PROMPTS[:1])[0]
     torch.testing.assert_close(a, b, rtol=0, atol=0)
