@@ -209,7 +209,8 @@ std::tuple<Tensor, Tensor, Tensor> modulated_rms_norm_backward(const Tensor& gra
 Tensor gated_residual(const Tensor& x_in, const Tensor& a_in, const Tensor& weight, const Tensor& gate,
                       const optional<Tensor>& sample_index, double eps) {
   Tensor x = unit_last(x_in), a = unit_last(a_in);
-  TORCH_CHECK(x.dim() == 2 && a.sizes() == x.sizes() && weight.numel() == x.size(1), "dopsd_C: x, a (T, D), weight (D,)");
+  TORCH_CHECK(x.dim() == 2 && a.sizes() == x.sizes() && weight.numel() == x.size(1),
+              "dopsd_C: x, a (T, D), weight (D,)");
   Modulation m = modulation(gate, sample_index, x, "gate");
   Tensor tanh_gate = m.rows.tanh(), w = weight.to(at::kFloat).contiguous();
   auto dtype = c10::promoteTypes(x.scalar_type(), c10::promoteTypes(gate.scalar_type(),
@@ -243,7 +244,8 @@ std::tuple<Tensor, Tensor, Tensor> gated_residual_backward(const Tensor& grad_in
     DOPSD_RUN(a, gated_residual_bwd, args)
   }
   // d tanh(gate) / d gate, applied once to the per-sample sums
-  Tensor dgate = need_gate ? dg.sum(0).mul(tanh_gate.mul(tanh_gate).neg_().add_(1)).to(gate.scalar_type()) : gate.new_empty({0});
+  Tensor dgate = need_gate ? dg.sum(0).mul(tanh_gate.mul(tanh_gate).neg_().add_(1)).to(gate.scalar_type())
+                           : gate.new_empty({0});
   return {da, need_weight ? sum_partials(dw, weight.scalar_type()) : weight.new_empty({0}), dgate};
 }
 
@@ -256,15 +258,16 @@ NormRopeArgs norm_rope_args(const Tensor& x, const Tensor& out, const Tensor& w,
 void check_qk(const Tensor& q, const Tensor& k, const Tensor& cos, const Tensor& sin) {
   TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && q.size(0) == k.size(0) && q.size(2) == k.size(2) && q.size(2) % 2 == 0,
               "dopsd_C: q, k must be (T, H, head_dim) with one T and an even head_dim");
-  TORCH_CHECK(cos.scalar_type() == at::kFloat && sin.scalar_type() == at::kFloat && cos.numel() == q.size(0) * q.size(2) / 2 &&
-                  sin.numel() == cos.numel(),
+  TORCH_CHECK(cos.scalar_type() == at::kFloat && sin.scalar_type() == at::kFloat &&
+                  cos.numel() == q.size(0) * q.size(2) / 2 && sin.numel() == cos.numel(),
               "dopsd_C: cos / sin must be fp32 (T, head_dim / 2)");
   TORCH_CHECK(!q.is_cuda() || q.size(2) <= cuda::kMaxHeadDim, "dopsd_C: head_dim ", q.size(2), " > ",
               cuda::kMaxHeadDim, " on CUDA (use the triton backend)");
 }
 
 std::tuple<Tensor, Tensor> qk_norm_rope(const Tensor& q_in, const Tensor& k_in, const Tensor& q_weight,
-                                        const Tensor& k_weight, const Tensor& cos_in, const Tensor& sin_in, double eps) {
+                                        const Tensor& k_weight, const Tensor& cos_in, const Tensor& sin_in,
+                                        double eps) {
   Tensor q = unit_last(q_in), k = unit_last(k_in), cos = cos_in.contiguous(), sin = sin_in.contiguous();
   check_qk(q, k, cos, sin);
   Tensor qw = q_weight.to(at::kFloat).contiguous(), kw = k_weight.to(at::kFloat).contiguous();

@@ -1,4 +1,5 @@
-"""ema_update: one Triton launch per dtype group vs the reference (float copies + _foreach_lerp_ + _foreach_copy_).
+"""ema_update: one Triton launch per dtype group, or one csrc/ (cpp) launch for all, vs the reference (float
+copies + _foreach_lerp_ + _foreach_copy_).
 
 GB/s counts the fused kernel's traffic for both impls: fp32 master read + write, student read, low-precision copy
 write. Only a forward pass exists (no autograd).
@@ -6,7 +7,7 @@ write. Only a forward pass exists (no autograd).
 import pytest
 import torch
 
-from dopsd_fast.ops._dispatch import use_backend
+from dopsd_fast.ops._dispatch import native_available, use_backend
 from dopsd_fast.ops.ema_update import ema_update
 from dopsd_fast.ops.reference import ema_update_ref
 
@@ -29,8 +30,10 @@ VARIANTS = {"bf16_student+bf16_copy": (torch.bfloat16, torch.bfloat16), "fp32_st
 
 @pytest.mark.parametrize("size", list(SIZES))
 @pytest.mark.parametrize("variant", list(VARIANTS))
-@pytest.mark.parametrize("impl", ["reference", "triton"])
+@pytest.mark.parametrize("impl", ["reference", "triton", "cpp"])
 def test_ema_update(benchmark, size, variant, impl):
+    if impl == "cpp" and not native_available(cuda=CUDA):
+        pytest.skip("dopsd_fast._C not built (with CUDA)")
     s_dtype, l_dtype = VARIANTS[variant]
     shapes = SIZES[size]
     teacher = [torch.randn(sh, device=DEVICE) for sh in shapes]
@@ -43,7 +46,7 @@ def test_ema_update(benchmark, size, variant, impl):
         if impl == "reference":
             ema_update_ref(teacher, student, 0.9999, lowp)
         else:
-            with use_backend("triton"):
+            with use_backend(impl):
                 ema_update(teacher, student, 0.9999, lowp)
         if CUDA:
             torch.cuda.synchronize()

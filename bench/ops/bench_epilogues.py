@@ -1,5 +1,5 @@
-"""Block epilogues: the fused Triton ops vs the eager PyTorch maths of the model (dopsd_fast/ops/reference.py, with
-autograd through it for the backward), in the same run.
+"""Block epilogues: the fused Triton ops and the csrc/ extension (cpp) vs the eager PyTorch maths of the model
+(dopsd_fast/ops/reference.py, with autograd through it for the backward), in the same run.
 
 Every input is differentiable (activations, norm weights, modulation), the most work a backward can have. GB/s
 counts the fused kernels' unavoidable traffic for both impls: token tensors read / written once per pass,
@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from dopsd_fast.ops import reference as R
-from dopsd_fast.ops._dispatch import use_backend
+from dopsd_fast.ops._dispatch import native_available, use_backend
 from dopsd_fast.ops.epilogues import gated_residual, modulated_layer_norm, modulated_rms_norm, qk_norm_rope
 
 CUDA = torch.cuda.is_available()
@@ -46,8 +46,10 @@ def _inputs(op, T, D, B, heads, head_dim):
 @pytest.mark.parametrize("size", list(SIZES))
 @pytest.mark.parametrize("pass_", ["fwd", "bwd", "full"])
 @pytest.mark.parametrize("op", list(OPS))
-@pytest.mark.parametrize("impl", ["reference", "triton"])
+@pytest.mark.parametrize("impl", ["reference", "triton", "cpp"])
 def test_epilogues(benchmark, impl, op, pass_, size):
+    if impl == "cpp" and (op == "modulated_layer_norm" or not native_available(cuda=CUDA)):
+        pytest.skip("no csrc/ kernel for this op, or dopsd_fast._C not built (with CUDA)")
     T, D, B, heads, head_dim = SIZES[size]
     ours, ref, fwd_tensors, bwd_tensors = OPS[op]
     args = _inputs(op, T, D, B, heads, head_dim)
@@ -56,7 +58,7 @@ def test_epilogues(benchmark, impl, op, pass_, size):
     benchmark.group = f"epilogues-{op}-{size}-{pass_}"
 
     def forward():
-        with use_backend("triton" if impl == "triton" else "reference"):
+        with use_backend(impl):
             out = fn(*args)
         return out if isinstance(out, tuple) else (out,)
 
@@ -66,7 +68,7 @@ def test_epilogues(benchmark, impl, op, pass_, size):
 
     outs = forward()
     grads = [torch.randn_like(o) for o in outs]
-    with use_backend("triton" if impl == "triton" else "reference"):
+    with use_backend(impl):
         if pass_ == "fwd":
             def run():
                 with torch.no_grad():

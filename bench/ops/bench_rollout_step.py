@@ -1,4 +1,5 @@
-"""rollout_step: fused Triton kernel vs the pure-PyTorch reference (Euler step + per-sample squared error + grad).
+"""rollout_step: fused Triton kernel and the csrc/ extension (cpp) vs the pure-PyTorch reference (Euler step +
+per-sample squared error + grad).
 
 GB/s counts the fused kernel's traffic for both impls (the reference moves more): fwd reads x, out_s, out_t and
 writes x_next and the fp32 gradient; bwd reads the fp32 gradient and writes d/d out_s.
@@ -7,7 +8,7 @@ import pytest
 import torch
 from _passes import CUDA, sync, time_pass
 
-from dopsd_fast.ops._dispatch import use_backend
+from dopsd_fast.ops._dispatch import native_available, use_backend
 from dopsd_fast.ops.reference import rollout_step_ref
 from dopsd_fast.ops.rollout_step import rollout_step
 
@@ -31,14 +32,16 @@ def _inputs(lengths):
 def _forward(impl, args):
     if impl == "reference":
         return rollout_step_ref(*args)
-    with use_backend("triton"):
+    with use_backend(impl):   # triton, or cpp: the csrc/ extension (CUDA kernel; the C++ twin on CPU)
         return rollout_step(*args)
 
 
 @pytest.mark.parametrize("size", list(SIZES))
-@pytest.mark.parametrize("impl", ["reference", "triton"])
+@pytest.mark.parametrize("impl", ["reference", "triton", "cpp"])
 @pytest.mark.parametrize("pass_", ["fwd", "bwd", "full"])
 def test_rollout_step(benchmark, size, impl, pass_):
+    if impl == "cpp" and not native_available(cuda=CUDA):
+        pytest.skip("dopsd_fast._C not built (with CUDA)")
     lengths = SIZES[size]
     total, es = sum(lengths), DTYPE.itemsize
     args = _inputs(lengths)

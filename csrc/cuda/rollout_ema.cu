@@ -16,7 +16,8 @@ __device__ __forceinline__ void vector_body(int64_t start, int64_t end, bool vec
 }
 
 // Grid (B, P): block (b, p) walks segment b with a stride of P blocks; 16-byte vectors on the aligned body, the
-// scalar head / tail by block p == 0. Writes one fp32 partial sum per block: partials[b, p] (no atomics).
+// scalar head / tail by block p == 0 (all elements scalar over the P blocks when a buffer is misaligned).
+// Writes one fp32 partial sum per block: partials[b, p] (no atomics).
 __global__ void __launch_bounds__(kThreads) rollout_fwd_kernel(RolloutFwdArgs a, bool vec_ok) {
   const int64_t b = blockIdx.x, p = blockIdx.y, P = gridDim.y;
   const int64_t start = a.cu_seqlens[b], end = a.cu_seqlens[b + 1];
@@ -40,13 +41,15 @@ __global__ void __launch_bounds__(kThreads) rollout_fwd_kernel(RolloutFwdArgs a,
     store_vec(a.x_next, i, xn);
     if (a.grad) store_vec(grad, i, g);
   }
-  if (p == 0) {  // the elements outside the vector body: at most kVec - 1 on each side (all of them if !vec_ok)
-    auto scalar = [&](int64_t i) {
-      float s = load(a.out_s, i), d = loss_diff(s, load(a.out_t, i), loss);
-      store(a.x_next, i, euler_step(load(a.x, i), s, step));
-      acc += d * d;
-      if (a.grad) store(grad, i, loss_grad(d, loss));
-    };
+  auto scalar = [&](int64_t i) {
+    float s = load(a.out_s, i), d = loss_diff(s, load(a.out_t, i), loss);
+    store(a.x_next, i, euler_step(load(a.x, i), s, step));
+    acc += d * d;
+    if (a.grad) store(grad, i, loss_grad(d, loss));
+  };
+  if (!vec_ok) {  // misaligned buffers: every element scalar, over all P blocks
+    for (int64_t i = start + p * kThreads + threadIdx.x; i < end; i += P * kThreads) scalar(i);
+  } else if (p == 0) {  // at most kVec - 1 elements on each side of the vector body
     for (int64_t i = start + threadIdx.x; i < body; i += kThreads) scalar(i);
     for (int64_t i = body_end + threadIdx.x; i < end; i += kThreads) scalar(i);
   }
@@ -76,7 +79,9 @@ __global__ void __launch_bounds__(kThreads) rollout_bwd_kernel(RolloutBwdArgs a,
     for (int j = 0; j < kVec; ++j) g[j] *= scale;
     store_vec(a.out, i, g);
   }
-  if (p == 0) {
+  if (!vec_ok) {
+    for (int64_t i = start + p * kThreads + threadIdx.x; i < end; i += P * kThreads) store(a.out, i, a.grad[i] * scale);
+  } else if (p == 0) {
     for (int64_t i = start + threadIdx.x; i < body; i += kThreads) store(a.out, i, a.grad[i] * scale);
     for (int64_t i = body_end + threadIdx.x; i < end; i += kThreads) store(a.out, i, a.grad[i] * scale);
   }

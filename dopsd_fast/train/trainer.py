@@ -37,6 +37,7 @@ class Trainer:
     def __init__(self, cfg: Config, progress: bool = True):
         check_buildable(cfg)
         self.cfg, self.plan = cfg, resolve_plan(cfg)
+        self.dataset, self.stream = build_data(cfg)     # first: a folder with nothing usable fails before any weights load
         self.out = Path(cfg.train.output_dir)
         self.dtype = DTYPES[cfg.model.dtype]
         torch.manual_seed(cfg.model.init_seed)      # random base (tiny models) and LoRA init
@@ -50,7 +51,6 @@ class Trainer:
         o = cfg.optim
         self.optimizer = torch.optim.AdamW(self.roles.trainable.values(), lr=o.lr, betas=tuple(o.betas), eps=o.eps,
                                            weight_decay=o.weight_decay)
-        self.dataset, self.stream = build_data(cfg)
         self.text_encoder, self.mm_encoder = build_contexts(cfg, self.plan.arch)
         self.codec, self.flow = PixelLatents(), Z_IMAGE
         self.sigmas = rollout_sigmas(cfg.method.sigmas)
