@@ -33,6 +33,8 @@ if [[ "$MODE" == gpu ]]; then
     export TRITON_INTERPRET=0                      # real kernels (tests/conftest.py defaults to the interpreter)
     export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} DOPSD_CUDA_ARCHS=${DOPSD_CUDA_ARCHS:-90a}
     OPS_SELECT=()
+    # Triton compiles each test's kernels on first use: spread the op tests over processes when pytest-xdist is there
+    "$PY" -c "import xdist" 2>/dev/null && OPS_SELECT=(-n 8)
 else
     export TRITON_INTERPRET=1
     export DOPSD_BENCH_SMOKE=1                     # bench_e2e at its tiny size, still timed and written as JSON
@@ -126,7 +128,7 @@ NOTE="versions"; run_stage versions 30 versions
 NOTE="carried wheels"; run_stage wheels 45 wheels
 NOTE="rc 3 = installed without the CUDA extension"; run_stage package 150 package
 NOTE="tests/ops on the device fixture"
-run_stage ops 100 "${PYTEST[@]}" tests/ops "${OPS_SELECT[@]}" --junitxml="$OUT/tests_ops.xml"
+run_stage ops 90 "${PYTEST[@]}" tests/ops "${OPS_SELECT[@]}" --junitxml="$OUT/tests_ops.xml"
 if [[ -f tests/csrc/test_cuda_ops.py ]]; then      # the GPU part of tests/csrc (CPU twins and nvcc run in CI)
     NOTE="CUDA C++ vs Triton vs reference"
     run_stage csrc 45 "${PYTEST[@]}" tests/csrc/test_cuda_ops.py --junitxml="$OUT/tests_csrc.xml"
