@@ -9,7 +9,6 @@ from pathlib import Path
 
 import yaml
 
-from .method.schedule import shifted_sigmas
 from .data.folder import DataError
 from .models.loading import WeightsError
 from .sample import save_grid
@@ -54,7 +53,7 @@ def _sample(args: argparse.Namespace) -> int:
     trainer = load_for_sampling(Path(args.run), args.checkpoint)
     prompts = args.prompt or trainer.cfg.sample.prompts or trainer.grid_pairs()[1]
     steps = trainer.cfg.sample.steps if args.steps is None else args.steps
-    images = trainer.sample_student(prompts, shifted_sigmas(steps, trainer.cfg.sample.shift), seed=args.seed)
+    images = trainer.sample_student(prompts, trainer.sampler_sigmas(steps), seed=args.seed)
     out = save_grid([[im] for im in images], Path(args.out))
     print(json.dumps({"prompts": prompts, "steps": steps, "checkpoint": str(trainer.loaded_from), "grid": str(out)}, indent=1))
     return 0

@@ -17,3 +17,24 @@ class PixelLatents:
 
     def latent_shape(self, height: int, width: int) -> tuple[int, int, int, int]:
         return (self.channels, 1, height, width)
+
+
+class PatchedPixelLatents:
+    """Pixel-space codec for tiny FLUX.2-architecture models: p x p pixel patches become channels, in FLUX.2's
+    patchify order (channel c * p * p + i * p + j), so (3, H, W) -> (3 p^2, H/p, W/p) token grids, as the VAE's
+    2x2 patchify does on its latents."""
+
+    def __init__(self, patch: int):
+        self.patch, self.channels = patch, 3 * patch * patch
+
+    def encode(self, image: Tensor) -> Tensor:
+        c, h, w, p = *image.shape, self.patch
+        return image.reshape(c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3).reshape(c * p * p, h // p, w // p)
+
+    def decode(self, latent: Tensor) -> Tensor:
+        cpp, h, w, p = *latent.shape, self.patch
+        image = latent.reshape(cpp // (p * p), p, p, h, w).permute(0, 3, 1, 4, 2).reshape(-1, h * p, w * p)
+        return image.clamp(-1, 1)
+
+    def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
+        return (self.channels, height // self.patch, width // self.patch)

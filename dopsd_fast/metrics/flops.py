@@ -58,6 +58,18 @@ def zimage_forward(arch: ZImageConfig, image_tokens: int, caption_tokens: int) -
     return refiners + arch.n_layers * _block(arch, ni + lc, ni + lc)
 
 
+def klein_forward(arch, target_tokens: int, text_tokens: int, ref_tokens: int = 0) -> Flops:
+    """One FLUX.2 [klein] sample (arch: Flux2KleinConfig): every double or single block applies 4D^2 + 3 D mlp_hidden
+    weights to each token of the joint sequence (text + target + reference tokens) and attends over all of it; plus
+    the input projections (all tokens) and proj_out (target tokens), which are ~0.3% at 512 text tokens."""
+    d, image = arch.dim, target_tokens + ref_tokens
+    seq = image + text_tokens
+    blocks = arch.num_layers + arch.num_single_layers
+    embed = arch.joint_attention_dim * text_tokens + arch.in_channels * image + (arch.out_channels or arch.in_channels) * target_tokens
+    dense = blocks * 2 * (4 * d * d + 3 * d * arch.mlp_hidden) * seq + 2 * d * embed
+    return Flops(dense=dense, attention=blocks * 4 * seq * d * seq)
+
+
 def zimage_image_tokens(height: int, width: int, vae_factor: int = 8, patch: int = 2) -> int:
     return (height // vae_factor // patch) * (width // vae_factor // patch)
 

@@ -9,13 +9,15 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..contexts.reference import ReferenceTeacherContext
 from ..contexts.toy import ToyMultimodalEncoder, ToyTextEncoder
 from ..data.latents import PixelLatents
 from ..data.loader import PairStream
 from ..data.synthetic import SyntheticPairs
 from ..method.roles import FullRoles, LoRARoles, Roles
+from ..models.adapter import model_family
 from ..models.loading import WeightsError, read_config
-from ..models.z_image import ZImageConfig, ZImageTransformer
+from ..models.z_image import ZImageConfig
 from .config import Config, ConfigError
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -23,10 +25,11 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 @dataclass
 class Plan:
-    arch: ZImageConfig
+    arch: Any                   # the family's config: ZImageConfig or Flux2KleinConfig
     total_params: int
     trainable_params: int
     lora_modules: int
+    sigmas: list[float]         # roll-out sigma_0 .. sigma_K = 0 at data.image_size
 
     def describe(self, cfg: Config) -> dict[str, Any]:
         m = cfg.method
@@ -36,7 +39,7 @@ class Plan:
             "adapter": {"mode": cfg.adapter.mode, "trainable_parameters": self.trainable_params,
                         **({"rank": cfg.adapter.rank, "alpha": cfg.adapter.alpha, "lora_modules": self.lora_modules}
                            if cfg.adapter.mode == "lora" else {})},
-            "method": {"objective": m.objective, "loss": m.loss, "K": len(m.sigmas), "sigmas": m.sigmas + [0.0],
+            "method": {"objective": m.objective, "loss": m.loss, "K": len(self.sigmas) - 1, "sigmas": self.sigmas,
                        "ema_decay": m.ema_decay, "per_step_backward": m.per_step_backward},
             "optim": asdict(cfg.optim),
             "train": asdict(cfg.train),
@@ -45,10 +48,10 @@ class Plan:
         }
 
 
-def _check_arch_values(arch: dict[str, Any]) -> None:
-    """Types from ZImageConfig's defaults; sizes must be positive."""
-    for f in dataclasses.fields(ZImageConfig):
-        if f.name not in arch:
+def _check_arch_values(arch: dict[str, Any], config_cls: type = ZImageConfig) -> None:
+    """Types from the config class's defaults; sizes must be positive."""
+    for f in dataclasses.fields(config_cls):
+        if f.name not in arch or f.default is None:
             continue
         v, default = arch[f.name], f.default
         if isinstance(default, tuple):
@@ -68,10 +71,17 @@ def _weights_note(cfg: Config) -> str:
     p = cfg.model.pretrained
     if p is None:
         return f"random init (seed {cfg.model.init_seed})"
-    return p if Path(p).exists() else f"{p} (not found yet: the official Z-Image-Turbo config is assumed)"
+    official = {"z_image": "Z-Image-Turbo", "flux2_klein": "FLUX.2 [klein] 4B (9B if the path says 9b)"}[cfg.model.family]
+    return p if Path(p).exists() else f"{p} (not found yet: the official {official} config is assumed)"
 
 
-def resolve_arch(cfg: Config, need_weights: bool = True) -> ZImageConfig:
+def resolve_arch(cfg: Config, need_weights: bool = True) -> Any:
+    if cfg.model.family == "flux2_klein":
+        _check_arch_values(cfg.model.arch, model_family(cfg.model.family).config_cls)
+        try:
+            return model_family(cfg.model.family).resolve_arch(cfg, need_weights)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
     if cfg.model.pretrained is not None:
         return _pretrained_arch(cfg, need_weights)
     arch = dict(cfg.model.arch)
@@ -117,9 +127,8 @@ def _pretrained_arch(cfg: Config, need_weights: bool) -> ZImageConfig:
     return a
 
 
-def build_model(arch: ZImageConfig, device: str | torch.device = "cpu") -> ZImageTransformer:
-    with torch.device(device):
-        return ZImageTransformer(arch)
+def build_model(arch: Any, device: str | torch.device = "cpu") -> nn.Module:
+    return model_family(arch).build(arch, device)
 
 
 def build_roles(cfg: Config, model: nn.Module) -> Roles:
@@ -139,7 +148,9 @@ def resolve_plan(cfg: Config, need_weights: bool = True) -> Plan:
     except ValueError as err:
         raise ConfigError(f"adapter.targets: {err}") from None
     lora_modules = len(getattr(roles, "targets", []))
-    return Plan(arch, total, sum(p.numel() for p in roles.trainable.values()), lora_modules)
+    family = model_family(arch)
+    sigmas = family.training_sigmas(cfg.method, cfg.sample, family.latent_shape(cfg, arch))
+    return Plan(arch, total, sum(p.numel() for p in roles.trainable.values()), lora_modules, sigmas)
 
 
 def check_buildable(cfg: Config) -> None:
@@ -168,7 +179,7 @@ def build_data(cfg: Config) -> tuple[SyntheticPairs, PairStream]:
     return dataset, PairStream(dataset, cfg.train.batch_size, cfg.train.seed)
 
 
-def build_contexts(cfg: Config, arch: ZImageConfig) -> tuple[ToyTextEncoder, ToyMultimodalEncoder]:
+def build_contexts(cfg: Config, arch: Any):
     if cfg.context.kind == "world":
         from ..world.bundle import load_encoders
         from ..world.encoders import MultimodalContext, TextContext
@@ -177,5 +188,8 @@ def build_contexts(cfg: Config, arch: ZImageConfig) -> tuple[ToyTextEncoder, Toy
     if cfg.context.kind == "qwen3":
         from .build_qwen import build_qwen_contexts
         return build_qwen_contexts(cfg, arch, DTYPES[cfg.model.dtype])
-    text = ToyTextEncoder(arch.cap_feat_dim, cfg.context.max_text_tokens)
+    family = model_family(arch)
+    text = ToyTextEncoder(family.text_dim(arch), cfg.context.max_text_tokens)
+    if cfg.context.teacher == "reference":
+        return text, ReferenceTeacherContext(text, family.codec(cfg, arch), cfg.context.reference_prompt)
     return text, ToyMultimodalEncoder(text, cfg.data.image_size, image_first=cfg.context.teacher_order == "image_first")

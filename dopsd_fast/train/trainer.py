@@ -13,12 +13,9 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
-from ..data.latents import PixelLatents
 from ..data.loader import Batch
 from ..ops._dispatch import use_backend
-from ..models.loading import load_zimage_transformer
-from ..metrics import flops
-from ..method.schedule import Z_IMAGE, rollout_sigmas, shifted_sigmas
+from ..models.adapter import model_family
 from ..method.step import StepOutput, dopsd_step, sft_step
 from ..sample import sample, save_grid
 from . import checkpoint as ckpt
@@ -44,7 +41,7 @@ class Trainer:
         if cfg.model.pretrained is None:
             self.model = build_model(self.plan.arch).to(self.dtype)
         else:
-            self.model = load_zimage_transformer(cfg.model.pretrained, self.dtype)
+            self.model = model_family(self.plan.arch).load(cfg.model.pretrained, self.dtype)
         self.model.gradient_checkpointing = cfg.model.gradient_checkpointing
         self.base_state = {k: v.clone() for k, v in self.model.state_dict().items()} if cfg.model.pretrained is None else None
         self.roles = build_roles(cfg, self.model)
@@ -52,9 +49,10 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(self.roles.trainable.values(), lr=o.lr, betas=tuple(o.betas), eps=o.eps,
                                            weight_decay=o.weight_decay)
         self.text_encoder, self.mm_encoder = build_contexts(cfg, self.plan.arch)
-        self.codec, self.flow = PixelLatents(), Z_IMAGE
-        self.sigmas = rollout_sigmas(cfg.method.sigmas)
-        self.sample_sigmas = shifted_sigmas(cfg.sample.steps, cfg.sample.shift)
+        self.family = model_family(self.plan.arch)      # everything that differs between model families
+        self.codec, self.flow = self.family.codec(cfg, self.plan.arch), self.family.flow
+        self.sigmas = self.plan.sigmas                  # at data.image_size; batches of other sizes: _sigmas_for
+        self.sample_sigmas = self.sampler_sigmas(cfg.sample.steps)
         self.noise = torch.Generator().manual_seed(cfg.train.seed)
         self.codec = build_codec(cfg, self.plan.arch, self.codec, self.dtype)     # VAE for latent models on folders
         self.step = 0
@@ -65,17 +63,25 @@ class Trainer:
         c_s = self.text_encoder(batch.prompts)
         c_t = self.mm_encoder(batch.prompts, batch.images)
         shapes = [self.codec.latent_shape(*img.shape[-2:]) for img in batch.images]
-        out = dopsd_step(self.roles, self.flow, self._cast(c_s), self._cast(c_t), shapes, self.sigmas,
+        sigmas = self._sigmas_for(shapes)
+        out = dopsd_step(self.roles, self.flow, self._cast(c_s), self._cast(c_t), shapes, sigmas,
                          self.cfg.method.loss, self.cfg.method.per_step_backward, self.noise, self.dtype,
                          backward=self.backward)
         rank = self.cfg.adapter.rank if self.cfg.adapter.mode == "lora" else None
-        out.flops = sum(flops.dopsd_iteration(self.plan.arch, self._image_tokens(shape), len(s), len(t),
-                                              len(self.sigmas) - 1, rank).total for shape, s, t in zip(shapes, c_s, c_t))
+        out.flops = sum(self.family.iteration_flops(self.plan.arch, shape, s, t, len(sigmas) - 1, rank)
+                        for shape, s, t in zip(shapes, c_s, c_t))
         return out
 
-    def _image_tokens(self, latent_shape: tuple[int, ...]) -> int:
-        p = self.plan.arch.all_patch_size[0]
-        return latent_shape[-1] // p * (latent_shape[-2] // p)
+    def _sigmas_for(self, shapes: list[tuple[int, ...]]) -> list[float]:
+        """Roll-out schedule of a batch; FLUX.2 klein's depends on the image size, so a batch is one size bucket."""
+        if len(set(shapes)) > 1 and self.cfg.method.schedule == "model":
+            raise ValueError(f"method.schedule=model: a batch must hold one image size, got {sorted(set(shapes))}")
+        return self.family.training_sigmas(self.cfg.method, self.cfg.sample, shapes[0])
+
+    def sampler_sigmas(self, steps: int) -> list[float]:
+        """The model's own few-step sampler at data.image_size (Z-Image: shift sample.shift; klein: empirical mu)."""
+        shape = self.codec.latent_shape(self.cfg.data.image_size, self.cfg.data.image_size)
+        return self.family.sampling_sigmas(steps, self.cfg.sample.shift, shape)
 
     def learning_rate(self) -> float:
         """The learning rate of the coming optimizer step: linear warm-up, then constant (a function of the step)."""
@@ -226,7 +232,7 @@ class SFTTrainer(Trainer):
         c_s = self.text_encoder(batch.prompts)
         out = sft_step(self.roles, self.flow, self._cast(c_s), x0, self.cfg.method.sft_shift, self.noise)
         # forward + a full backward (2x); with LoRA the true backward is a little cheaper (see dopsd_iteration)
-        out.flops = sum(3 * flops.zimage_forward(self.plan.arch, self._image_tokens(x.shape), len(c)).total
+        out.flops = sum(3 * self.family.forward_flops(self.plan.arch, tuple(x.shape), c).total
                         for x, c in zip(x0, c_s))
         return out
 

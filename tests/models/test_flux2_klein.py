@@ -160,3 +160,13 @@ def test_bad_config_and_inputs_fail_clearly():
         model(x, t)
     with pytest.raises(ValueError, match="1 latents but 2 prompts"):
         model(x, t, cap_feats=text * 2)
+
+
+@pytest.mark.parametrize("cfg, target, refs, tflop, attention_pct", [
+    (KLEIN_4B, 4096, 0, 34.8, 19), (KLEIN_4B, 4096, 4096, 76.7, 30), (KLEIN_4B, 1024, 0, 10.2, 7),
+    (KLEIN_4B, 1024, 1024, 17.7, 11), (KLEIN_9B, 4096, 0, 75.5, 15), (KLEIN_9B, 4096, 4096, 161.3, 25),
+    (KLEIN_9B, 1024, 0, 22.7, 5), (KLEIN_9B, 1024, 1024, 39.2, 9)])
+def test_forward_flops_match_models_md(cfg, target, refs, tflop, attention_pct):
+    from dopsd_fast.metrics.flops import klein_forward
+    f = klein_forward(cfg, target, 512, refs)
+    assert round(f.total / 1e12, 1) == tflop and round(100 * f.attention / f.total) == attention_pct
