@@ -135,3 +135,24 @@ def test_nothing_usable_fails_before_training(tmp_path):
         ImageFolder(tmp_path, side=32)
     with pytest.raises(DataError, match="not a directory"):
         ImageFolder(tmp_path / "absent", side=32)
+
+
+def test_train_fails_on_an_unusable_folder_before_loading_weights(tmp_path, capsys):
+    """The transformer's weights file is garbage: the data error must come first."""
+    from dopsd_fast.cli import main
+
+    data = tmp_path / "data"
+    data.mkdir()
+    _pair(data, "nocap", caption=None)
+    _pair(data, "tiny", 8, 8)
+    model = tmp_path / "transformer"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps(dict(
+        in_channels=3, dim=64, n_layers=1, n_refiner_layers=1, n_heads=2, n_kv_heads=2, cap_feat_dim=32,
+        axes_dims=[8, 12, 12], axes_lens=[256, 64, 64])))
+    (model / "diffusion_pytorch_model.safetensors").write_bytes(b"not safetensors")
+    rc = main(["train", "--no-progress", "--no-samples", "--set", f"train.output_dir={json.dumps(str(tmp_path / 'run'))}",
+               "--set", "model.arch={}", "--set", f"model.pretrained={json.dumps(str(model))}", "--set", "data.kind=folder",
+               "--set", f"data.path={json.dumps(str(data))}", "--set", "data.buckets=1"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "no usable image-caption pairs (1 missing caption, 1 tiny image)" in err
