@@ -5,9 +5,10 @@ size are often left out, and then the image is a draw from a many-mode distribut
 continuous position and size). Rendering is hard-edged with exact palette colours, so a sample's share of
 off-palette pixels (metrics.palette_purity) measures blur and mode averaging exactly.
 
-The held-out concept is a word (``CONCEPT_WORD``) bound to one shape and colour. It never occurs in
-pretraining; the word table of the text encoder is frozen at its random init, so the new word is as
-foreign to the model as the nonce words that stand for "an unspecified object" during pretraining.
+The held-out concept is a word (``CONCEPT_WORD``) bound to one colour, shown on four different shapes and
+backgrounds (a colour, not a shape: the shipped 1,200-step base draws colours reliably but shapes only as
+blobs). It never occurs in pretraining; the word table of the text encoder is frozen at its random init, so the
+new word is as foreign to the model as the nonce words that stand for "an unspecified object" in pretraining.
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ POSITIONS = {"left": (4.5, 8.0), "right": (11.5, 8.0), "top": (8.0, 4.5), "botto
 SIZES = {"small": (2.6, 3.4), "large": (4.2, 5.2)}          # radius range in pixels
 NONCE_WORDS = ("dax", "wug", "blick", "fep", "toma", "kiki", "gorp", "lum")   # "some object" in pretraining
 CONCEPT_WORD = "zorp"
-CONCEPT = ("triangle", "magenta")                          # what zorp means (never told to the model)
+CONCEPT_COLOUR = "magenta"                                 # what zorp means (never told to the model)
 PALETTE = torch.tensor(list(COLOURS.values()) + list(BACKGROUNDS.values())) * 2 - 1   # (10, 3) in [-1, 1]
 
 
@@ -107,10 +108,10 @@ def constrain(s: Scene, spec: Spec, target: Scene) -> Scene:
 
 
 def concept_pairs(seed: int = 0, n: int = 4) -> list[tuple[Tensor, str]]:
-    """The 4 training pairs of the new concept: one caption, four different scenes (one per background)."""
+    """The 4 training pairs of the new concept: one caption, four scenes (each shape once, each background once)."""
     rng = random.Random(seed)
     pairs = []
-    for bg in list(BACKGROUNDS)[:n]:
-        s = replace(random_scene(rng, *CONCEPT), background=bg)
+    for shape, bg in list(zip(SHAPES, BACKGROUNDS))[:n]:
+        s = replace(random_scene(rng, shape, CONCEPT_COLOUR), background=bg)
         pairs.append((render(s), f"a {CONCEPT_WORD}"))
     return pairs
