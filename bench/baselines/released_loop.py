@@ -83,16 +83,19 @@ class ReleasedLoop:
         losses = []
         for t_now, t_next in zip(self.timesteps[:-1], self.timesteps[1:]):
             x = x.detach().requires_grad_(True)
+            # t and dt live in the training dtype, as released (bf16: t = 0.1 is 0.10009765625)
             t = torch.full((batch,), t_now, dtype=dtype, device=device)
+            dt = (torch.full((batch,), t_next, dtype=dtype, device=device) - t).view(-1, 1, 1, 1, 1)
             with torch.no_grad():
                 self.model.set_adapter("teacher")
                 v_t = torch.stack(self.model(list(x.unbind(0)), t, c_t, return_dict=False)[0])
             self.model.set_adapter("student")
             v_s = torch.stack(self.model(list(x.unbind(0)), t, c_s, return_dict=False)[0])
-            x0_t = x + (1 - t_now) * v_t
-            x0_s = x + (1 - t_now) * v_s
+            sigma = (1 - t).view(-1, 1, 1, 1, 1)
+            x0_t = x + sigma * v_t
+            x0_s = x + sigma * v_s
             losses.append(F.mse_loss(x0_s.float(), x0_t.detach().float()))
-            x = x + v_s * (t_next - t_now)
+            x = x + v_s * dt
         loss = torch.stack(losses).mean()
         loss.backward()
         return [v.item() for v in torch.stack(losses).detach()]
