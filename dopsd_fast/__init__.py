@@ -5,9 +5,12 @@ The method lives in ``dopsd_fast.method`` (start with ``method/step.py``); the t
 the fused ops (Triton on CUDA, PyTorch reference elsewhere; ``use_backend`` forces one) in ``dopsd_fast.ops``.
 """
 from .method.roles import FullRoles, LoRARoles
-from .method.schedule import Z_IMAGE, FlowConvention, rollout_sigmas, shifted_sigmas
+from .method.schedule import FLUX2, Z_IMAGE, FlowConvention, empirical_mu_sigmas, rollout_sigmas, shifted_sigmas
 from .method.step import dopsd_step, sft_step
+from .models.adapter import model_family
+from .models.flux2_klein import Flux2KleinConfig, Flux2KleinTransformer
 from .models.loading import load_zimage_transformer
+from .models.loading_flux2 import load_flux2_klein_transformer
 from .models.z_image import ZImageConfig, ZImageTransformer
 from .nn.lora_linear import LoRALinear
 from .ops._dispatch import use_backend
@@ -24,6 +27,8 @@ __all__ = [
     # method and model
     "FlowConvention", "FullRoles", "LoRALinear", "LoRARoles", "Z_IMAGE", "ZImageConfig", "ZImageTransformer",
     "dopsd_step", "load_zimage_transformer", "rollout_sigmas", "sft_step", "shifted_sigmas",
+    "FLUX2", "Flux2KleinConfig", "Flux2KleinTransformer", "empirical_mu_sigmas", "load_flux2_klein_transformer",
+    "model_family",
     # fused ops
     "PrefixPlan", "ema_update", "gated_residual", "lora_linear", "merge_state", "modulated_layer_norm",
     "modulated_rms_norm", "packed_attention", "packed_attention_with_lse", "prefix_attention", "qk_norm_rope",
