@@ -34,6 +34,7 @@ from dopsd_fast.method.schedule import Z_IMAGE, rollout_sigmas
 from dopsd_fast.method.step import dopsd_step
 from dopsd_fast.metrics.flops import dopsd_iteration
 from dopsd_fast.models.z_image import ZImageConfig, ZImageTransformer
+from dopsd_fast.train.telemetry import peak_tflops
 
 pytest.importorskip("diffusers")
 pytest.importorskip("peft")
@@ -68,8 +69,6 @@ CASES = {
     "cuda-6b-1024": Case("cuda", ZImageConfig(), (16, 1, 128, 128), (128, 704), 64, torch.bfloat16, 3),
 }
 SMOKE = Case("cpu", TINY, (16, 1, 16, 16), (7, 20), 4, torch.float32, 1)
-# dense bf16 tensor-core peak of the SXM cards the device machines carry (NVIDIA data sheets)
-PEAK_BF16 = {"H100": 989.4e12, "H200": 989.4e12}
 
 
 # ---------------------------------------------------------------------------------------------- building
@@ -195,9 +194,8 @@ def transient_bytes(run, device: str) -> int:
 def peak_flops(device: str) -> tuple[float, str]:
     """(FLOP/s the MFU is relative to, what it is)."""
     if device == "cuda":
-        name = torch.cuda.get_device_name()
-        card = next((k for k in PEAK_BF16 if k in name), None)
-        return (PEAK_BF16[card], f"{card} dense bf16 peak") if card else (float("nan"), f"{name}: no peak on record")
+        name, peak = torch.cuda.get_device_name(), peak_tflops(None)
+        return (peak * 1e12, f"{name} dense bf16 peak") if peak else (float("nan"), f"{name}: no peak on record")
     a = torch.randn(1024, 1024)
     best = min(_timed(lambda: a @ a, device) for _ in range(5))
     return 2 * 1024**3 / best, "measured fp32 1024^3 matmul rate on this CPU"
