@@ -85,14 +85,13 @@ class QwenTextEncoder:
                         device: str | torch.device = "cpu") -> "QwenTextEncoder":
         from transformers import AutoTokenizer
 
-        from ..models.loading import read_component_config, load_qwen3_text_encoder
+        from ..data.feature_cache import folder_fingerprint
+        from ..models.loading import load_qwen3_text_encoder, read_component_config
 
         config = read_component_config(Path(text_encoder_dir), "text_encoder/")
         total = int(config["num_hidden_layers"])
         model = load_qwen3_text_encoder(text_encoder_dir, dtype, device, spec.layers_to_run(total))
         tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
-        from ..data.feature_cache import folder_fingerprint
-
         identity = hashlib.sha256(f"{folder_fingerprint(text_encoder_dir)}|{asdict(spec)}|{dtype}".encode()).hexdigest()
         return cls(model, tokenizer, spec, total, "qwen3-text:" + identity[:16])
 
