@@ -31,7 +31,11 @@ BUDGET_S=${BUDGET_S:-470}
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 PYTHONDONTWRITEBYTECODE=1
 if [[ "$MODE" == gpu ]]; then
     export TRITON_INTERPRET=0                      # real kernels (tests/conftest.py defaults to the interpreter)
-    export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} DOPSD_CUDA_ARCHS=${DOPSD_CUDA_ARCHS:-90a}
+    if [[ -z "${CUDA_HOME:-}" ]]; then      # torch's extension tooling needs it (environment.md section 8)
+        if [[ -d /usr/local/cuda ]]; then CUDA_HOME=/usr/local/cuda
+        elif command -v nvcc >/dev/null; then CUDA_HOME=$(dirname "$(dirname "$(readlink -f "$(command -v nvcc)")")"); fi
+    fi
+    export CUDA_HOME=${CUDA_HOME:-} DOPSD_CUDA_ARCHS=${DOPSD_CUDA_ARCHS:-90a}
     OPS_SELECT=()
     # Triton compiles each test's kernels on first use: spread the op tests over processes when pytest-xdist is there
     "$PY" -c "import xdist" 2>/dev/null && OPS_SELECT=(-n 8)
