@@ -63,7 +63,12 @@ def _demo(args: argparse.Namespace) -> int:
     from .world.demo import Demo, format_table      # the world needs transformers; import it only here
     out = Path(args.out)
     tic = time.perf_counter()
-    report = Demo(out, args.iterations, args.eval_prompts, args.multi_steps, args.seed, tuple(args.set)).run()
+    try:
+        report = Demo(out, args.iterations, args.eval_prompts, args.multi_steps, args.seed, tuple(args.set),
+                      anchor=args.anchor).run()
+    except FileNotFoundError as err:       # a source tree without the shipped world weights
+        print(f"dopsd: error: {err}", file=sys.stderr)
+        return 2
     table = format_table(report, args.multi_steps)
     print(table)
     (out / "report.md").write_text(table + "\n")
@@ -124,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--eval-prompts", type=int, default=128, help="prompts per evaluation set")
     d.add_argument("--multi-steps", type=int, default=32, help="the multi-step schedule compared with 4 steps")
     d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--anchor", type=int, default=0, help="ordinary captions per iteration in an anchor term (0: none, "
+                   "as the authors)")
     d.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a world-demo preset key")
     e = sub.add_parser("export", help="write a run's student as a diffusers or ComfyUI LoRA, or as full diffusers weights")
     e.add_argument("run", help="the run's output_dir")
