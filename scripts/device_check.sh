@@ -36,13 +36,14 @@ if [[ "$MODE" == gpu ]]; then
         elif command -v nvcc >/dev/null; then CUDA_HOME=$(dirname "$(dirname "$(readlink -f "$(command -v nvcc)")")"); fi
     fi
     export CUDA_HOME=${CUDA_HOME:-} DOPSD_CUDA_ARCHS=${DOPSD_CUDA_ARCHS:-90a}
-    OPS_SELECT=()
+    OPS_SELECT=() E2E_SIZES=(cuda-6b-512 cuda-6b-1024)
     # Triton compiles each test's kernels on first use: spread the op tests over processes when pytest-xdist is there
     "$PY" -c "import xdist" 2>/dev/null && OPS_SELECT=(-n 8)
 else
     export TRITON_INTERPRET=1
     export DOPSD_BENCH_SMOKE=1                     # bench_e2e at its tiny size, still timed and written as JSON
     OPS_SELECT=(-k "rollout_step and launcher")    # a few interpreter cases: the stage runs, quickly
+    E2E_SIZES=(cpu-small)
 fi
 # -P: the repo root stays off sys.path, so the top-level kernels/ never shadows the hub's `kernels` package
 PYTEST=("$PY" -P -m pytest -q -p no:cacheprovider)
@@ -140,8 +141,12 @@ if [[ -f tests/csrc/test_cuda_ops.py ]]; then      # the GPU part of tests/csrc 
 else
     printf 'csrc\tskip\t0\tno tests/csrc/test_cuda_ops.py in this tree\n' >> "$OUT/stages.tsv"
 fi
-NOTE="ours vs released loop"      # before the op benches: the headline numbers get the budget first
-run_stage e2e 200 "${PYTEST[@]}" -s bench/bench_e2e.py --benchmark-json="$OUT/bench_e2e.json"
+# Before the op benches: the headline numbers get the budget first. One pytest per size, so a size cut off by its
+# timeout loses only its own JSON (pytest-benchmark writes the file at the end of the session).
+for size in "${E2E_SIZES[@]}"; do
+    NOTE="ours vs released loop, $size"
+    run_stage e2e 110 "${PYTEST[@]}" -s "bench/bench_e2e.py::test_e2e[$size]" --benchmark-json="$OUT/bench_e2e_$size.json"
+done
 NOTE="pytest-benchmark JSON"
 run_stage bench_ops 60 "${PYTEST[@]}" bench/ops --benchmark-json="$OUT/bench_ops.json"
 

@@ -2,8 +2,9 @@
 """Summarise a scripts/device_check.sh output folder: `python scripts/summarize_bench.py OUT_DIR`.
 
 Reads OUT_DIR/stages.tsv (stage, exit code, seconds, note), the pytest JUnit files tests_*.xml, and the
-pytest-benchmark files bench_*.json; prints one table per kind and writes the same text to OUT_DIR/summary.txt.
-Missing files are reported as missing, never fatal: the summary is what a failed run still has to show.
+pytest-benchmark files bench_ops.json and bench_e2e*.json (one per size); prints one table per kind, the e2e one
+last, and writes the same text to OUT_DIR/summary.txt. Missing files are reported as missing, never fatal: the
+summary is what a failed run still has to show.
 """
 from __future__ import annotations
 
@@ -51,12 +52,12 @@ def _load(path: Path) -> list[dict]:
 
 
 def e2e_lines(out: Path) -> list[str]:
-    path = out / "bench_e2e.json"
-    if not path.is_file():
-        return ["(no bench_e2e.json)"]
+    paths = sorted(out.glob("bench_e2e*.json"))
+    if not paths:
+        return ["(no bench_e2e*.json)"]
     lines = [f"{'case':<14} {'device':<22} {'ours it/s':>9} {'base it/s':>9} {'speedup min/med/max':>20} "
              f"{'peak MiB ours/base':>19} {'mem ratio':>9} {'MFU ours/base':>14}"]
-    for b in _load(path):
+    for b in (b for path in paths for b in _load(path)):
         e = b.get("extra_info", {})
         if "ours" not in e:
             lines.append(f"{b.get('name', '?')}: no measurements")

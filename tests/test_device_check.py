@@ -26,7 +26,7 @@ def test_summary_reports_failures_tests_and_e2e_last(tmp_path):
     e2e = {"case": "cuda-6b-512", "device": "NVIDIA H100 80GB HBM3", "ours": side,
            "baseline": {**side, "it_per_s": 1.0, "peak_bytes": 4 * 2**20, "mfu": 0.125},
            "speedup_min_median_max": [1.9, 2.0, 2.1], "peak_memory_ratio_ours_over_baseline": 0.75}
-    (tmp_path / "bench_e2e.json").write_text(json.dumps({"benchmarks": [{"name": "test_e2e", "extra_info": e2e}]}))
+    (tmp_path / "bench_e2e_cuda-6b-512.json").write_text(json.dumps({"benchmarks": [{"name": "test_e2e", "extra_info": e2e}]}))
     text = summarize(tmp_path)
     assert "FAILED" in text and "TIMED OUT" in text
     assert "FAILED tests.ops.test_x::test_a" in text
@@ -42,4 +42,4 @@ def test_cpu_dry_run_of_one_stage_ends_with_the_summary(tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
     assert (tmp_path / "stages.tsv").read_text().startswith("versions\t0\t")
     assert "torch" in (tmp_path / "device_check.log").read_text()
-    assert r.stdout.rstrip().endswith("(no bench_e2e.json)")      # the summary is printed last
+    assert r.stdout.rstrip().endswith("(no bench_e2e*.json)")      # the summary is printed last
