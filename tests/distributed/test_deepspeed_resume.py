@@ -21,7 +21,7 @@ RUN = [f"train.steps={STEPS}", "train.checkpoint_every=1", "train.keep_last=2", 
        "optim.warmup_steps=3", "train.tensorboard=false"]
 
 
-def wait_for_rows(out, n: int, proc: subprocess.Popen, timeout: float = 180) -> None:
+def wait_for_rows(out, n: int, proc: subprocess.Popen, timeout: float = 600) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         path = out / "metrics.jsonl"
