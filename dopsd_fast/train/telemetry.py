@@ -130,6 +130,13 @@ class TensorBoard:
 class Telemetry:
     """The extra JSONL fields of a trainer's steps; hooks its forwards and wraps its backward once."""
 
+    @classmethod
+    def of(cls, trainer) -> "Telemetry":
+        """The trainer's telemetry, created on its first ``train()`` (a second call must not hook twice)."""
+        if "_telemetry" not in vars(trainer):
+            trainer._telemetry = cls(trainer)
+        return trainer._telemetry
+
     def __init__(self, trainer):
         self.timer, self.gpu, self.world = StepTimer(), GPUStats(), trainer.world
         self.peak = peak_tflops(trainer.cfg.train.peak_tflops)

@@ -118,7 +118,7 @@ class Trainer:
     def _loop(self, log: StepLog) -> list[StepOutput]:
         cfg, t = self.cfg, self.cfg.train
         history: list[StepOutput] = []
-        telemetry = Telemetry(self)
+        telemetry = Telemetry.of(self)
         while self.step < t.steps:
             tic = time.perf_counter()
             with telemetry.timer.section("forward_backward"):
