@@ -22,7 +22,6 @@ exports the student.
 from __future__ import annotations
 
 import copy
-import math
 
 import torch
 from torch import Tensor
@@ -100,14 +99,14 @@ class DeepSpeedMixin:
         out.loss, out.losses, out.flops = mean[0], mean[1:-1], mean[-1] * self.world
         return out
 
-    def optimizer_step(self) -> float:
+    def optimizer_step(self) -> float | None:
         lr = self.learning_rate()
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.engine.step()
         self.roles.update_teacher(self.cfg.method.ema_decay)
-        norm = self.engine.get_global_grad_norm()
-        return math.nan if norm is None else float(norm)
+        norm = self.engine.get_global_grad_norm()      # None on ZeRO-0 in fp32: DeepSpeed clips without reporting it
+        return None if norm is None else float(norm)
 
     # ------------------------------------------------------------------ checkpoints
     def _rng_state(self) -> dict[str, Tensor]:

@@ -40,9 +40,14 @@ class StepLog:
                 tqdm.write(self._header())
                 self.header_done = True
             ks = " ".join(f"{v:9.4g}" for v in row["losses"]) if len(row["losses"]) == self.K else f"{'':>{10 * self.K - 1}}"
-            tqdm.write(f"{row['step']:6d} {row['loss']:10.5g} {ks} {row['grad_norm']:10.4g} {row['lr']:9.2e} {row['sec']:7.3f}")
+            tqdm.write(f"{row['step']:6d} {row['loss']:10.5g} {ks} {_num(row['grad_norm'], '10.4g')} {row['lr']:9.2e} {row['sec']:7.3f}")
 
     def close(self) -> None:
         self.bar.close()
         if self.tb is not None:
             self.tb.close()
+
+
+def _num(value, spec: str) -> str:
+    """A table cell; '-' where a number is unknown (null in the JSONL)."""
+    return "-".rjust(int(spec.split(".")[0])) if value is None else format(value, spec)
