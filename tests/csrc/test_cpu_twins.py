@@ -285,3 +285,35 @@ def test_epilogue_ops_fwd_bwd_through_cpp_backend(dtype):
     for i, (gg, wg, src) in enumerate(zip(got, want, leaves)):
         assert gg.dtype == src.dtype and gg.shape == src.shape, i
         close(gg, wg, dtype, BWD_TOL, f"grad {i}")
+
+
+# ------------------------------------------------------------------------------------ dtype conversions (common.h)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_every_16_bit_value_round_trips_like_torch(dtype):
+    """All 65536 bit patterns through fp32 and back (x_next = x + 0 * out_s), bit for bit with the reference."""
+    x = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(dtype)
+    s, t = torch.ones(x.numel(), dtype=dtype), torch.zeros(x.numel(), dtype=dtype)
+    cu = torch.tensor([0, x.numel()], dtype=torch.int32)
+    got, _, _ = C.rollout_step(x, s, t, cu, torch.zeros(1), torch.ones(1), False)
+    want, _ = R.rollout_step_ref(x, s, t, cu, torch.zeros(1), torch.ones(1))
+    torch.testing.assert_close(got, want, rtol=0.0, atol=0.0, equal_nan=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fp32_rounds_to_nearest_even_like_torch(dtype):
+    """fp32 -> 16 bits on ties, subnormals, overflow and NaN (the low-precision EMA copy of an unchanged master; an
+    infinite master would turn NaN in the lerp: inf comes back through the round-trip test above)."""
+    info = torch.finfo(dtype)
+    special = torch.tensor([0.0, -0.0, float("nan"), info.max, -info.max, info.tiny,
+                            info.tiny * 0.5, info.tiny * 2**-9, info.tiny * 2**-11, 65519.0, 65520.0, 65536.0, 1e30,
+                            1e-30, 2**-25, 2**-24, 1.5 * 2**-24, 1 + 2**-11, 1 + 3 * 2**-11, 1 + 2**-8, 1 + 3 * 2**-8])
+    bits = torch.randint(-(2**31), 2**31 - 1, (100_000,), generator=gen(9), dtype=torch.int64).to(torch.int32)
+    # random fp32 bit patterns, and exact ties: midpoints of neighbouring 16-bit values (exact in fp32)
+    top = 0x7BFF if dtype == torch.float16 else 0x7F7F   # bit pattern of the largest finite value
+    lo = torch.randint(0, top, (10_000,), generator=gen(10), dtype=torch.int32).to(torch.int16)
+    below, above = lo.view(dtype).float(), (lo + 1).view(dtype).float()
+    ties = below + (above - below) / 2   # (below + above) / 2 would overflow near bf16's max
+    teacher = torch.cat([special, bits.view(torch.float32), ties, -ties])
+    low = torch.empty(teacher.shape, dtype=dtype)
+    C.ema_update([teacher.clone()], [teacher.clone()], [low], 1.0)   # weight 0: the master keeps its value
+    torch.testing.assert_close(low, teacher.to(dtype), rtol=0.0, atol=0.0, equal_nan=True)
