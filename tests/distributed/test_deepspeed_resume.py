@@ -1,5 +1,5 @@
 """2 CPU ranks over gloo, ZeRO-2: a run SIGKILLed at a random point resumes and reproduces the uninterrupted run
-exactly; a rank that dies makes the others exit non-zero instead of hanging."""
+exactly, and zero_to_fp32 exports its student; a rank that dies makes the others exit non-zero instead of hanging."""
 import os
 import random
 import signal
@@ -37,9 +37,11 @@ def test_sigkill_at_random_point_resumes_exactly(tmp_path):
     finish(torchrun(straight, *RUN))
     ref = logged_rows(straight)
     assert sorted(ref) == list(range(1, STEPS + 1))
+    assert_zero_to_fp32_matches_student(straight / "checkpoints" / f"step-{STEPS:06d}")   # (saves a launch)
 
     killed = tmp_path / "killed"
     kill_after = random.Random(os.getpid()).randint(1, STEPS - 1)    # steps logged before the kill
+    print(f"SIGKILL after {kill_after} logged steps")
     proc = torchrun(killed, *RUN, start_new_session=True)
     wait_for_rows(killed, kill_after, proc)
     os.killpg(proc.pid, signal.SIGKILL)                              # launcher and both ranks, mid-step or mid-save
@@ -59,16 +61,13 @@ def test_sigkill_at_random_point_resumes_exactly(tmp_path):
         assert all(torch.equal(a[k], b[k]) for k in a), part
 
 
-def test_zero_to_fp32_export_matches_the_student(tmp_path):
+def assert_zero_to_fp32_matches_student(step_dir) -> None:
     """DeepSpeed's own consolidation of the ZeRO-2 shards gives back the student the checkpoint holds."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    out = tmp_path / "run"
-    finish(torchrun(out, "train.steps=2", "train.checkpoint_every=2", "deepspeed.stage=2"))
-    step = out / "checkpoints" / "step-000002"
-    exported = get_fp32_state_dict_from_zero_checkpoint(str(step / "deepspeed"), tag="engine",
+    exported = get_fp32_state_dict_from_zero_checkpoint(str(step_dir / "deepspeed"), tag="engine",
                                                         exclude_frozen_parameters=True)
-    student = load_tensors(step / "student.safetensors")
+    student = load_tensors(step_dir / "student.safetensors")
     assert set(exported) == set(student)
     assert all(torch.equal(exported[k], student[k]) for k in student)
 
