@@ -6,6 +6,8 @@ Layout of ``<output_dir>/checkpoints/step-000050/``:
   optimizer.safetensors  AdamW moments and step counts, keyed by parameter name
   rng.safetensors        noise-generator and global torch RNG states
   state.json             step, data-stream position, optimizer hyper-parameters, config; written last
+A DeepSpeed run (train/deepspeed_engine.py) writes the engine's shards under ``deepspeed/`` instead of
+optimizer.safetensors, and one ``rng-rankNNNNN.safetensors`` per rank instead of rng.safetensors.
 
 A checkpoint is written into ``step-XXXXXX.tmp`` and renamed when complete, so a crash mid-write never
 leaves a directory that looks complete and never touches the previous checkpoints.
