@@ -42,6 +42,10 @@ class ModelFamily:
         """Image <-> latent for the configured data (the pixel-space synthetic set: no VAE)."""
         raise NotImplementedError
 
+    def vae_codec(self, folder: str | Path, dtype: torch.dtype):
+        """Image <-> latent through the model's VAE (a diffusers ``vae/`` folder)."""
+        raise NotImplementedError
+
     def latent_shape(self, cfg, arch) -> tuple[int, ...]:
         """Latent shape of a data.image_size square image (planning; batches carry their own sizes)."""
         raise NotImplementedError
@@ -81,6 +85,11 @@ class ZImageFamily(ModelFamily):
 
     def codec(self, cfg, arch):
         return PixelLatents()
+
+    def vae_codec(self, folder, dtype):
+        from ..data.vae_latents import VaeLatents
+        from .loading import load_vae
+        return VaeLatents(load_vae(folder, dtype))
 
     def latent_shape(self, cfg, arch: ZImageConfig):
         s = cfg.data.image_size
@@ -123,7 +132,13 @@ class Flux2KleinFamily(ModelFamily):
         return p
 
     def codec(self, cfg, arch):
-        return PatchedPixelLatents(self.pixel_patch(arch))
+        # image folders go through the FLUX.2 VAE (vae_codec, built with the caches)
+        return None if cfg.data.kind == "folder" else PatchedPixelLatents(self.pixel_patch(arch))
+
+    def vae_codec(self, folder, dtype):
+        from ..data.flux2_vae_latents import Flux2VaeLatents
+        from .loading_flux2 import load_flux2_vae
+        return Flux2VaeLatents(load_flux2_vae(folder, dtype))
 
     def latent_shape(self, cfg, arch: Flux2KleinConfig):
         s = cfg.data.image_size

@@ -1,7 +1,7 @@
 """FLUX.2 [klein] transformer (4B / 9B) with packed variable-length internals.
 
 Maths equal diffusers' `Flux2Transformer2DModel` (= BFL `flux2/model.py`); parameter names equal the diffusers
-checkpoint keys (the BFL single file goes through `loading.load_flux2_klein_transformer`'s rename table).
+checkpoint keys (a BFL single file goes through the rename table of `loading_flux2.py`).
 See shared/reference/models.md section 3.
 
 Streams, per sample i (text length L_i, target tokens N_i, reference tokens R_i):

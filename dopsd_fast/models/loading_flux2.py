@@ -154,3 +154,19 @@ def load_flux2_klein_transformer(path: str | Path, dtype: torch.dtype = torch.fl
         return load_checked(model, path, WEIGHTS, dtype, device)
     except WeightsError as err:
         raise WeightsError(f"{err} (config: {config})") from None
+
+
+def load_flux2_vae(folder: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+    """A diffusers FLUX.2 ``vae/`` folder -> diffusers' ``AutoencoderKLFlux2`` (BatchNorm statistics included)."""
+    from diffusers import AutoencoderKLFlux2
+
+    from .loading import read_component_config
+
+    folder = Path(folder)
+    raw = read_component_config(folder, "vae/")
+    with torch.device("meta"):
+        try:
+            model = AutoencoderKLFlux2.from_config(raw)
+        except (TypeError, ValueError) as err:
+            raise WeightsError(f"{folder / 'config.json'}: not an AutoencoderKLFlux2 config ({err})") from None
+    return load_checked(model, folder, WEIGHTS, dtype, device).eval().requires_grad_(False)

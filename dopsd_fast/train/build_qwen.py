@@ -5,6 +5,7 @@ diffusers. Paths are checked here, before any weights are read, so a wrong folde
 """
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from ..data.buckets import BucketBatches
@@ -46,11 +47,12 @@ def check_real_parts(cfg: Config, arch) -> None:
         raise ConfigError("data.buckets: the toy context encodes square images only; set data.buckets=1, "
                           "or context.kind=qwen3")
     if cfg.context.kind == "qwen3":
-        if cfg.model.family != "z_image":
-            raise ConfigError(f"context.kind: qwen3 contexts are wired for model.family=z_image, not {cfg.model.family!r}")
+        if cfg.model.family == "flux2_klein" and cfg.context.teacher != "reference":
+            raise ConfigError("context.teacher: FLUX.2 klein's qwen3 contexts are wired with the reference teacher "
+                              "(a Qwen3-VL teacher on klein's layers 9/18/27 is not); set context.teacher=reference")
         _need_dir(component_dir(cfg, "text_encoder"), "model.text_encoder", "Qwen3 text encoder")
         _need_dir(component_dir(cfg, "tokenizer"), "model.tokenizer", "tokenizer")
-        if cfg.method.objective == "dopsd":
+        if cfg.method.objective == "dopsd" and cfg.context.teacher == "vlm":
             if cfg.context.teacher_model is None:
                 raise ConfigError("context.teacher_model: D-OPSD's teacher needs a local Qwen3-VL folder "
                                   "(e.g. Qwen3-VL-4B-Instruct)")
@@ -68,15 +70,24 @@ def build_folder_data(cfg: Config):
 def build_qwen_contexts(cfg: Config, arch, dtype):
     """(student, teacher) callables with the toy encoders' signatures, backed by the feature caches."""
     from ..contexts.cached import CachedContexts
-    from ..contexts.qwen_text import QwenTextEncoder, TextFeatureSpec
+    from ..contexts.qwen_text import KLEIN_TEXT, Z_IMAGE_TEXT, QwenTextEncoder
+    from ..contexts.reference import ReferenceTeacherContext
     from ..contexts.teacher_vlm import QwenVLTeacher
+    from ..models.adapter import model_family
 
     c = cfg.context
+    spec = dataclasses.replace(KLEIN_TEXT if cfg.model.family == "flux2_klein" else Z_IMAGE_TEXT,
+                               max_tokens=c.max_text_tokens)
     text = QwenTextEncoder.from_pretrained(component_dir(cfg, "text_encoder"), component_dir(cfg, "tokenizer"),
-                                           TextFeatureSpec(max_tokens=c.max_text_tokens), dtype)
-    if text.feat_dim != arch.cap_feat_dim:
-        raise ConfigError(f"model.text_encoder: its features have {text.feat_dim} dims, the transformer's "
-                          f"cap_feat_dim is {arch.cap_feat_dim}; the folders do not belong together")
+                                           spec, dtype)
+    want = model_family(arch).text_dim(arch)
+    if text.feat_dim != want:
+        raise ConfigError(f"model.text_encoder: its features have {text.feat_dim} dims, the transformer takes "
+                          f"{want}; the folders do not belong together")
+    if cfg.method.objective == "dopsd" and c.teacher == "reference":
+        # teacher text = the cached features of "<prompt> <reference_prompt>"; the target as reference latents
+        ctx = CachedContexts(text, None, cache_root(cfg))
+        return ctx.student, ReferenceTeacherContext(ctx.student, build_codec(cfg, arch, None, dtype), c.reference_prompt)
     teacher = None
     if cfg.method.objective == "dopsd":
         teacher = QwenVLTeacher.from_pretrained(c.teacher_model, text, c.teacher_order, c.teacher_max_tokens,
@@ -91,13 +102,12 @@ def build_codec(cfg: Config, arch, fallback, dtype):
         return fallback
     from ..contexts.cached import CachedLatents
     from ..data.feature_cache import FeatureCache, folder_fingerprint
-    from ..data.vae_latents import VaeLatents
-    from ..models.loading import load_vae
+    from ..models.adapter import model_family
 
     folder = component_dir(cfg, "vae")
     root = cache_root(cfg)
     cache = FeatureCache(root, "vae_latents", f"vae-{folder_fingerprint(folder)[:16]}-{dtype}") if root else None
-    return CachedLatents(VaeLatents(load_vae(folder, dtype)), cache)
+    return CachedLatents(model_family(arch).vae_codec(folder, dtype), cache)
 
 
 def fill_caches(cfg: Config, progress: bool = True) -> dict:

@@ -80,8 +80,7 @@ class Trainer:
 
     def sampler_sigmas(self, steps: int) -> list[float]:
         """The model's own few-step sampler at data.image_size (Z-Image: shift sample.shift; klein: empirical mu)."""
-        shape = self.codec.latent_shape(self.cfg.data.image_size, self.cfg.data.image_size)
-        return self.family.sampling_sigmas(steps, self.cfg.sample.shift, shape)
+        return self.family.sampling_sigmas(steps, self.cfg.sample.shift, self.family.latent_shape(self.cfg, self.plan.arch))
 
     def learning_rate(self) -> float:
         """The learning rate of the coming optimizer step: linear warm-up, then constant (a function of the step)."""
