@@ -124,7 +124,7 @@ extension() {
     if [[ "$MODE" == cpu ]]; then echo "--cpu: the extension's CPU build is CI's (tests/csrc); not rebuilt here"; return 0; fi
     echo "building dopsd_fast._C (CMake, DOPSD_CUDA_ARCHS=$DOPSD_CUDA_ARCHS, CUDA_HOME=$CUDA_HOME)"
     "$PY" -m pip install --no-index --no-deps --no-build-isolation -e . &&
-        "$PY" -P -c "import dopsd_fast._C as c; print('extension:', c.__file__)"
+        "$PY" -P -c "from dopsd_fast.ops._dispatch import native_available as n; assert n(cuda=True), 'dopsd_fast._C has no CUDA kernels'; print('extension: CUDA kernels loaded')"
 }
 
 export PY MODE WHEELS
