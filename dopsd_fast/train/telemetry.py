@@ -7,6 +7,7 @@ Time breakdown of one iteration (seconds, this rank):
   optimizer_s optimizer step, clipping, EMA update (DeepSpeed: gradient reduction of ZeRO 0/1 too)
   rollout_s   the rest of the iteration: contexts, noise, Euler updates and divergences
   comm_s      DeepSpeed collectives (inside backward_s / optimizer_s, not added to them); absent without DeepSpeed
+tokens_per_s counts the image tokens the student denoised (K roll-out steps x the global batch).
 """
 from __future__ import annotations
 
@@ -158,6 +159,8 @@ class Telemetry:
         comm = comm_seconds()
         if comm is not None:
             row["comm_s"] = comm
+        if result.tokens:
+            row["tokens_per_s"] = result.tokens / sec
         if self.peak is not None:
             row["mfu"] = result.flops / sec / (self.peak * 1e12 * self.world)
         row["peak_mem_gib"] = peak_memory_gib()

@@ -70,6 +70,7 @@ class Trainer:
         rank = self.cfg.adapter.rank if self.cfg.adapter.mode == "lora" else None
         out.flops = sum(self.family.iteration_flops(self.plan.arch, shape, s, t, len(sigmas) - 1, rank)
                         for shape, s, t in zip(shapes, c_s, c_t))
+        out.tokens = (len(sigmas) - 1) * sum(self.family.image_tokens(self.plan.arch, s) for s in shapes)
         return out
 
     def _sigmas_for(self, shapes: list[tuple[int, ...]]) -> list[float]:

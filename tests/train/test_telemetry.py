@@ -23,6 +23,8 @@ def test_jsonl_telemetry_fields(tmp_path):
         assert r["teacher_s"] > 0 and r["student_s"] > 0 and r["backward_s"] > 0
         assert sum(r[k] for k in BREAKDOWN) <= r["sec"] * 1.001
         assert r["images_per_s"] == pytest.approx(tr.cfg.train.batch_size / r["sec"])
+        tokens = K * tr.cfg.train.batch_size * (tr.cfg.data.image_size // 2) ** 2     # pixel space, 2x2 patches
+        assert r["tokens_per_s"] == pytest.approx(tokens / r["sec"])
         assert r["mfu"] == pytest.approx(r["model_tflops_per_s"] / 0.5)
         assert r["peak_mem_gib"] > 0
         assert "comm_s" not in r and "gpu_util_pct" not in r     # no DeepSpeed, no GPU: absent, not zero
