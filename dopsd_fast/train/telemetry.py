@@ -140,6 +140,7 @@ class Telemetry:
 
     def __init__(self, trainer):
         self.timer, self.gpu, self.world = StepTimer(), GPUStats(), trainer.world
+        self.deepspeed = getattr(trainer, "engine", None) is not None     # its comms logger is process-global
         self.peak = peak_tflops(trainer.cfg.train.peak_tflops)
         self.timer.time_forwards(trainer.roles.student_model, trainer.roles.teacher_model)
         inner = trainer.backward
@@ -156,7 +157,7 @@ class Telemetry:
         forward_backward = s.pop("forward_backward", 0.0)
         row = {k: s.get(k, 0.0) for k in ("teacher_s", "student_s", "backward_s", "optimizer_s")}
         row["rollout_s"] = max(0.0, forward_backward - row["teacher_s"] - row["student_s"] - row["backward_s"])
-        comm = comm_seconds()
+        comm = comm_seconds() if self.deepspeed else None
         if comm is not None:
             row["comm_s"] = comm
         if result.tokens:
