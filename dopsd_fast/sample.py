@@ -16,9 +16,10 @@ def sample(model, flow: FlowConvention, cap_feats: list[Tensor], latent_shape: t
            generator: torch.Generator | None = None, dtype: torch.dtype = torch.float32) -> list[Tensor]:
     """Run ``len(sigmas) - 1`` Euler steps from N(0, I); returns one clean latent per caption."""
     ctx = model.encode_context(cap_feats)
-    x = [torch.randn(latent_shape, generator=generator).to(dtype) for _ in cap_feats]
+    device = cap_feats[0].device     # noise from the host generator: the same samples on any device
+    x = [torch.randn(latent_shape, generator=generator).to(device, dtype) for _ in cap_feats]
     for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
-        t = flow.time(torch.full((len(x),), sigma))
+        t = flow.time(torch.full((len(x),), sigma, device=device))
         out = model(x, t, context=ctx)
         x = [flow.euler(xi, oi, sigma, sigma_next) for xi, oi in zip(x, out)]
     return x
@@ -26,7 +27,7 @@ def sample(model, flow: FlowConvention, cap_feats: list[Tensor], latent_shape: t
 
 def to_uint8(image: Tensor) -> np.ndarray:
     """(3, H, W) in [-1, 1] -> (H, W, 3) uint8."""
-    return ((image.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
+    return ((image.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
 
 
 def save_grid(rows: list[list[Tensor]], path: Path, upscale: int = 4, pad: int = 2) -> Path:

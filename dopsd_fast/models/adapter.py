@@ -42,7 +42,7 @@ class ModelFamily:
         """Image <-> latent for the configured data (the pixel-space synthetic set: no VAE)."""
         raise NotImplementedError
 
-    def vae_codec(self, folder: str | Path, dtype: torch.dtype):
+    def vae_codec(self, folder: str | Path, dtype: torch.dtype, device: str | torch.device = "cpu"):
         """Image <-> latent through the model's VAE (a diffusers ``vae/`` folder)."""
         raise NotImplementedError
 
@@ -86,10 +86,10 @@ class ZImageFamily(ModelFamily):
     def codec(self, cfg, arch):
         return PixelLatents()
 
-    def vae_codec(self, folder, dtype):
+    def vae_codec(self, folder, dtype, device="cpu"):
         from ..data.vae_latents import VaeLatents
         from .loading import load_vae
-        return VaeLatents(load_vae(folder, dtype))
+        return VaeLatents(load_vae(folder, dtype, device))
 
     def latent_shape(self, cfg, arch: ZImageConfig):
         s = cfg.data.image_size
@@ -135,10 +135,10 @@ class Flux2KleinFamily(ModelFamily):
         # image folders go through the FLUX.2 VAE (vae_codec, built with the caches)
         return None if cfg.data.kind == "folder" else PatchedPixelLatents(self.pixel_patch(arch))
 
-    def vae_codec(self, folder, dtype):
+    def vae_codec(self, folder, dtype, device="cpu"):
         from ..data.flux2_vae_latents import Flux2VaeLatents
         from .loading_flux2 import load_flux2_vae
-        return Flux2VaeLatents(load_flux2_vae(folder, dtype))
+        return Flux2VaeLatents(load_flux2_vae(folder, dtype, device))
 
     def latent_shape(self, cfg, arch: Flux2KleinConfig):
         s = cfg.data.image_size

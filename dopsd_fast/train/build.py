@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -153,6 +154,19 @@ def resolve_plan(cfg: Config, need_weights: bool = True) -> Plan:
     return Plan(arch, total, sum(p.numel() for p in roles.trainable.values()), lora_modules, sigmas)
 
 
+def resolve_device(name: str) -> torch.device:
+    """``train.device`` -> a torch device; asking for CUDA where there is none is a config error, not a crash later."""
+    if name == "auto":
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"train.device: {name!r}, but torch sees no CUDA device (torch {torch.__version__}); "
+                          "use auto or cpu, or install a CUDA build of torch")
+    return device
+
+
 def check_buildable(cfg: Config) -> None:
     """Refuse, before any model is built, the parts this version cannot assemble yet."""
     if (cfg.data.kind == "world") != (cfg.context.kind == "world"):
@@ -179,7 +193,7 @@ def build_data(cfg: Config) -> tuple[SyntheticPairs, PairStream]:
     return dataset, PairStream(dataset, cfg.train.batch_size, cfg.train.seed)
 
 
-def build_contexts(cfg: Config, arch: Any):
+def build_contexts(cfg: Config, arch: Any, device: torch.device = torch.device("cpu")):
     if cfg.context.kind == "world":
         from ..world.bundle import load_encoders
         from ..world.encoders import MultimodalContext, TextContext
@@ -187,7 +201,7 @@ def build_contexts(cfg: Config, arch: Any):
         return TextContext(encoders), MultimodalContext(encoders)
     if cfg.context.kind == "qwen3":
         from .build_qwen import build_qwen_contexts
-        return build_qwen_contexts(cfg, arch, DTYPES[cfg.model.dtype])
+        return build_qwen_contexts(cfg, arch, DTYPES[cfg.model.dtype], device)
     family = model_family(arch)
     text = ToyTextEncoder(family.text_dim(arch), cfg.context.max_text_tokens)
     if cfg.context.teacher == "reference":

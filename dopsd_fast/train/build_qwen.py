@@ -67,7 +67,7 @@ def build_folder_data(cfg: Config):
     return dataset, BucketBatches(dataset, cfg.train.batch_size, cfg.train.seed)
 
 
-def build_qwen_contexts(cfg: Config, arch, dtype):
+def build_qwen_contexts(cfg: Config, arch, dtype, device: str | torch.device = "cpu"):
     """(student, teacher) callables with the toy encoders' signatures, backed by the feature caches."""
     from ..contexts.cached import CachedContexts
     from ..contexts.qwen_text import KLEIN_TEXT, Z_IMAGE_TEXT, QwenTextEncoder
@@ -79,7 +79,7 @@ def build_qwen_contexts(cfg: Config, arch, dtype):
     spec = dataclasses.replace(KLEIN_TEXT if cfg.model.family == "flux2_klein" else Z_IMAGE_TEXT,
                                max_tokens=c.max_text_tokens)
     text = QwenTextEncoder.from_pretrained(component_dir(cfg, "text_encoder"), component_dir(cfg, "tokenizer"),
-                                           spec, dtype)
+                                           spec, dtype, device)
     want = model_family(arch).text_dim(arch)
     if text.feat_dim != want:
         raise ConfigError(f"model.text_encoder: its features have {text.feat_dim} dims, the transformer takes "
@@ -87,16 +87,16 @@ def build_qwen_contexts(cfg: Config, arch, dtype):
     if cfg.method.objective == "dopsd" and c.teacher == "reference":
         # teacher text = the cached features of "<prompt> <reference_prompt>"; the target as reference latents
         ctx = CachedContexts(text, None, cache_root(cfg))
-        return ctx.student, ReferenceTeacherContext(ctx.student, build_codec(cfg, arch, None, dtype), c.reference_prompt)
+        return ctx.student, ReferenceTeacherContext(ctx.student, build_codec(cfg, arch, None, dtype, device), c.reference_prompt)
     teacher = None
     if cfg.method.objective == "dopsd":
         teacher = QwenVLTeacher.from_pretrained(c.teacher_model, text, c.teacher_order, c.teacher_max_tokens,
-                                                c.teacher_min_pixels, c.teacher_max_pixels, dtype)
+                                                c.teacher_min_pixels, c.teacher_max_pixels, dtype, device)
     ctx = CachedContexts(text, teacher, cache_root(cfg))
     return ctx.student, ctx.teacher
 
 
-def build_codec(cfg: Config, arch, fallback, dtype):
+def build_codec(cfg: Config, arch, fallback, dtype, device: str | torch.device = "cpu"):
     """The VAE codec (through the latent cache) for latent models on folder data; else ``fallback``."""
     if not uses_vae(cfg, arch):
         return fallback
@@ -107,7 +107,7 @@ def build_codec(cfg: Config, arch, fallback, dtype):
     folder = component_dir(cfg, "vae")
     root = cache_root(cfg)
     cache = FeatureCache(root, "vae_latents", f"vae-{folder_fingerprint(folder)[:16]}-{dtype}") if root else None
-    return CachedLatents(model_family(arch).vae_codec(folder, dtype), cache)
+    return CachedLatents(model_family(arch).vae_codec(folder, dtype, device), cache)
 
 
 def fill_caches(cfg: Config, progress: bool = True) -> dict:
@@ -118,7 +118,7 @@ def fill_caches(cfg: Config, progress: bool = True) -> dict:
     """
     from tqdm import tqdm
 
-    from .build import DTYPES, check_buildable, resolve_arch
+    from .build import DTYPES, check_buildable, resolve_arch, resolve_device
 
     if cfg.data.kind != "folder":
         raise ConfigError(f"data.kind: `dopsd cache` precomputes image-folder features, got {cfg.data.kind!r}")
@@ -126,13 +126,13 @@ def fill_caches(cfg: Config, progress: bool = True) -> dict:
         raise ConfigError("data.cache_dir: is null (no cache); set a folder or \"auto\"")
     check_buildable(cfg)
     arch = resolve_arch(cfg)
-    dtype = DTYPES[cfg.model.dtype]
+    dtype, device = DTYPES[cfg.model.dtype], resolve_device(cfg.train.device)
     dataset, _ = build_folder_data(cfg)
     student = teacher = None
     if cfg.context.kind == "qwen3":
-        student, teacher = build_qwen_contexts(cfg, arch, dtype)
+        student, teacher = build_qwen_contexts(cfg, arch, dtype, device)
         teacher = teacher if cfg.method.objective == "dopsd" else None
-    codec = build_codec(cfg, arch, None, dtype)
+    codec = build_codec(cfg, arch, None, dtype, device)
     for i in tqdm(range(len(dataset)), desc="dopsd cache", unit="image", disable=not progress):
         pair = dataset[i]
         if student is not None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -136,6 +137,9 @@ class TrainConfig:
     tensorboard: bool = True
     # Per-device dense bf16 peak for MFU; null: looked up from the GPU's name (no MFU on CPU).
     peak_tflops: float | None = None
+    # Where the transformer, encoders and VAE run: "auto" = this process's GPU (LOCAL_RANK under a launcher) when
+    # CUDA is available, else the CPU; or "cpu", "cuda", "cuda:N".
+    device: str = "auto"
 
 
 @dataclass
@@ -285,6 +289,8 @@ def validate(cfg: Config) -> Config:
     _check(0 < c.teacher_min_pixels <= c.teacher_max_pixels, "context.teacher_min_pixels",
            "must be > 0 and <= context.teacher_max_pixels")
     _check(cfg.sample.shift > 0, "sample.shift", "must be > 0")
+    _check(t.device == "auto" or re.fullmatch(r"cpu|cuda(:\d+)?", t.device) is not None, "train.device",
+           f"expected auto, cpu, cuda or cuda:N, got {t.device!r}")
     _check(t.peak_tflops is None or t.peak_tflops > 0, "train.peak_tflops", "must be > 0 (or null to look it up)")
     ds = cfg.deepspeed
     _check(ds.stage in (None, 0, 1, 2, 3), "deepspeed.stage", f"must be null, 0, 1, 2 or 3, got {ds.stage}")

@@ -19,7 +19,8 @@ from ..models.adapter import model_family
 from ..method.step import StepOutput, dopsd_step, sft_step
 from ..sample import sample, save_grid
 from . import checkpoint as ckpt
-from .build import DTYPES, build_contexts, build_data, build_model, build_roles, check_buildable, resolve_plan
+from .build import (DTYPES, build_contexts, build_data, build_model, build_roles, check_buildable, resolve_device,
+                    resolve_plan)
 from .build_qwen import build_codec
 from .config import Config, ConfigError, load_config
 from .distributed import launched_world_size
@@ -36,25 +37,26 @@ class Trainer:
         self.cfg, self.plan = cfg, resolve_plan(cfg)
         self.dataset, self.stream = build_data(cfg)     # first: a folder with nothing usable fails before any weights load
         self.out = Path(cfg.train.output_dir)
-        self.dtype = DTYPES[cfg.model.dtype]
-        torch.manual_seed(cfg.model.init_seed)      # random base (tiny models) and LoRA init
+        self.dtype, self.device = DTYPES[cfg.model.dtype], resolve_device(cfg.train.device)
+        torch.manual_seed(cfg.model.init_seed)      # random base (tiny models) and LoRA init, drawn on the CPU
         if cfg.model.pretrained is None:
             self.model = build_model(self.plan.arch).to(self.dtype)
         else:
             self.model = model_family(self.plan.arch).load(cfg.model.pretrained, self.dtype)
+        self.model.to(self.device)      # before the roles: adapters, the EMA master and the optimizer follow it
         self.model.gradient_checkpointing = cfg.model.gradient_checkpointing
         self.base_state = {k: v.clone() for k, v in self.model.state_dict().items()} if cfg.model.pretrained is None else None
         self.roles = build_roles(cfg, self.model)
         o = cfg.optim
         self.optimizer = torch.optim.AdamW(self.roles.trainable.values(), lr=o.lr, betas=tuple(o.betas), eps=o.eps,
                                            weight_decay=o.weight_decay)
-        self.text_encoder, self.mm_encoder = build_contexts(cfg, self.plan.arch)
+        self.text_encoder, self.mm_encoder = build_contexts(cfg, self.plan.arch, self.device)
         self.family = model_family(self.plan.arch)      # everything that differs between model families
         self.codec, self.flow = self.family.codec(cfg, self.plan.arch), self.family.flow
         self.sigmas = self.plan.sigmas                  # at data.image_size; batches of other sizes: _sigmas_for
         self.sample_sigmas = self.sampler_sigmas(cfg.sample.steps)
         self.noise = torch.Generator().manual_seed(cfg.train.seed)
-        self.codec = build_codec(cfg, self.plan.arch, self.codec, self.dtype)     # VAE for latent models on folders
+        self.codec = build_codec(cfg, self.plan.arch, self.codec, self.dtype, self.device)     # VAE for latent models on folders
         self.step = 0
         self.progress = progress
 
@@ -221,14 +223,15 @@ class Trainer:
         return [self.codec.decode(x.float()) for x in latents]
 
     def _cast(self, feats):
-        return [f.to(self.dtype) for f in feats]
+        """Encoder outputs (features, latents; CPU or cached) -> the transformer's device and dtype."""
+        return [f.to(self.device, self.dtype) for f in feats]
 
 
 class SFTTrainer(Trainer):
     """The baseline: flow matching of the student on the target latents (off-policy)."""
 
     def forward_backward_step(self, batch: Batch) -> StepOutput:
-        x0 = [self.codec.encode(img).to(self.dtype) for img in batch.images]
+        x0 = self._cast([self.codec.encode(img) for img in batch.images])
         c_s = self.text_encoder(batch.prompts)
         out = sft_step(self.roles, self.flow, self._cast(c_s), x0, self.cfg.method.sft_shift, self.noise)
         # forward + a full backward (2x); with LoRA the true backward is a little cheaper (see dopsd_iteration)
