@@ -5,6 +5,7 @@
 #   package   -> pip install -e . against the machine's torch (no deps, no build isolation, no native build), then
 #   extension -> the same install building the CUDA extension csrc/ -> dopsd_fast._C when setup.py provides it
 #   ops, csrc -> GPU tests of every op (tests/ops on the `device` fixture, tests/csrc), JUnit XML
+#   train     -> `dopsd train tiny-cpu` for 3 steps on the device (train.device=auto), checkpoint included
 #   e2e       -> dopsd_fast vs the released loop at Z-Image 6B 512^2 / 1024^2, then bench_ops -> op benches (JSON)
 # and prints the summary table LAST (scripts/summarize_bench.py). Every stage has its own timeout inside one total
 # budget (BUDGET_S, default 470 s); a failed stage is recorded and the next one still runs.
@@ -25,7 +26,7 @@ LOG="$OUT/device_check.log"
 PY=${PY:-$(command -v python3)}
 [[ "$MODE" == cpu && -x .venv/bin/python ]] && PY=.venv/bin/python
 WHEELS=${WHEELS:-.device_wheels}
-STAGES=${STAGES:-versions wheels package extension ops csrc e2e bench_ops}
+STAGES=${STAGES:-versions wheels package extension ops csrc train e2e bench_ops}
 START=$(date +%s)
 BUDGET_S=${BUDGET_S:-470}
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 PYTHONDONTWRITEBYTECODE=1
@@ -36,7 +37,7 @@ if [[ "$MODE" == gpu ]]; then
         elif command -v nvcc >/dev/null; then CUDA_HOME=$(dirname "$(dirname "$(readlink -f "$(command -v nvcc)")")"); fi
     fi
     export CUDA_HOME=${CUDA_HOME:-} DOPSD_CUDA_ARCHS=${DOPSD_CUDA_ARCHS:-90a}
-    OPS_SELECT=() E2E_SIZES=(cuda-6b-512 cuda-6b-1024)
+    OPS_SELECT=() E2E_SIZES=(cuda-6b-512 cuda-6b-1024) TRAIN_DEVICE=cuda
     # Triton compiles each test's kernels on first use: spread the op tests over processes when pytest-xdist is there
     "$PY" -c "import xdist" 2>/dev/null && OPS_SELECT=(-n 8)
 else
@@ -44,6 +45,7 @@ else
     export DOPSD_BENCH_SMOKE=1                     # bench_e2e at its tiny size, still timed and written as JSON
     OPS_SELECT=(-k "rollout_step and launcher")    # a few interpreter cases: the stage runs, quickly
     E2E_SIZES=(cpu-small)
+    TRAIN_DEVICE=cpu
 fi
 # -P: the repo root stays off sys.path, so the top-level kernels/ never shadows the hub's `kernels` package
 PYTEST=("$PY" -P -m pytest -q -p no:cacheprovider)
@@ -141,6 +143,11 @@ if [[ -f tests/csrc/test_cuda_ops.py ]]; then      # the GPU part of tests/csrc 
 else
     printf 'csrc\tskip\t0\tno tests/csrc/test_cuda_ops.py in this tree\n' >> "$OUT/stages.tsv"
 fi
+# The trainer itself on the device (train.device=auto picks the GPU): 3 D-OPSD steps, checkpoint, resume path.
+NOTE="dopsd train tiny-cpu on the device, 3 steps"
+# (TRITON_INTERPRET=0: on --cpu the trainer's own CPU path, the reference ops, not the interpreter)
+run_stage train 60 env TRITON_INTERPRET=0 "$PY" -P -m dopsd_fast.cli train tiny-cpu --no-samples --no-progress \
+    --set train.steps=3 --set train.device=$TRAIN_DEVICE --set train.output_dir="$OUT/train_run" --set train.tensorboard=false
 # Before the op benches: the headline numbers get the budget first. One pytest per size, so a size cut off by its
 # timeout loses only its own JSON (pytest-benchmark writes the file at the end of the session).
 for size in "${E2E_SIZES[@]}"; do
