@@ -150,7 +150,8 @@ class Telemetry:
                 inner(loss)
 
         trainer.backward = timed_backward     # the instance attribute shadows the class's backward
-        comm_seconds()                         # drop collectives of set-up and resume
+        if self.deepspeed:
+            comm_seconds()                     # drop collectives of set-up and resume
 
     def fields(self, result, sec: float) -> dict:
         s = self.timer.take()
