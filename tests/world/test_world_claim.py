@@ -13,6 +13,7 @@ without an anchor D-OPSD carries the concept's colour into ordinary prompts more
 import pytest
 
 pytest.importorskip("transformers")
+from dopsd_fast.ops._dispatch import use_backend  # noqa: E402
 from dopsd_fast.world.bundle import load_dit  # noqa: E402
 from dopsd_fast.world.demo import Demo, generate, score  # noqa: E402
 
@@ -31,8 +32,10 @@ def measured(tmp_path_factory):
         old = generate(model, demo.encoders, demo.ordinary, 4, demo.seed + 4)
         return score(new, demo.concept, demo.evaluator), score(old, demo.ordinary, demo.evaluator)
 
-    m = {"turbo": at_4_steps(load_dit("turbo")), "sft": at_4_steps(demo.finetune("sft")),
-         "dopsd": at_4_steps(demo.finetune("dopsd"))}
+    # module scope runs outside conftest's per-test backend pin: pin the reference ops here (not the interpreter)
+    with use_backend("reference"):
+        m = {"turbo": at_4_steps(load_dit("turbo")), "sft": at_4_steps(demo.finetune("sft")),
+             "dopsd": at_4_steps(demo.finetune("dopsd"))}
     m["numbers"] = (f"new acc turbo/SFT/D-OPSD {m['turbo'][0]['acc']:.2f}/{m['sft'][0]['acc']:.2f}/"
                     f"{m['dopsd'][0]['acc']:.2f}; original colour acc {m['turbo'][1]['colour_acc']:.2f}/"
                     f"{m['sft'][1]['colour_acc']:.2f}/{m['dopsd'][1]['colour_acc']:.2f}")
