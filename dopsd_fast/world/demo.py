@@ -155,7 +155,8 @@ def format_table(report: dict, multi: int) -> str:
     g = report["gates"]
     lines += ["", f"Gate 1 (few-step sampling is hard, and the turbo solved it), palette purity on the concept captions: "
               f"base {g['base_purity_4']:.3f} at 4 steps vs {g['base_purity_multi']:.3f} at {multi}; turbo "
-              f"{g['turbo_purity_4']:.3f} at 4 (closes {g['gap_closed']:.0%} of the gap) -> "
+              f"{g['turbo_purity_4']:.3f} at 4 ("
+              f"{'no gap to close' if g['gap_closed'] != g['gap_closed'] else format(g['gap_closed'], '.0%') + ' of the gap closed'}) -> "
               f"{'PASS' if g['gate1'] else 'FAIL'}",
               f"Gate 2 (teacher ceiling): turbo with '{CONCEPT_WORD}' + a concept image at 4 steps, concept acc "
               f"{g['teacher_concept_acc_4']:.2f} (>= 0.90 needed) -> {'PASS' if g['gate2'] else 'FAIL'}"]
