@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from .loader import Batch
+from .loader import Batch, ResumableStream
 
 MAX_ASPECT = 1344 / 576
 
@@ -52,7 +52,7 @@ def resize_center_crop(img: Image.Image, height: int, width: int) -> Tensor:
     return x.permute(2, 0, 1).float() / 127.5 - 1.0
 
 
-class BucketBatches:
+class BucketBatches(ResumableStream):
     """Endless resumable batches whose images share one bucket (so they stack into one latent shape).
 
     Each epoch shuffles every bucket, cuts it into batches (the last one wraps round within the bucket, so no
@@ -61,13 +61,12 @@ class BucketBatches:
     """
 
     def __init__(self, dataset, batch_size: int, seed: int):
-        self.dataset, self.batch_size, self.seed = dataset, batch_size, seed
-        self.epoch, self.position = 0, 0
+        super().__init__(dataset, batch_size, seed)
         self._cached: tuple[int, list[list[int]]] = (-1, [])
 
     def _batches(self) -> list[list[int]]:
         if self._cached[0] != self.epoch:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+            g = self.epoch_generator()
             batches = []
             for members in self.dataset.bucket_members().values():
                 order = [members[i] for i in torch.randperm(len(members), generator=g).tolist()]
@@ -77,23 +76,14 @@ class BucketBatches:
             self._cached = (self.epoch, [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()])
         return self._cached[1]
 
-    def __iter__(self):
-        return self
-
     def __next__(self) -> Batch:
         if self.position >= len(self._batches()):
             self.epoch, self.position = self.epoch + 1, 0
-        g = torch.Generator().manual_seed(hash((self.seed, self.epoch, self.position)) & 0x7FFFFFFF)
+        g = self.position_generator()
         images, prompts = [], []
         for i in self._batches()[self.position]:
             pair = self.dataset[i]
             images.append(pair.image)
-            prompts.append(pair.captions[int(torch.randint(len(pair.captions), (1,), generator=g))])
+            prompts.append(self.draw_caption(pair, g))
         self.position += 1
         return Batch(images, prompts)
-
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "position": self.position}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.epoch, self.position = int(state["epoch"]), int(state["position"])

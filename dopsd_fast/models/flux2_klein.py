@@ -330,8 +330,9 @@ class ReferenceCondition:
     text: Tensor  # (L, joint_attention_dim)
     refs: list[Tensor]
 
-    def to(self, dtype: torch.dtype) -> "ReferenceCondition":
-        return ReferenceCondition(self.text.to(dtype), [r.to(dtype) for r in self.refs])
+    def to(self, *args, **kwargs) -> "ReferenceCondition":
+        """Tensor.to's arguments (device and/or dtype), applied to the text and every reference."""
+        return ReferenceCondition(self.text.to(*args, **kwargs), [r.to(*args, **kwargs) for r in self.refs])
 
     def __len__(self) -> int:
         return len(self.text)

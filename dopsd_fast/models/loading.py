@@ -161,15 +161,17 @@ def load_qwen3_text_encoder(folder: str | Path, dtype: torch.dtype = torch.float
     return model.eval().requires_grad_(False)
 
 
-def load_vae(folder: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
-    """A diffusers ``vae/`` folder -> diffusers' ``AutoencoderKL`` (not rewritten here)."""
-    from diffusers import AutoencoderKL
+def load_vae(folder: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+             vae_class: type | None = None):
+    """A diffusers ``vae/`` folder -> diffusers' ``AutoencoderKL`` (or ``vae_class``; not rewritten here)."""
+    if vae_class is None:
+        from diffusers import AutoencoderKL as vae_class
 
     folder = Path(folder)
     raw = read_component_config(folder, "vae/")
     with torch.device("meta"):
         try:
-            model = AutoencoderKL.from_config(raw)
+            model = vae_class.from_config(raw)
         except (TypeError, ValueError) as err:
-            raise WeightsError(f"{folder / 'config.json'}: not an AutoencoderKL config ({err})") from None
+            raise WeightsError(f"{folder / 'config.json'}: not an {vae_class.__name__} config ({err})") from None
     return load_checked(model, folder, WEIGHTS, dtype, device).eval().requires_grad_(False)

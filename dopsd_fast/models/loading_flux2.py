@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from .flux2_klein import Flux2KleinConfig, Flux2KleinTransformer
-from .loading import WEIGHTS, WeightsError, _open, describe_mismatch, load_checked
+from .loading import WEIGHTS, WeightsError, _open, describe_mismatch, load_checked, load_vae
 
 COMFY_PREFIX = "model.diffusion_model."
 
@@ -160,13 +160,4 @@ def load_flux2_vae(folder: str | Path, dtype: torch.dtype = torch.float32, devic
     """A diffusers FLUX.2 ``vae/`` folder -> diffusers' ``AutoencoderKLFlux2`` (BatchNorm statistics included)."""
     from diffusers import AutoencoderKLFlux2
 
-    from .loading import read_component_config
-
-    folder = Path(folder)
-    raw = read_component_config(folder, "vae/")
-    with torch.device("meta"):
-        try:
-            model = AutoencoderKLFlux2.from_config(raw)
-        except (TypeError, ValueError) as err:
-            raise WeightsError(f"{folder / 'config.json'}: not an AutoencoderKLFlux2 config ({err})") from None
-    return load_checked(model, folder, WEIGHTS, dtype, device).eval().requires_grad_(False)
+    return load_vae(folder, dtype, device, AutoencoderKLFlux2)
