@@ -71,7 +71,8 @@ def _modulated_rms_norm_backward(grad: Tensor, x: Tensor, weight: Tensor, scale:
         dx, dw, ds = _kernels().modulated_rms_norm_bwd(grad, x, weight, scale, sample_index, eps,
                                                        need_weight=need_weight, need_scale=need_scale)
     else:
-        dx, dw, ds = ref.modulated_rms_norm_backward_ref(grad, x, weight, scale, sample_index, eps)
+        dx, dw, ds = ref.modulated_rms_norm_backward_ref(grad, x, weight, scale, sample_index, eps,
+                                                         need_weight=need_weight, need_scale=need_scale)
     return (dx.contiguous(), dw if need_weight else weight.new_empty(0),
             ds.contiguous() if need_scale else scale.new_empty(0))
 
@@ -151,7 +152,8 @@ def _gated_residual_backward(grad: Tensor, a: Tensor, weight: Tensor, gate: Tens
         da, dw, dg = _kernels().gated_residual_bwd(grad, a, weight, gate, sample_index, eps,
                                                    need_weight=need_weight, need_gate=need_gate)
     else:  # dx = grad is the caller's: pass grad as the x the spec only takes the dtype of
-        _, da, dw, dg = ref.gated_residual_backward_ref(grad, grad, a, weight, gate, sample_index, eps)
+        _, da, dw, dg = ref.gated_residual_backward_ref(grad, grad, a, weight, gate, sample_index, eps,
+                                                        need_weight=need_weight, need_gate=need_gate)
     return (da.contiguous(), dw if need_weight else weight.new_empty(0),
             dg.contiguous() if need_gate else gate.new_empty(0))
 
@@ -233,7 +235,8 @@ def _qk_norm_rope_backward(grad_q: Tensor, grad_k: Tensor, q: Tensor, k: Tensor,
         dq, dk, dqw, dkw = _kernels().qk_norm_rope_bwd(grad_q, grad_k, q, k, q_weight, k_weight, cos, sin, eps,
                                                         need_weight=need_weight)
     else:
-        dq, dk, dqw, dkw = ref.qk_norm_rope_backward_ref(grad_q, grad_k, q, k, q_weight, k_weight, cos, sin, eps)
+        dq, dk, dqw, dkw = ref.qk_norm_rope_backward_ref(grad_q, grad_k, q, k, q_weight, k_weight, cos, sin, eps,
+                                                         need_weight=need_weight)
     if not need_weight:
         dqw, dkw = q_weight.new_empty(0), k_weight.new_empty(0)
     return dq.contiguous(), dk.contiguous(), dqw, dkw
@@ -321,7 +324,8 @@ def _modulated_layer_norm_backward(grad: Tensor, x: Tensor, shift: Optional[Tens
                                                           need_shift=need_shift,
                                                           shift_dtype=None if shift is None else shift.dtype)
     else:
-        dx, dsh, ds = ref.modulated_layer_norm_backward_ref(grad, x, shift, scale, sample_index, eps)
+        dx, dsh, ds = ref.modulated_layer_norm_backward_ref(grad, x, shift, scale, sample_index, eps,
+                                                            need_scale=need_scale, need_shift=need_shift)
     empty = scale.new_empty(0)
     return dx.contiguous(), ds.contiguous() if need_scale else empty, dsh.contiguous() if need_shift else empty.clone()
 

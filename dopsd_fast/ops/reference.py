@@ -393,14 +393,17 @@ def modulated_rms_norm_ref(x: Tensor, weight: Tensor, scale: Tensor, sample_inde
 
 
 def modulated_rms_norm_backward_ref(grad: Tensor, x: Tensor, weight: Tensor, scale: Tensor,
-                                    sample_index: Tensor | None, eps: float) -> tuple[Tensor, Tensor, Tensor]:
-    """fp32 gradients of modulated_rms_norm_ref -> (dx in x.dtype, dweight in weight.dtype, dscale in scale.dtype)."""
+                                    sample_index: Tensor | None, eps: float, *, need_weight: bool = True,
+                                    need_scale: bool = True) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """fp32 gradients of modulated_rms_norm_ref -> (dx in x.dtype, dweight in weight.dtype, dscale in scale.dtype);
+    dweight / dscale are None (not computed) when ``need_weight`` / ``need_scale`` is False (frozen in LoRA)."""
     dy, xf, w = grad.float(), x.float(), weight.float()
     mod = 1.0 + _ep_per_token(scale.float(), sample_index)
     dx, xhat = _ep_rms_norm_dx(dy * w * mod, xf, eps)
-    dweight = (dy * mod * xhat).sum(0)
-    dscale = _ep_per_sample_sum(dy * xhat * w, sample_index, scale.shape[0])
-    return dx.to(x.dtype), dweight.to(weight.dtype), dscale.to(scale.dtype)
+    dweight = (dy * mod * xhat).sum(0).to(weight.dtype) if need_weight else None
+    dscale = (_ep_per_sample_sum(dy * xhat * w, sample_index, scale.shape[0]).to(scale.dtype) if need_scale
+              else None)
+    return dx.to(x.dtype), dweight, dscale
 
 
 def gated_residual_ref(x: Tensor, a: Tensor, weight: Tensor, gate: Tensor, sample_index: Tensor | None,
@@ -414,14 +417,19 @@ def gated_residual_ref(x: Tensor, a: Tensor, weight: Tensor, gate: Tensor, sampl
 
 
 def gated_residual_backward_ref(grad: Tensor, x: Tensor, a: Tensor, weight: Tensor, gate: Tensor,
-                                sample_index: Tensor | None, eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """fp32 gradients of gated_residual_ref -> (dx, da, dweight, dgate), each in its input's dtype."""
+                                sample_index: Tensor | None, eps: float, *, need_weight: bool = True,
+                                need_gate: bool = True) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+    """fp32 gradients of gated_residual_ref -> (dx, da, dweight, dgate), each in its input's dtype;
+    dweight / dgate are None (not computed) when ``need_weight`` / ``need_gate`` is False (frozen in LoRA)."""
     dy, af, w = grad.float(), a.float(), weight.float()
     tg = _ep_per_token(gate.float(), sample_index).tanh()
     da, ahat = _ep_rms_norm_dx(dy * tg * w, af, eps)
-    dweight = (dy * tg * ahat).sum(0)
-    dgate = _ep_per_sample_sum(dy * ahat * w, sample_index, gate.shape[0]) * (1.0 - gate.float().tanh() ** 2)
-    return grad.to(x.dtype), da.to(a.dtype), dweight.to(weight.dtype), dgate.to(gate.dtype)
+    dweight = (dy * tg * ahat).sum(0).to(weight.dtype) if need_weight else None
+    dgate = None
+    if need_gate:
+        dgate = _ep_per_sample_sum(dy * ahat * w, sample_index, gate.shape[0]) * (1.0 - gate.float().tanh() ** 2)
+        dgate = dgate.to(gate.dtype)
+    return grad.to(x.dtype), da.to(a.dtype), dweight, dgate
 
 
 def rope_ref(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -443,20 +451,21 @@ def qk_norm_rope_ref(q: Tensor, k: Tensor, q_weight: Tensor, k_weight: Tensor, c
 
 
 def _ep_norm_rope_backward(grad: Tensor, x: Tensor, weight: Tensor, cos: Tensor, sin: Tensor,
-                           eps: float) -> tuple[Tensor, Tensor]:
+                           eps: float, need_weight: bool) -> tuple[Tensor, Tensor | None]:
     dre, dim = grad.float().unflatten(-1, (-1, 2)).unbind(-1)
     c, s = cos[:, None], sin[:, None]
     dn = torch.stack((dre * c + dim * s, dim * c - dre * s), dim=-1).flatten(-2)  # inverse rotation
     dx, xhat = _ep_rms_norm_dx(dn * weight.float(), x.float(), eps)
-    return dx.to(x.dtype), (dn * xhat).sum((0, 1)).to(weight.dtype)
+    return dx.to(x.dtype), (dn * xhat).sum((0, 1)).to(weight.dtype) if need_weight else None
 
 
 def qk_norm_rope_backward_ref(grad_q: Tensor, grad_k: Tensor, q: Tensor, k: Tensor, q_weight: Tensor,
-                              k_weight: Tensor, cos: Tensor, sin: Tensor,
-                              eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """fp32 gradients of qk_norm_rope_ref -> (dq, dk, dq_weight, dk_weight) in the inputs' dtypes; cos/sin get none."""
-    dq, dqw = _ep_norm_rope_backward(grad_q, q, q_weight, cos, sin, eps)
-    dk, dkw = _ep_norm_rope_backward(grad_k, k, k_weight, cos, sin, eps)
+                              k_weight: Tensor, cos: Tensor, sin: Tensor, eps: float, *,
+                              need_weight: bool = True) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+    """fp32 gradients of qk_norm_rope_ref -> (dq, dk, dq_weight, dk_weight) in the inputs' dtypes; cos/sin get none.
+    dq_weight / dk_weight are None (not computed) when ``need_weight`` is False (frozen norm weights in LoRA)."""
+    dq, dqw = _ep_norm_rope_backward(grad_q, q, q_weight, cos, sin, eps, need_weight)
+    dk, dkw = _ep_norm_rope_backward(grad_k, k, k_weight, cos, sin, eps, need_weight)
     return dq, dk, dqw, dkw
 
 
@@ -474,16 +483,19 @@ def modulated_layer_norm_ref(x: Tensor, shift: Tensor | None, scale: Tensor, sam
 
 def modulated_layer_norm_backward_ref(grad: Tensor, x: Tensor, shift: Tensor | None, scale: Tensor,
                                       sample_index: Tensor | None,
-                                      eps: float = 1e-6) -> tuple[Tensor, Tensor | None, Tensor]:
-    """fp32 gradients of modulated_layer_norm_ref -> (dx, dshift or None, dscale) in the inputs' dtypes."""
+                                      eps: float = 1e-6, *, need_scale: bool = True,
+                                      need_shift: bool = True) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """fp32 gradients of modulated_layer_norm_ref -> (dx, dshift, dscale) in the inputs' dtypes; dshift is None
+    when shift is None or ``need_shift`` is False, dscale None when ``need_scale`` is False (not computed)."""
     dy, xf = grad.float(), x.float()
     xc = xf - xf.mean(-1, keepdim=True)
     rstd = torch.rsqrt(xc.pow(2).mean(-1, keepdim=True) + eps)
     xhat = xc * rstd
     g = dy * (1.0 + _ep_per_token(scale.float(), sample_index))
     dx = rstd * (g - g.mean(-1, keepdim=True) - xhat * (g * xhat).mean(-1, keepdim=True))
-    dscale = _ep_per_sample_sum(dy * xhat, sample_index, scale.shape[0]).to(scale.dtype)
-    dshift = None if shift is None else _ep_per_sample_sum(dy, sample_index, shift.shape[0]).to(shift.dtype)
+    dscale = _ep_per_sample_sum(dy * xhat, sample_index, scale.shape[0]).to(scale.dtype) if need_scale else None
+    dshift = (_ep_per_sample_sum(dy, sample_index, shift.shape[0]).to(shift.dtype)
+              if shift is not None and need_shift else None)
     return dx.to(x.dtype), dshift, dscale
 
 

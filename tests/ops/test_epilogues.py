@@ -20,7 +20,7 @@ from dopsd_fast._kernels import epilogues as K
 from dopsd_fast.models.z_image import PackedSequence, ZImageBlock, ZImageConfig, rope_cos_sin
 from dopsd_fast.ops.reference import rope_ref as apply_rope
 from dopsd_fast.nn.epilogues import GatedResidual, ModulatedLayerNorm, ModulatedRMSNorm, QKNormRoPE
-from dopsd_fast.ops._dispatch import use_backend
+from dopsd_fast.ops._dispatch import native_available, use_backend
 from dopsd_fast.ops.epilogues import gated_residual, modulated_layer_norm, modulated_rms_norm, qk_norm_rope
 
 # (dtype, rtol, atol) vs the fp32 reference on the same inputs. fp32: summation order only. bf16: one rounding of
@@ -392,6 +392,80 @@ def test_frozen_weights_and_modulation_get_no_grad(device, backend):
     wx, wa = torch.autograd.grad(q.square().sum(), [x, a])
     torch.testing.assert_close(gx, wx, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(ga, wa, rtol=1e-4, atol=1e-4)
+
+
+# Frozen in LoRA training (norm weights, adaLN outputs of frozen layers): the op's backward must not form them.
+_FROZEN = {"modulated_rms_norm": ("weight", "scale"), "gated_residual": ("weight", "gate"),
+           "modulated_layer_norm": ("shift", "scale")}
+
+
+def _skip_unless_backend(backend, op="", cuda=False):
+    if backend == "cpp" and (op == "modulated_layer_norm" or not native_available(cuda=cuda)):
+        pytest.skip("no dopsd_C kernel for this op / extension not built")
+
+
+def _spy_backward_ref(monkeypatch, fn):
+    """Record what the reference backward returns (None where a gradient was not computed)."""
+    returned = []
+
+    def spy(*args, **kwargs):
+        returned.append(fn(*args, **kwargs))
+        return returned[-1]
+
+    monkeypatch.setattr(R, fn.__name__, spy)
+    return returned
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference", "cpp"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("op", ["modulated_rms_norm", "gated_residual", "modulated_layer_norm"])
+def test_frozen_inputs_skip_their_gradients(device, op, dtype, backend, monkeypatch):
+    """Frozen weight / modulation inputs: the activations' gradients are bit-identical to a run where every input
+    needs one, the frozen inputs get none, and the reference backward never forms them."""
+    _skip_unless_backend(backend, op, cuda=device == "cuda")
+    inp = _inputs(op, 37, 100, 3, dtype, seed=21)
+    diff = [k for k, v in inp.items() if v is not None and v.is_floating_point()]
+    returned = _spy_backward_ref(monkeypatch, R.epilogues_ref[op][1])
+
+    def backward(frozen):
+        leaves = {k: inp[k].clone().requires_grad_(k not in frozen) for k in diff}
+        with use_backend(backend):
+            out = _call(op, {**inp, **leaves})
+            out.backward(torch.randn(out.shape, generator=_gen(22)).to(out.dtype))
+        return leaves
+
+    full, frozen = backward(()), backward(_FROZEN[op])
+    for k in diff:
+        if k in _FROZEN[op]:
+            assert frozen[k].grad is None, k
+        else:
+            torch.testing.assert_close(frozen[k].grad, full[k].grad, rtol=0, atol=0, msg=lambda m: f"d{k}: {m}")
+    if backend == "reference":
+        assert [g is None for g in returned[-1]].count(True) == 2, "frozen gradients were computed"
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference", "cpp"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_qk_frozen_weights_skip_their_gradients(device, dtype, backend, monkeypatch):
+    _skip_unless_backend(backend, cuda=device == "cuda")
+    q, k, qw, kw, cos, sin = _qk_inputs(13, 3, 2, 48, dtype, seed=23)
+    returned = _spy_backward_ref(monkeypatch, R.qk_norm_rope_backward_ref)
+
+    def backward(weights_need_grad):
+        leaves = [q.clone().requires_grad_(True), k.clone().requires_grad_(True),
+                  qw.clone().requires_grad_(weights_need_grad), kw.clone().requires_grad_(weights_need_grad)]
+        with use_backend(backend):
+            oq, ok = qk_norm_rope(*leaves, cos, sin, EPS)
+            g = torch.randn(oq.shape, generator=_gen(24)).to(oq.dtype)
+            torch.autograd.backward((oq, ok), (g, torch.randn(ok.shape, generator=_gen(25)).to(ok.dtype)))
+        return leaves
+
+    full, frozen = backward(True), backward(False)
+    for got, want in zip(frozen[:2], full[:2]):
+        torch.testing.assert_close(got.grad, want.grad, rtol=0, atol=0)
+    assert frozen[2].grad is None and frozen[3].grad is None
+    if backend == "reference":
+        assert returned[-1][2] is None and returned[-1][3] is None, "frozen weight gradients were computed"
 
 
 def test_functional_validation():
