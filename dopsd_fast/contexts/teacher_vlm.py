@@ -2,8 +2,10 @@
 
 As released (method.md 6): every tensor of Qwen3-VL's language model whose name and shape match is overwritten
 with the text encoder's (the vision tower and merger stay Qwen3-VL's); one user turn [image, prompt] with no
-system prompt (``text_first``: [prompt, image]); the target crop resized into [512^2, 768^2] pixels;
-``hidden_states[-2]``; the first 1024 rows.
+system prompt (``text_first``: [prompt, image]); the target crop resized into [512^2, 768^2] pixels; the first
+1024 rows of the hidden states the student reads (the layers of its ``TextFeatureSpec``: Z-Image
+``hidden_states[-2]``, FLUX.2 [klein] 9, 18 and 27 concatenated). Real tokens only for both: the teacher sequence
+has no pads (klein's student keeps its pads because klein's pipeline does; the packed transformer takes any length).
 
 **Prefix reuse.** With ``text_first`` the teacher's token ids start with the student's ``<|im_start|>user\\n`` +
 prompt tokens. A causal LM computes those rows identically (so their KV can be taken from the student pass) only
@@ -26,7 +28,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .qwen_text import HiddenStates, QwenTextEncoder, StudentPass
+from .qwen_text import HiddenStates, QwenTextEncoder, StudentPass, TextFeatureSpec
 
 log = logging.getLogger(__name__)
 
@@ -95,11 +97,12 @@ def reuse_blockers(text_cfg, vl_text_cfg, swap: SwapReport, same_layers: bool, s
 
 class QwenVLTeacher:
     def __init__(self, vl_model, tokenizer, image_processor, text: QwenTextEncoder, order: str = "image_first",
-                 max_tokens: int = 1024, identity: str = ""):
+                 max_tokens: int = 1024, identity: str = "", spec: TextFeatureSpec | None = None):
+        """``spec``: whose ``layers`` the features concatenate; default the student's (``text.spec``)."""
         self.vl, self.tokenizer, self.processor, self.order, self.max_tokens = vl_model, tokenizer, image_processor, order, max_tokens
         lm = vl_model.language_model
         total = self.total_layers = lm.config.num_hidden_layers
-        self.indices = text.spec.absolute_layers(total)
+        self.indices = (spec or text.spec).absolute_layers(total)
         need = max(self.indices)
         if need < total:         # run only the layers the features need, as the student does
             lm.layers = lm.layers[:need]
@@ -120,7 +123,8 @@ class QwenVLTeacher:
     @classmethod
     def from_pretrained(cls, vl_dir: str | Path, text: QwenTextEncoder, order: str = "image_first",
                         max_tokens: int = 1024, min_pixels: int = 512 * 512, max_pixels: int = 768 * 768,
-                        dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> "QwenVLTeacher":
+                        dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                        spec: TextFeatureSpec | None = None) -> "QwenVLTeacher":
         from transformers import AutoTokenizer, Qwen2VLImageProcessorPil, Qwen3VLForConditionalGeneration
 
         vl_dir = Path(vl_dir)
@@ -140,7 +144,7 @@ class QwenVLTeacher:
         from ..data.feature_cache import folder_fingerprint
 
         identity = f"{folder_fingerprint(vl_dir)}|{min_pixels}|{max_pixels}|{dtype}"
-        return cls(vl, tokenizer, processor, text, order, max_tokens, identity)
+        return cls(vl, tokenizer, processor, text, order, max_tokens, identity, spec)
 
     @property
     def reuses_prefix(self) -> bool:

@@ -55,7 +55,7 @@ TINY_TRANSFORMER = dict(all_patch_size=[2], all_f_patch_size=[1], in_channels=16
 def save_tiny_zimage(root: str | Path, seed: int = 0, rope_theta_vl: float = 10000.0) -> Path:
     """Random tiny components under ``root`` (diffusers layout + ``qwen3-vl/``); returns ``root``."""
     from diffusers.models.transformers.transformer_z_image import ZImageTransformer2DModel
-    from transformers import Qwen3Model, Qwen3VLForConditionalGeneration
+    from transformers import Qwen3Model
 
     from .qwen_tokenizer import offline_qwen_tokenizer
 
@@ -64,7 +64,17 @@ def save_tiny_zimage(root: str | Path, seed: int = 0, rope_theta_vl: float = 100
     ZImageTransformer2DModel(**TINY_TRANSFORMER).save_pretrained(root / "transformer")
     Qwen3Model(tiny_qwen3_config()).save_pretrained(root / "text_encoder")
     tiny_vae().save_pretrained(root / "vae")
-    Qwen3VLForConditionalGeneration(tiny_qwen3vl_config(rope_theta=rope_theta_vl)).save_pretrained(root / "qwen3-vl")
-    tokenizer = offline_qwen_tokenizer(root / "tokenizer")
-    tokenizer.save_pretrained(str(root / "qwen3-vl"))
+    offline_qwen_tokenizer(root / "tokenizer")
+    save_tiny_qwen3vl(root / "qwen3-vl", root / "tokenizer", rope_theta=rope_theta_vl)
     return root
+
+
+def save_tiny_qwen3vl(folder: str | Path, tokenizer_dir: str | Path, num_layers: int = 3,
+                      rope_theta: float = 10000.0) -> Path:
+    """A random tiny Qwen3-VL transformers folder (the teacher), with the tokenizer of ``tokenizer_dir``."""
+    from transformers import AutoTokenizer, Qwen3VLForConditionalGeneration
+
+    folder = Path(folder)
+    Qwen3VLForConditionalGeneration(tiny_qwen3vl_config(num_layers, rope_theta)).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True).save_pretrained(str(folder))
+    return folder

@@ -47,9 +47,6 @@ def check_real_parts(cfg: Config, arch) -> None:
         raise ConfigError("data.buckets: the toy context encodes square images only; set data.buckets=1, "
                           "or context.kind=qwen3")
     if cfg.context.kind == "qwen3":
-        if cfg.model.family == "flux2_klein" and cfg.context.teacher != "reference":
-            raise ConfigError("context.teacher: FLUX.2 klein's qwen3 contexts are wired with the reference teacher "
-                              "(a Qwen3-VL teacher on klein's layers 9/18/27 is not); set context.teacher=reference")
         _need_dir(component_dir(cfg, "text_encoder"), "model.text_encoder", "Qwen3 text encoder")
         _need_dir(component_dir(cfg, "tokenizer"), "model.tokenizer", "tokenizer")
         if cfg.method.objective == "dopsd" and cfg.context.teacher == "vlm":
@@ -90,8 +87,9 @@ def build_qwen_contexts(cfg: Config, arch, dtype, device: str | torch.device = "
         return ctx.student, ReferenceTeacherContext(ctx.student, build_codec(cfg, arch, None, dtype, device), c.reference_prompt)
     teacher = None
     if cfg.method.objective == "dopsd":
+        # the teacher reads the student's layers (klein: 9, 18, 27 concatenated), real tokens only
         teacher = QwenVLTeacher.from_pretrained(c.teacher_model, text, c.teacher_order, c.teacher_max_tokens,
-                                                c.teacher_min_pixels, c.teacher_max_pixels, dtype, device)
+                                                c.teacher_min_pixels, c.teacher_max_pixels, dtype, device, spec)
     ctx = CachedContexts(text, teacher, cache_root(cfg))
     return ctx.student, ctx.teacher
 

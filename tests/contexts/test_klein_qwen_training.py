@@ -1,5 +1,6 @@
 """FLUX.2 [klein] end to end on tiny random components in the diffusers layout: Qwen3 features of layers 9/18/27
-(pads kept), the FLUX.2 VAE codec (patchify + BatchNorm statistics), the reference teacher, a folder of PNGs."""
+(pads kept), the FLUX.2 VAE codec (patchify + BatchNorm statistics), the reference or the Qwen3-VL teacher, a folder
+of PNGs."""
 import json
 
 import pytest
@@ -55,7 +56,8 @@ def test_flux2_vae_codec_matches_the_pipeline(klein_root):
     torch.testing.assert_close(codec.decode(z), vae.decode(raw[None]).sample[0].clamp(-1, 1), rtol=1e-6, atol=1e-6)
 
 
-def test_klein_trains_on_a_folder_with_qwen3_and_the_reference_teacher(klein_root, tiny_root, tmp_path, capsys):
+def _train_klein(klein_root, tiny_root, tmp_path, capsys, **extra) -> set[str]:
+    """A 2-step D-OPSD run on a folder of 3 PNGs; returns the cache kinds it wrote."""
     data = tmp_path / "data"
     data.mkdir()
     g = torch.Generator().manual_seed(0)
@@ -66,7 +68,7 @@ def test_klein_trains_on_a_folder_with_qwen3_and_the_reference_teacher(klein_roo
             "model.arch": "{}", "data.kind": "folder", "data.path": data, "data.image_size": 32, "data.buckets": 1,
             "data.cache_dir": tmp_path / "cache", "context.kind": "qwen3", "context.max_text_tokens": 48,
             "adapter.rank": 4, "adapter.alpha": 8, "train.steps": 2, "train.output_dir": tmp_path / "run",
-            "train.resume": "null", "model.dtype": "fp32", "model.gradient_checkpointing": "false"}
+            "train.resume": "null", "model.dtype": "fp32", "model.gradient_checkpointing": "false", **extra}
     args = [a for k, v in sets.items() for a in ("--set", f"{k}={v if isinstance(v, (int, str)) else json.dumps(str(v))}")]
     rc = main(["train", "flux2-klein-4b-lora", "--no-progress", *args])
     captured = capsys.readouterr()
@@ -74,5 +76,19 @@ def test_klein_trains_on_a_folder_with_qwen3_and_the_reference_teacher(klein_roo
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and all(torch.isfinite(torch.tensor(r["loss"])) and r["model_tflop"] > 0 for r in rows)
     assert (tmp_path / "run" / "samples.png").is_file()
-    cached = {p.parent.parent.parent.name for p in (tmp_path / "cache").rglob("*.safetensors")}
+    return {p.parent.parent.parent.name for p in (tmp_path / "cache").rglob("*.safetensors")}
+
+
+def test_klein_trains_on_a_folder_with_qwen3_and_the_reference_teacher(klein_root, tiny_root, tmp_path, capsys):
+    cached = _train_klein(klein_root, tiny_root, tmp_path, capsys)
     assert cached == {"student_text", "vae_latents"}      # the teacher's text is the student cache's entry
+
+
+def test_klein_trains_on_a_folder_with_the_qwen3_vl_teacher(klein_root, tiny_root, tmp_path, capsys):
+    from dopsd_fast.contexts.tiny import save_tiny_qwen3vl
+
+    vl_dir = save_tiny_qwen3vl(tmp_path / "qwen3-vl", tiny_root / "tokenizer", num_layers=27)   # layers 9, 18, 27
+    cached = _train_klein(klein_root, tiny_root, tmp_path, capsys, **{
+        "context.teacher": "vlm", "context.teacher_model": vl_dir,
+        "context.teacher_min_pixels": 32 * 32, "context.teacher_max_pixels": 64 * 64})
+    assert cached == {"student_text", "teacher_mm"}      # D-OPSD never encodes the target: the teacher sees pixels

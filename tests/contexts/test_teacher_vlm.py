@@ -107,3 +107,31 @@ def test_blockers_name_every_difference(student):
     reasons = reuse_blockers(tiny_qwen3_config(), vl, SwapReport(kept_target=["norm.weight"]), False, True)
     assert len(reasons) == 4 and any("rms_norm_eps" in r for r in reasons) and any("incomplete" in r for r in reasons)
     assert reuse_blockers(tiny_qwen3_config(), tiny_qwen3vl_config().text_config, SwapReport(), True, True) == []
+
+
+def test_klein_layers_equal_transformers_hidden_states_after_swap(tiny_root, tmp_path, images):
+    """klein's layers 9, 18, 27 of a 28-layer pair (27 is a middle layer, as in Qwen3-4B): the teacher is cut
+    after layer 27 like the student and concatenates the three hidden states."""
+    from transformers import Qwen3Model, Qwen3VLForConditionalGeneration
+
+    from dopsd_fast.contexts.qwen_text import KLEIN_TEXT
+    from dopsd_fast.contexts.tiny import save_tiny_qwen3vl, tiny_qwen3_config
+
+    torch.manual_seed(1)
+    Qwen3Model(tiny_qwen3_config(num_layers=28)).save_pretrained(tmp_path / "text_encoder")
+    vl_dir = save_tiny_qwen3vl(tmp_path / "qwen3-vl", tiny_root / "tokenizer", num_layers=28)
+    klein = QwenTextEncoder.from_pretrained(tmp_path / "text_encoder", tiny_root / "tokenizer", KLEIN_TEXT)
+    teacher = QwenVLTeacher.from_pretrained(vl_dir, klein, spec=KLEIN_TEXT, **SMALL)
+    assert teacher.indices == [9, 18, 27] and len(teacher.vl.language_model.layers) == 27
+    assert teacher.swap.kept_target == [] and teacher.swap.unmatched_source == []    # both cut after layer 27
+    ref = Qwen3VLForConditionalGeneration.from_pretrained(vl_dir).model.eval()
+    report = swap_language_model(ref.language_model, Qwen3Model.from_pretrained(tmp_path / "text_encoder"))
+    assert report.unmatched_source == [] and report.kept_target == []
+    feats = teacher(PROMPTS, images)
+    for prompt, image, f in zip(PROMPTS, images, feats):
+        ids, pixels, grid = teacher._inputs(prompt, image)
+        with torch.no_grad():
+            hs = ref(input_ids=ids, pixel_values=pixels, image_grid_thw=grid,
+                     mm_token_type_ids=(ids == teacher.image_token_id).int(), output_hidden_states=True).hidden_states
+        assert f.shape == (ids.shape[1], 3 * 64)      # real tokens only: the teacher sequence has no pads
+        torch.testing.assert_close(f, torch.cat([hs[9][0], hs[18][0], hs[27][0]], -1), rtol=1e-5, atol=1e-5)
