@@ -52,11 +52,12 @@ class Trainer:
                                            weight_decay=o.weight_decay)
         self.text_encoder, self.mm_encoder = build_contexts(cfg, self.plan.arch, self.device)
         self.family = model_family(self.plan.arch)      # everything that differs between model families
-        self.codec, self.flow = self.family.codec(cfg, self.plan.arch), self.family.flow
+        self.flow = self.family.flow
+        # image <-> latent: the VAE (through the latent cache) for latent models on folders, else the family's own
+        self.codec = build_codec(cfg, self.plan.arch, self.family.codec(cfg, self.plan.arch), self.dtype, self.device)
         self.sigmas = self.plan.sigmas                  # at data.image_size; batches of other sizes: _sigmas_for
         self.sample_sigmas = self.sampler_sigmas(cfg.sample.steps)
         self.noise = torch.Generator().manual_seed(cfg.train.seed)
-        self.codec = build_codec(cfg, self.plan.arch, self.codec, self.dtype, self.device)     # VAE for latent models on folders
         self.step = 0
         self.progress = progress
 
