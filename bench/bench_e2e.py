@@ -2,7 +2,8 @@
 
 Both sides get the same model config, base weights, LoRA weights, contexts and noise seed, and the same recipe
 (LoRA on attention q/k/v/out + feed_forward w1/w2/w3, K = 4, sigma 1, .9, .75, .5 -> 0, x0 loss, AdamW, clip 1.0,
-EMA teacher, gradient checkpointing on). Ours: packed model, caption path once per iteration, per-step backward,
+EMA teacher, gradient checkpointing on; ``-nockpt`` cases run ours without it, the baseline still with it). Ours:
+packed model, caption path once per iteration, per-step backward,
 fused ops on CUDA (the PyTorch reference ops on CPU, bench/conftest.py). Runs alternate, baseline then ours, so
 machine noise hits both; pytest-benchmark times ours, the baseline is timed in the round's setup, and extra_info
 holds it/s, images/s, the per-round speed ratio (min/median/max), memory and MFU of both.
@@ -55,6 +56,9 @@ class Case:
     rank: int
     dtype: torch.dtype
     rounds: int
+    # The baseline always checkpoints (the released recipe: it holds K graphs until one backward). Ours holds one
+    # step's graph, so it can afford to skip checkpointing: the "-nockpt" cases trade memory for the recompute.
+    ours_checkpointing: bool = True
 
 
 SMALL = ZImageConfig(dim=256, n_layers=4, n_refiner_layers=1, n_heads=4, n_kv_heads=4, cap_feat_dim=128,
@@ -68,6 +72,7 @@ CASES = {
     "cuda-6b-512": Case("cuda", ZImageConfig(), (16, 1, 64, 64), (128, 384), 64, torch.bfloat16, 5),
     "cuda-6b-1024": Case("cuda", ZImageConfig(), (16, 1, 128, 128), (128, 704), 64, torch.bfloat16, 3),
 }
+CASES.update({f"{name}-nockpt": dataclasses.replace(case, ours_checkpointing=False) for name, case in list(CASES.items())})
 SMOKE = Case("cpu", TINY, (16, 1, 16, 16), (7, 20), 4, torch.float32, 1)
 
 
@@ -94,7 +99,7 @@ class Ours:
             model = ZImageTransformer(case.arch)
         model = model.to(case.dtype).to_empty(device=case.device)
         model.load_state_dict(base_state, strict=True)
-        model.gradient_checkpointing = True
+        model.gradient_checkpointing = case.ours_checkpointing
         self.roles = LoRARoles(model, TARGETS, case.rank, 2.0 * case.rank)
         self.optimizer = torch.optim.AdamW(self.roles.trainable.values(), **OPTIM)
         self.sigmas, self.case = rollout_sigmas(SIGMAS), case
@@ -219,7 +224,7 @@ def test_e2e(benchmark, size):
     if case.device == "cpu" and torch.cuda.is_available():
         pytest.skip("the GPU machine runs the GPU sizes")
     if benchmark.disabled or os.environ.get("DOPSD_BENCH_SMOKE") == "1":
-        case = SMOKE
+        case = dataclasses.replace(SMOKE, ours_checkpointing=case.ours_checkpointing)
     ours, baseline, c_s, c_t = build(case)
 
     # same seed, same first roll-out: the losses agree (to bf16 rounding on CUDA)
@@ -251,7 +256,8 @@ def test_e2e(benchmark, size):
     image_tokens = case.latent[-1] // 2 * (case.latent[-2] // 2)
     flops = dopsd_iteration(case.arch, image_tokens, *case.caption_tokens, len(SIGMAS), case.rank).total
     peak, peak_note = peak_flops(case.device)
-    info = {"case": size if case is CASES[size] else "smoke", "device": _device_name(case.device),
+    info = {"case": size if case is CASES[size] else f"smoke ({size})", "device": _device_name(case.device),
+            "ours_gradient_checkpointing": case.ours_checkpointing, "baseline_gradient_checkpointing": True,
             "threads": torch.get_num_threads(), "model_flops_per_iteration": flops, "mfu_reference": peak_note}
     for name, times in (("baseline", base_times), ("ours", ours_times)):
         med = statistics.median(times)

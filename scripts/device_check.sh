@@ -15,6 +15,7 @@
 #              (op tests subset under the Triton interpreter, e2e at its smoke size, op benches one round)
 #   OUT=dir    where logs, XML and JSON go (default ./device_check_out; the device tool sets $OUT)
 #   STAGES="ops e2e"   run only these stages (a rerun after a failure)
+#   OPS_TESTS="tests/ops/test_x.py::test_y"   the ops stage runs these instead of all of tests/ops
 set -uo pipefail
 cd "$(dirname "$0")/.."
 MODE=gpu
@@ -37,14 +38,14 @@ if [[ "$MODE" == gpu ]]; then
         elif command -v nvcc >/dev/null; then CUDA_HOME=$(dirname "$(dirname "$(readlink -f "$(command -v nvcc)")")"); fi
     fi
     export CUDA_HOME=${CUDA_HOME:-} DOPSD_CUDA_ARCHS=${DOPSD_CUDA_ARCHS:-90a}
-    OPS_SELECT=() E2E_SIZES=(cuda-6b-512 cuda-6b-1024) TRAIN_DEVICE=cuda
+    OPS_SELECT=() E2E_SIZES=(cuda-6b-512 cuda-6b-1024 cuda-6b-512-nockpt cuda-6b-1024-nockpt) TRAIN_DEVICE=cuda
     # Triton compiles each test's kernels on first use: spread the op tests over processes when pytest-xdist is there
     "$PY" -c "import xdist" 2>/dev/null && OPS_SELECT=(-n 8)
 else
     export TRITON_INTERPRET=1
     export DOPSD_BENCH_SMOKE=1                     # bench_e2e at its tiny size, still timed and written as JSON
     OPS_SELECT=(-k "rollout_step and launcher")    # a few interpreter cases: the stage runs, quickly
-    E2E_SIZES=(cpu-small)
+    E2E_SIZES=(cpu-small cpu-small-nockpt)
     TRAIN_DEVICE=cpu
 fi
 # -P: the repo root stays off sys.path, so the top-level kernels/ never shadows the hub's `kernels` package
@@ -136,7 +137,7 @@ NOTE="carried wheels"; run_stage wheels 45 wheels
 NOTE="editable, no native build"; run_stage package 60 package
 NOTE="CUDA extension (csrc/)"; run_stage extension 150 extension
 NOTE="tests/ops on the device fixture"
-run_stage ops 90 "${PYTEST[@]}" tests/ops "${OPS_SELECT[@]}" --junitxml="$OUT/tests_ops.xml"
+run_stage ops 90 "${PYTEST[@]}" ${OPS_TESTS:-tests/ops} "${OPS_SELECT[@]}" --junitxml="$OUT/tests_ops.xml"
 if [[ -f tests/csrc/test_cuda_ops.py ]]; then      # the GPU part of tests/csrc (CPU twins and nvcc run in CI)
     NOTE="CUDA C++ vs Triton vs reference"
     run_stage csrc 45 "${PYTEST[@]}" tests/csrc/test_cuda_ops.py --junitxml="$OUT/tests_csrc.xml"
@@ -154,6 +155,18 @@ for size in "${E2E_SIZES[@]}"; do
     NOTE="ours vs released loop, $size"
     run_stage e2e 110 "${PYTEST[@]}" -s "bench/bench_e2e.py::test_e2e[$size]" --benchmark-json="$OUT/bench_e2e_$size.json"
 done
+# one bench_e2e.json holding every size's benchmark (the device tool returns at most 8 files)
+"$PY" - "$OUT" <<'PYEOF'
+import json, pathlib, sys
+out = pathlib.Path(sys.argv[1])
+parts = sorted(out.glob("bench_e2e_*.json"))
+runs = [json.loads(p.read_text()) for p in parts]
+if runs:
+    merged = {**runs[0], "benchmarks": [b for r in runs for b in r["benchmarks"]]}
+    (out / "bench_e2e.json").write_text(json.dumps(merged, indent=1))
+    for p in parts:
+        p.unlink()
+PYEOF
 NOTE="pytest-benchmark JSON"
 run_stage bench_ops 60 "${PYTEST[@]}" bench/ops --benchmark-json="$OUT/bench_ops.json"
 

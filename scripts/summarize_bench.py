@@ -55,7 +55,7 @@ def e2e_lines(out: Path) -> list[str]:
     paths = sorted(out.glob("bench_e2e*.json"))
     if not paths:
         return ["(no bench_e2e*.json)"]
-    lines = [f"{'case':<14} {'device':<22} {'ours it/s':>9} {'base it/s':>9} {'speedup min/med/max':>20} "
+    lines = [f"{'case':<20} {'device':<22} {'ours it/s':>9} {'base it/s':>9} {'speedup min/med/max':>20} "
              f"{'peak MiB ours/base':>19} {'mem ratio':>9} {'MFU ours/base':>14}"]
     for b in (b for path in paths for b in _load(path)):
         e = b.get("extra_info", {})
@@ -65,7 +65,7 @@ def e2e_lines(out: Path) -> list[str]:
         o, s = e["ours"], e["baseline"]
         sp = "/".join(f"{r:.2f}" for r in e["speedup_min_median_max"])
         mib = f"{o['peak_bytes'] / 2**20:.0f}/{s['peak_bytes'] / 2**20:.0f}"
-        lines.append(f"{e['case']:<14} {e['device'][:22]:<22} {o['it_per_s']:>9.3f} {s['it_per_s']:>9.3f} {sp:>20} "
+        lines.append(f"{e['case']:<20} {e['device'][:22]:<22} {o['it_per_s']:>9.3f} {s['it_per_s']:>9.3f} {sp:>20} "
                      f"{mib:>19} {e['peak_memory_ratio_ours_over_baseline']:>9.2f} "
                      f"{o['mfu']:>6.1%}/{s['mfu']:.1%}")
     return lines

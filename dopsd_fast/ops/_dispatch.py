@@ -2,7 +2,7 @@
 twins), ``triton`` or ``reference`` (pure PyTorch, dopsd_fast/ops/reference.py).
 
 ``auto`` (the default): CUDA tensors run the extension's CUDA kernels for the ops it has (``native=True`` callers)
-when it was built with CUDA, else Triton; CPU tensors run Triton under ``TRITON_INTERPRET=1`` (the tests) and the
+when it was built with CUDA, else Triton, or the reference where a caller measured it faster (``cuda_auto``); CPU tensors run Triton under ``TRITON_INTERPRET=1`` (the tests) and the
 reference otherwise. ``DOPSD_BACKEND=cpp|triton|reference`` or :func:`use_backend` forces one; a forced ``cpp``
 applies to the ops the extension has, the others keep their ``auto`` choice (a forced ``triton`` on CPU tensors
 without the interpreter fails loudly in the launch).
@@ -63,8 +63,10 @@ def requested_backend() -> Backend:
     return value  # type: ignore[return-value]
 
 
-def backend_for(*tensors: torch.Tensor, native: bool = False) -> Literal["cpp", "triton", "reference"]:
-    """The backend for an op on these tensors; ``native``: the op has a csrc/ implementation (``dopsd_C::<op>``)."""
+def backend_for(*tensors: torch.Tensor, native: bool = False,
+                cuda_auto: Literal["triton", "reference"] = "triton") -> Literal["cpp", "triton", "reference"]:
+    """The backend for an op on these tensors; ``native``: the op has a csrc/ implementation (``dopsd_C::<op>``);
+    ``cuda_auto``: what ``auto`` runs on CUDA tensors when no CUDA kernel of csrc/ applies."""
     want = requested_backend()
     if want == "cpp" and native:
         if not native_available(cuda=any(t.is_cuda for t in tensors)):
@@ -77,7 +79,9 @@ def backend_for(*tensors: torch.Tensor, native: bool = False) -> Literal["cpp", 
         return "cpp"
     if not _HAS_TRITON:
         return "reference"
-    return "triton" if on_cuda or (interpreting() and not any(t.is_cuda for t in tensors)) else "reference"
+    if on_cuda:
+        return cuda_auto
+    return "triton" if interpreting() and not any(t.is_cuda for t in tensors) else "reference"
 
 
 @contextlib.contextmanager

@@ -94,6 +94,14 @@ def test_row_epilogues(backend, dtype, T, D, B):
     close(out, want, dtype, FWD_TOL, "forward")
     bwd = {torch.float32: (1e-3, 1e-3), torch.bfloat16: BWD_TOL[torch.bfloat16]}  # dweight sums over 8k rows
     for name, gg, wg in zip(["x", "a", "weight", "scale", "gate"], got, want_g):
+        if dtype == torch.bfloat16 and name in ("weight", "scale", "gate"):
+            # Sums over thousands of rows whose terms carry the bf16 rounding of the intermediate (the chain's
+            # normed x is stored in bf16, the fp32 reference's is not): the error grows like sqrt(rows) and does
+            # not shrink where a sum cancels to near 0 (elementwise rtol fails there: seen on an H200, where
+            # triton and cpp gave the same values), so these are compared normwise.
+            err = ((gg.float() - wg).norm() / wg.norm()).item()
+            assert err < 1e-2, f"{name}: normwise relative error {err:.2e} (bf16, {T} rows)"
+            continue
         close(gg, wg, dtype, bwd, name)
 
 

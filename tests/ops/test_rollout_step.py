@@ -13,9 +13,11 @@ KLEIN = FlowConvention(sign=-1, time_is_sigma=True)
 
 # (dtype, rtol, atol) for x_next and d/d out_s, judged against the reference (fp32 math on the same inputs, one
 # rounding to dtype): fp32 allows a fused multiply-add on GPU; bf16/fp16 allow one ulp of the output dtype.
-# sq_sum is fp32 in every case; only the summation order differs: rtol 2e-6.
+# sq_sum is fp32 in every case; only the summation order differs. Its terms are positive (no cancellation), so two
+# orders of n <= 4099 terms differ by a few tens of fp32 ulps: 2.4e-6 (40 ulps) was seen on an H200 (block tree vs
+# torch's reduction) where the interpreter stays under 2e-6; rtol 1e-5 (~170 ulps).
 TOLS = {torch.float32: (1e-6, 1e-6), torch.bfloat16: (2**-7, 1e-6), torch.float16: (2**-10, 1e-6)}
-SQ_RTOL = 2e-6
+SQ_RTOL = 1e-5
 LENGTHS = [[4099], [1, 7, 1000], [1, 7, 1000, 4099]]
 
 
