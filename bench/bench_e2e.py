@@ -33,7 +33,7 @@ from baselines.released_loop import ReleasedLoop, diffusers_transformer
 from dopsd_fast.method.roles import LoRARoles
 from dopsd_fast.method.schedule import Z_IMAGE, rollout_sigmas
 from dopsd_fast.method.step import dopsd_step
-from dopsd_fast.metrics.flops import dopsd_iteration
+from dopsd_fast.metrics.flops import dopsd_iteration, verl_omni_iteration, zimage_forward
 from dopsd_fast.models.z_image import ZImageConfig, ZImageTransformer
 from dopsd_fast.train.telemetry import peak_tflops
 
@@ -255,14 +255,17 @@ def test_e2e(benchmark, size):
     ratios = [b / o for b, o in zip(base_times, ours_times)]
     image_tokens = case.latent[-1] // 2 * (case.latent[-2] // 2)
     flops = dopsd_iteration(case.arch, image_tokens, *case.caption_tokens, len(SIGMAS), case.rank).total
+    student, teacher = (zimage_forward(case.arch, image_tokens, n) for n in case.caption_tokens)
+    flops_verl = verl_omni_iteration(teacher, student, len(SIGMAS)).total
     peak, peak_note = peak_flops(case.device)
     info = {"case": size if case is CASES[size] else f"smoke ({size})", "device": _device_name(case.device),
             "ours_gradient_checkpointing": case.ours_checkpointing, "baseline_gradient_checkpointing": True,
-            "threads": torch.get_num_threads(), "model_flops_per_iteration": flops, "mfu_reference": peak_note}
+            "threads": torch.get_num_threads(), "model_flops_per_iteration": flops,
+            "model_flops_per_iteration_verl_omni": flops_verl, "mfu_reference": peak_note}
     for name, times in (("baseline", base_times), ("ours", ours_times)):
         med = statistics.median(times)
         info[name] = {"it_per_s": 1 / med, "images_per_s": 1 / med, "seconds": times,
-                      "mfu": flops / med / peak, **memory[name]}
+                      "mfu": flops / med / peak, "mfu_verl_omni": flops_verl / med / peak, **memory[name]}
     info["speedup_min_median_max"] = [min(ratios), statistics.median(ratios), max(ratios)]
     info["peak_memory_ratio_ours_over_baseline"] = memory["ours"]["peak_bytes"] / memory["baseline"]["peak_bytes"]
     info["transient_memory_ratio_ours_over_baseline"] = (memory["ours"]["transient_bytes"]

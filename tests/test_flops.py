@@ -39,3 +39,27 @@ def test_dopsd_iteration_lora_backward_is_cheaper_than_two_forwards():
     # adapter FLOPs per token and block: 2 r (8 D + 3 (D + H)) with the official targets
     assert zimage_lora(ZImageConfig(n_layers=1, n_refiner_layers=0), 32, 0, 64).total / 32 == \
         2 * 64 * (8 * 3840 + 3 * (3840 + 10240))
+
+
+def test_verl_omni_convention_factors_6_and_12():
+    """VeRL-Omni's counter, written out for Z-Image's single stream: per layer, dense 6 (trained) or 2 (forward
+    only) FLOPs per weight per token, non-causal attention 12 or 4 x s^2 x (heads x head_dim); refiners on their
+    own token lists; K roll-out steps of teacher forward + student forward/backward."""
+    from dopsd_fast.metrics.flops import verl_omni_iteration
+    from dopsd_fast.models.z_image import SEQ_MULTIPLE, round_up
+
+    d, hidden = TURBO.dim, int(TURBO.dim / 3 * 8)
+    weights = 4 * d * d + 3 * d * hidden
+
+    def layer_stack(lengths: list[tuple[int, int]], dense: int, attn: int) -> float:     # (layers, tokens)
+        return sum(n * (dense * weights * s + attn * s * s * d) for n, s in lengths)
+
+    def model(image, caption, dense, attn):
+        ni, lc = round_up(image, SEQ_MULTIPLE), round_up(caption, SEQ_MULTIPLE)
+        r = TURBO.n_refiner_layers
+        return layer_stack([(r, ni), (r, lc), (TURBO.n_layers, ni + lc)], dense, attn)
+
+    n, K = zimage_image_tokens(1024, 1024), 4
+    want = K * (model(n, 704, 2, 4) + model(n, 128, 6, 12))
+    got = verl_omni_iteration(zimage_forward(TURBO, n, 704), zimage_forward(TURBO, n, 128), K).total
+    assert got == pytest.approx(want, rel=1e-12)

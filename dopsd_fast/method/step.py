@@ -22,6 +22,7 @@ class StepOutput:
     loss: float                 # mean over the K roll-out steps
     losses: list[float]         # loss_k per roll-out step
     flops: float = 0.0          # model FLOPs of the iteration (metrics.flops), filled in by the trainer
+    flops_verl_omni: float = 0.0    # the same under VeRL-Omni's MFU convention (metrics.flops.verl_omni_iteration)
     tokens: int = 0             # image tokens the student denoised (K steps x the batch), filled in by the trainer
 
 

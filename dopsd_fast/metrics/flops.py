@@ -70,6 +70,15 @@ def klein_forward(arch, target_tokens: int, text_tokens: int, ref_tokens: int = 
     return Flops(dense=dense, attention=blocks * 4 * seq * d * seq)
 
 
+def verl_omni_iteration(teacher: Flops, student: Flops, steps: int) -> Flops:
+    """One D-OPSD iteration under VeRL-Omni's diffusion MFU convention (verl-omni's diffusion FLOPs counter, after
+    verl's LLM counter), logged beside ours so runs compare with numbers that convention produces: a trained
+    forward counts 3 x (dense 6 FLOPs per weight per token, non-causal attention 12 s^2 d per head and layer, as
+    if every weight got a gradient), a forward-only pass 1 x; adapters are not counted. Per roll-out step: the
+    teacher forward (no autograd) and the student forward + backward."""
+    return steps * (teacher + 3 * student)
+
+
 def zimage_image_tokens(height: int, width: int, vae_factor: int = 8, patch: int = 2) -> int:
     return (height // vae_factor // patch) * (width // vae_factor // patch)
 

@@ -72,6 +72,11 @@ class ModelFamily:
         backward = 2 * student if lora_rank is None else flops.Flops(student.dense, 2 * student.attention)
         return (steps * (teacher + student + backward)).total
 
+    def iteration_flops_verl_omni(self, arch, latent_shape, c_s, c_t, steps: int) -> float:
+        """The same iteration under VeRL-Omni's MFU convention (metrics.flops.verl_omni_iteration)."""
+        teacher, student = self.forward_flops(arch, latent_shape, c_t), self.forward_flops(arch, latent_shape, c_s)
+        return flops.verl_omni_iteration(teacher, student, steps).total
+
 
 class ZImageFamily(ModelFamily):
     name, flow, config_cls, model_cls = "z_image", Z_IMAGE, ZImageConfig, ZImageTransformer

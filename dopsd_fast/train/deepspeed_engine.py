@@ -95,9 +95,10 @@ class DeepSpeedMixin:
     def forward_backward_step(self, batch):
         out = super().forward_backward_step(batch)
         # logged numbers are the global batch's: mean losses over ranks, summed FLOPs and tokens
-        mean = dist.mean_over_ranks([out.loss, *out.losses, out.flops, out.tokens])
-        out.loss, out.losses = mean[0], mean[1:-2]
-        out.flops, out.tokens = mean[-2] * self.world, round(mean[-1] * self.world)
+        mean = dist.mean_over_ranks([out.loss, *out.losses, out.flops, out.flops_verl_omni, out.tokens])
+        out.loss, out.losses = mean[0], mean[1:-3]
+        out.flops, out.flops_verl_omni = mean[-3] * self.world, mean[-2] * self.world
+        out.tokens = round(mean[-1] * self.world)
         return out
 
     def optimizer_step(self) -> float | None:

@@ -165,6 +165,7 @@ class Telemetry:
             row["tokens_per_s"] = result.tokens / sec
         if self.peak is not None:
             row["mfu"] = result.flops / sec / (self.peak * 1e12 * self.world)
+            row["mfu_verl_omni"] = result.flops_verl_omni / sec / (self.peak * 1e12 * self.world)
         row["peak_mem_gib"] = peak_memory_gib()
         row.update(self.gpu.read())
         return row

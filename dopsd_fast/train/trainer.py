@@ -73,6 +73,8 @@ class Trainer:
         rank = self.cfg.adapter.rank if self.cfg.adapter.mode == "lora" else None
         out.flops = sum(self.family.iteration_flops(self.plan.arch, shape, s, t, len(sigmas) - 1, rank)
                         for shape, s, t in zip(shapes, c_s, c_t))
+        out.flops_verl_omni = sum(self.family.iteration_flops_verl_omni(self.plan.arch, shape, s, t, len(sigmas) - 1)
+                                  for shape, s, t in zip(shapes, c_s, c_t))
         out.tokens = (len(sigmas) - 1) * sum(self.family.image_tokens(self.plan.arch, s) for s in shapes)
         return out
 
@@ -236,8 +238,8 @@ class SFTTrainer(Trainer):
         c_s = self.text_encoder(batch.prompts)
         out = sft_step(self.roles, self.flow, self._cast(c_s), x0, self.cfg.method.sft_shift, self.noise)
         # forward + a full backward (2x); with LoRA the true backward is a little cheaper (see dopsd_iteration)
-        out.flops = sum(3 * self.family.forward_flops(self.plan.arch, tuple(x.shape), c).total
-                        for x, c in zip(x0, c_s))
+        out.flops = out.flops_verl_omni = sum(3 * self.family.forward_flops(self.plan.arch, tuple(x.shape), c).total
+                                              for x, c in zip(x0, c_s))
         return out
 
 

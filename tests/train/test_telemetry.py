@@ -26,6 +26,8 @@ def test_jsonl_telemetry_fields(tmp_path):
         tokens = K * tr.cfg.train.batch_size * (tr.cfg.data.image_size // 2) ** 2     # pixel space, 2x2 patches
         assert r["tokens_per_s"] == pytest.approx(tokens / r["sec"])
         assert r["mfu"] == pytest.approx(r["model_tflops_per_s"] / 0.5)
+        # VeRL-Omni's convention counts the LoRA backward as a full one (2 x forward) and skips the adapters
+        assert r["mfu_verl_omni"] > r["mfu"]
         assert r["peak_mem_gib"] > 0
         assert "comm_s" not in r and "gpu_util_pct" not in r     # no DeepSpeed, no GPU: absent, not zero
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
@@ -35,4 +37,4 @@ def test_no_mfu_without_a_known_peak(tmp_path):
     tr = tiny_trainer(tmp_path, "train.steps=1", "train.tensorboard=false")
     tr.train()
     row = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])
-    assert "mfu" not in row and not (tmp_path / "tensorboard").exists()
+    assert "mfu" not in row and "mfu_verl_omni" not in row and not (tmp_path / "tensorboard").exists()
