@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 import torch.nn as nn
@@ -23,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
+from dopsd_fast.nn.lora_linear import SampleAdapters, packed_adapters
 from dopsd_fast.ops.epilogues import gated_residual, modulated_layer_norm, modulated_rms_norm, qk_norm_rope
 from dopsd_fast.ops.packed_attention import packed_attention
 from dopsd_fast.ops.reference import rms_norm_ref, rope_ref
@@ -98,15 +100,18 @@ class PackedSequence:
     sample_index: Tensor  # int64 (T,): sample id of each token, to expand per-sample modulation
     rope_cos: Tensor  # fp32 (T, head_dim/2)
     rope_sin: Tensor  # fp32 (T, head_dim/2)
+    adapters: SampleAdapters | None = None  # per-sample LoRA adapters of a packed multi-adapter forward
 
     @classmethod
-    def build(cls, lengths: list[int], rope_cos: Tensor, rope_sin: Tensor) -> "PackedSequence":
+    def build(cls, lengths: list[int], rope_cos: Tensor, rope_sin: Tensor,
+              adapters: SampleAdapters | None = None) -> "PackedSequence":
         device = rope_cos.device
         bounds = [0]
         for n in lengths:
             bounds.append(bounds[-1] + n)
         cu = torch.tensor(bounds, dtype=torch.int32, device=device)
-        return cls(lengths, cu, max(lengths), sample_index_of(lengths, device), rope_cos, rope_sin)
+        return cls(lengths, cu, max(lengths), sample_index_of(lengths, device), rope_cos, rope_sin,
+                   None if adapters is None else adapters.stage(lengths))
 
 
 def sample_index_of(lengths: list[int], device: torch.device) -> Tensor:
@@ -163,6 +168,12 @@ class FeedForward(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+def run_block(block: nn.Module, x: Tensor, seq: PackedSequence, t_emb: Tensor | None) -> Tensor:
+    # The adapter plan is entered here, inside what checkpoint() recomputes, so the recompute uses it too.
+    with packed_adapters(seq.adapters):
+        return block(x, seq, t_emb)
 
 
 class ZImageBlock(nn.Module):
@@ -260,9 +271,17 @@ class CaptionContext:
     rope_cos: Tensor  # fp32 (sum_i Lc32_i, head_dim/2)
     rope_sin: Tensor
 
+    @classmethod
+    def cat(cls, contexts: Sequence["CaptionContext"]) -> "CaptionContext":
+        """One context for the samples of all ``contexts``, in order (e.g. teacher then student)."""
+        return cls(torch.cat([c.tokens for c in contexts]), [n for c in contexts for n in c.lengths],
+                   torch.cat([c.rope_cos for c in contexts]), torch.cat([c.rope_sin for c in contexts]))
+
 
 class ZImageTransformer(nn.Module):
     """Z-Image S3-DiT; `state_dict()` keys equal the official / diffusers text-to-image checkpoint keys."""
+
+    supports_sample_adapters = True  # forward(..., sample_adapters=): one LoRA adapter per sample in one call
 
     def __init__(self, config: ZImageConfig | None = None):
         super().__init__()
@@ -293,8 +312,8 @@ class ZImageTransformer(nn.Module):
     # ---- helpers -------------------------------------------------------------------------------------
     def _run_block(self, block: ZImageBlock, x: Tensor, seq: PackedSequence, t_emb: Tensor | None) -> Tensor:
         if self.gradient_checkpointing and torch.is_grad_enabled():
-            return checkpoint(block, x, seq, t_emb, use_reentrant=False)
-        return block(x, seq, t_emb)
+            return checkpoint(run_block, block, x, seq, t_emb, use_reentrant=False)
+        return run_block(block, x, seq, t_emb)
 
     def _check_positions(self, max_per_axis: tuple[int, int, int]) -> None:
         # diffusers indexes a table of axes_lens rows; keep its bound so configs mean the same thing.
@@ -338,11 +357,18 @@ class ZImageTransformer(nn.Module):
         t: Tensor,
         cap_feats: list[Tensor] | None = None,
         context: CaptionContext | None = None,
+        sample_adapters: Sequence[str | None] | None = None,
     ) -> list[Tensor]:
         """x[i]: (C, F, H, W) latents; t: (B,) model time in [0, 1] (Z-Image: t = 1 - sigma), scaled by t_scale
-        here; exactly one of cap_feats / context. Returns [(C, F, H, W)] predictions (x0 - eps), in x's order."""
+        here; exactly one of cap_feats / context. Returns [(C, F, H, W)] predictions (x0 - eps), in x's order.
+
+        sample_adapters: B LoRA adapter names (None entries: base only): sample i runs adapter sample_adapters[i]
+        in every LoRALinear, whatever the active adapter (the packed teacher + student forward of
+        method/roles.py). Needs ``context``: each role's caption path is encoded with its own adapter."""
         if (cap_feats is None) == (context is None):
             raise ValueError("pass exactly one of cap_feats / context")
+        if sample_adapters is not None and context is None:
+            raise ValueError("sample_adapters needs context= (encode_context per adapter), not cap_feats")
         if context is None:
             context = self.encode_context(cap_feats)
         batch = len(x)
@@ -351,6 +377,13 @@ class ZImageTransformer(nn.Module):
         t = t.reshape(-1).expand(batch) if t.numel() == 1 else t
         if t.shape != (batch,):
             raise ValueError(f"t must have shape ({batch},), got {tuple(t.shape)}")
+        if sample_adapters is not None and len(sample_adapters) != batch:
+            raise ValueError(f"{batch} latents but {len(sample_adapters)} sample_adapters")
+        plan = None if sample_adapters is None else SampleAdapters(sample_adapters, x[0].device)
+        with packed_adapters(plan):     # one row per sample: t_embedder, adaLN (were they LoRA targets)
+            return self._forward(x, t, context, plan)
+
+    def _forward(self, x: list[Tensor], t: Tensor, context: CaptionContext, plan: SampleAdapters | None) -> list[Tensor]:
         key = f"{self.patch_size}-{self.f_patch_size}"
         embedder = self.all_x_embedder[key]
         t_emb = self.t_embedder(t.float() * self.config.t_scale).to(embedder.weight.dtype)  # (B, adaln_dim)
@@ -360,7 +393,8 @@ class ZImageTransformer(nn.Module):
         real = [g[0] * g[1] * g[2] for g in grids]
         padded = [round_up(n) for n in real]
 
-        emb = embedder(torch.cat(patches, dim=0).to(embedder.weight.dtype))  # (sum N_i, dim)
+        with packed_adapters(plan and plan.stage(real)):
+            emb = embedder(torch.cat(patches, dim=0).to(embedder.weight.dtype))  # (sum N_i, dim)
         pad = self.x_pad_token.to(emb.dtype)
         img = self._interleave(list(emb.split(real)), [pad.expand(q - n, -1) for n, q in zip(real, padded)])
 
@@ -371,7 +405,7 @@ class ZImageTransformer(nn.Module):
         positions = torch.cat([image_positions(g, q, lc) for g, q, lc in zip(grids, padded, context.lengths)])
         img_cos, img_sin = self._rope(positions.to(device))  # built on the host, one copy
 
-        img_seq = PackedSequence.build(padded, img_cos, img_sin)
+        img_seq = PackedSequence.build(padded, img_cos, img_sin, plan)
         for block in self.noise_refiner:
             img = self._run_block(block, img, img_seq, t_emb)
 
@@ -381,13 +415,14 @@ class ZImageTransformer(nn.Module):
         uni = self._interleave(list(img.split(padded)), list(context.tokens.to(img.dtype).split(cap_split)))
         uni_cos = self._interleave(list(img_cos.split(padded)), list(context.rope_cos.split(cap_split)))
         uni_sin = self._interleave(list(img_sin.split(padded)), list(context.rope_sin.split(cap_split)))
-        uni_seq = PackedSequence.build(uni_lengths, uni_cos, uni_sin)
+        uni_seq = PackedSequence.build(uni_lengths, uni_cos, uni_sin, plan)
         for block in self.layers:
             uni = self._run_block(block, uni, uni_seq, t_emb)
 
         # Final layer is per token, so run it on the real image tokens only.
         pieces = uni.split([n for pair in zip(padded, context.lengths) for n in pair])[0::2]
         out_tokens = torch.cat([piece[:n] for piece, n in zip(pieces, real)], dim=0)  # (sum N_i, dim)
-        out = self.all_final_layer[key](out_tokens, sample_index_of(real, device), t_emb)  # (sum N_i, pF*pH*pW*C)
+        with packed_adapters(plan and plan.stage(real)):
+            out = self.all_final_layer[key](out_tokens, sample_index_of(real, device), t_emb)  # (sum N_i, pF*pH*pW*C)
 
         return [unpatchify(tokens, grid, p, fp) for tokens, grid in zip(out.split(real), grids)]
