@@ -27,6 +27,7 @@ class ModelFamily:
     flow: FlowConvention
     config_cls: type
     model_cls: type[nn.Module]
+    inference_steps: int        # the distilled model's few-step sampler (validation grids: validation.steps=null)
 
     def build(self, arch, device: str | torch.device = "cpu") -> nn.Module:
         with torch.device(device):
@@ -80,6 +81,7 @@ class ModelFamily:
 
 class ZImageFamily(ModelFamily):
     name, flow, config_cls, model_cls = "z_image", Z_IMAGE, ZImageConfig, ZImageTransformer
+    inference_steps = 8         # Z-Image-Turbo: 8 DiT forwards (DEFAULT_INFERENCE_STEPS, models.md)
 
     def load(self, path, dtype):
         from .loading import load_zimage_transformer
@@ -120,6 +122,7 @@ class Flux2KleinFamily(ModelFamily):
     """FLUX.2 [klein]: t = sigma, output eps - x0, empirical-mu schedules, reference tokens for the teacher."""
 
     name, flow, config_cls, model_cls = "flux2_klein", FLUX2, Flux2KleinConfig, Flux2KleinTransformer
+    inference_steps = 4         # FLUX.2 [klein]: num_steps 4, no CFG (models.md)
 
     def load(self, path, dtype):
         from .loading_flux2 import load_flux2_klein_transformer

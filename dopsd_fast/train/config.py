@@ -169,6 +169,20 @@ class SampleConfig:
 
 
 @dataclass
+class ValidationConfig:
+    # A labelled grid <output_dir>/validation/step-NNNNNN.png every `every` steps and at the last step (0: off).
+    # Rows: target | base (adapters off / untouched weights, text) | EMA teacher (text + target) | student (text).
+    every: int = 0
+    # Columns: the first N data pairs (their caption variant 1), or a list of pair indices; then `prompts`, free
+    # text without a target (base and student tiles only).
+    pairs: int | list[int] = 4
+    prompts: list[str] = field(default_factory=list)
+    seed: int = 0               # every row starts from the same noise, so grids of different steps compare
+    # Sampler steps; null: the family's few-step inference schedule (Z-Image-Turbo 8, FLUX.2 [klein] 4).
+    steps: int | None = None
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -178,6 +192,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
 
     def to_dict(self) -> dict[str, Any]:
@@ -304,6 +319,13 @@ def validate(cfg: Config) -> Config:
     _check(ds.stage is None or m.objective == "dopsd", "deepspeed.stage",
            "the DeepSpeed engine trains method.objective=dopsd; run the SFT baseline without deepspeed.stage")
     _check(m.steps >= 1, "method.steps", "must be >= 1")
+    v = cfg.validation
+    _check(v.every >= 0, "validation.every", f"must be >= 0 (0 turns validation off), got {v.every}")
+    _check(v.pairs >= 0 if isinstance(v.pairs, int) else all(i >= 0 for i in v.pairs), "validation.pairs",
+           f"a count >= 0 or a list of pair indices >= 0, got {v.pairs}")
+    _check(v.every == 0 or v.pairs != 0 and v.pairs != [] or bool(v.prompts), "validation.pairs",
+           "validation.every > 0 needs at least one column: pairs > 0 or validation.prompts")
+    _check(v.steps is None or v.steps >= 1, "validation.steps", f"must be >= 1 (or null), got {v.steps}")
     _check(not m.packed_forward or a.mode == "lora", "method.packed_forward",
            "needs adapter.mode=lora (one base, two adapters): full-weight roles keep two copies of the weights")
     _check(not m.packed_forward or cfg.model.family == "z_image", "method.packed_forward",

@@ -42,6 +42,13 @@ class StepLog:
             ks = " ".join(f"{v:9.4g}" for v in row["losses"]) if len(row["losses"]) == self.K else f"{'':>{10 * self.K - 1}}"
             tqdm.write(f"{row['step']:6d} {row['loss']:10.5g} {ks} {_num(row['grad_norm'], '10.4g')} {row['lr']:9.2e} {row['sec']:7.3f}")
 
+    def image(self, tag: str, step: int, path: Path) -> None:
+        """A PNG written at ``step`` (validation grid): a line above the progress bar and a TensorBoard image."""
+        if self.tb is not None:
+            self.tb.image(tag, path, step)
+        if self.path is not None:
+            tqdm.write(f"{step:6d} {tag}: {path}")
+
     def close(self) -> None:
         self.bar.close()
         if self.tb is not None:

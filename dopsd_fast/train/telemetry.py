@@ -124,6 +124,16 @@ class TensorBoard:
                 if isinstance(v, (int, float)) and not isinstance(v, bool):
                     self.writer.add_scalar(f"{key}/{i}" if isinstance(value, list) else key, v, step)
 
+    def image(self, tag: str, path, step: int) -> None:
+        """A PNG as an image at ``step``, shrunk to 2048 pixels on its long side (1024^2 grids stay viewable)."""
+        import numpy as np
+        from PIL import Image
+
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+        im.thumbnail((2048, 2048))
+        self.writer.add_image(tag, np.asarray(im), step, dataformats="HWC")
+
     def close(self) -> None:
         self.writer.close()
 

@@ -17,7 +17,7 @@ from ..data.loader import Batch
 from ..ops._dispatch import use_backend
 from ..models.adapter import model_family
 from ..method.step import StepOutput, dopsd_step, sft_step
-from ..sample import sample, save_grid
+from ..sample import sample, save_grid, square_crop
 from . import checkpoint as ckpt
 from .build import (DTYPES, build_contexts, build_data, build_model, build_roles, check_buildable, resolve_device,
                     resolve_plan)
@@ -26,6 +26,7 @@ from .config import Config, ConfigError, load_config
 from .distributed import launched_world_size
 from .metrics import StepLog
 from .telemetry import Telemetry
+from .validation import Validation
 
 
 class Trainer:
@@ -124,6 +125,8 @@ class Trainer:
         cfg, t = self.cfg, self.cfg.train
         history: list[StepOutput] = []
         telemetry = Telemetry.of(self)
+        validation = Validation(self) if self.is_main and cfg.validation.every and self.step < t.steps else None
+        telemetry.timer.take()                  # the base row's forwards are no training step's
         while self.step < t.steps:
             tic = time.perf_counter()
             with telemetry.timer.section("forward_backward"):
@@ -138,6 +141,9 @@ class Trainer:
                    "images_per_s": t.batch_size * self.world / sec, "model_tflop": result.flops / 1e12,
                    "model_tflops_per_s": result.flops / sec / 1e12, **telemetry.fields(result, sec)}
             log.log(row, show=self.step % t.log_every == 0 or self.step == t.steps)
+            if validation is not None and validation.due(self.step):
+                validation.run(self.step, log)
+                telemetry.timer.take()
             if self.step % t.checkpoint_every == 0 or self.step == t.steps:
                 self.save()
         return history
@@ -202,15 +208,17 @@ class Trainer:
             save_file({k: v.contiguous() for k, v in self.base_state.items()}, str(self.out / "base.safetensors"))
 
     # ------------------------------------------------------------------ samples
-    def grid_pairs(self, rows: int = 4):
-        """The data pairs a sample grid shows, and the caption variant used as each one's prompt."""
-        pairs = [self.dataset[i] for i in range(min(rows, len(self.dataset)))]
+    def grid_pairs(self, which: int | list[int] = 4):
+        """The data pairs a sample grid shows (the first ``which``, or those indices), and the caption variant
+        used as each one's prompt."""
+        index = range(min(which, len(self.dataset))) if isinstance(which, int) else which
+        pairs = [self.dataset[i] for i in index]
         return pairs, [p.captions[min(1, len(p.captions) - 1)] for p in pairs]
 
     def sample_grid(self, path: Path, before: list | None = None) -> Path:
         """Rows: data pairs; columns: target, [student before], student at the sampler's N steps, at the K training steps."""
         pairs, prompts = self.grid_pairs()
-        cols = [[_square(p.image, self.cfg.data.image_size) for p in pairs]]
+        cols = [[square_crop(p.image, self.cfg.data.image_size) for p in pairs]]
         if before is not None:
             cols.append(before)
         cols.append(self.sample_student(prompts, self.sample_sigmas))
@@ -218,11 +226,15 @@ class Trainer:
         return save_grid([list(r) for r in zip(*cols)], path)
 
     def sample_student(self, prompts: list[str], sigmas: list[float], seed: int | None = None):
+        return self.sample_images(self.roles.use("student"), self.text_encoder(prompts), sigmas, seed)
+
+    def sample_images(self, model, feats, sigmas: list[float], seed: int | None = None):
+        """(3, S, S) images at data.image_size from ``model`` on context features (c_s or c_t), one per feature;
+        sample ``i`` starts from the i-th noise draw of a generator seeded with ``seed`` (default sample.seed)."""
         g = torch.Generator().manual_seed(self.cfg.sample.seed if seed is None else seed)
-        model = self.roles.use("student")
         shape = self.codec.latent_shape(self.cfg.data.image_size, self.cfg.data.image_size)
         with use_backend(self.cfg.model.ops_backend):
-            latents = sample(model, self.flow, self._cast(self.text_encoder(prompts)), shape, sigmas, g, self.dtype)
+            latents = sample(model, self.flow, self._cast(feats), shape, sigmas, g, self.dtype)
         return [self.codec.decode(x.float()) for x in latents]
 
     def _cast(self, feats):
@@ -241,16 +253,6 @@ class SFTTrainer(Trainer):
         out.flops = out.flops_verl_omni = sum(3 * self.family.forward_flops(self.plan.arch, tuple(x.shape), c).total
                                               for x, c in zip(x0, c_s))
         return out
-
-
-def _square(image: torch.Tensor, size: int) -> torch.Tensor:
-    """Centre square of a (bucketed, maybe non-square) target at the grid's sample size."""
-    h, w = image.shape[-2:]
-    if (h, w) == (size, size):
-        return image
-    s = min(h, w)
-    crop = image[:, (h - s) // 2:(h - s) // 2 + s, (w - s) // 2:(w - s) // 2 + s]
-    return torch.nn.functional.interpolate(crop[None], size=(size, size), mode="area")[0]
 
 
 def load_for_sampling(run_dir: Path, checkpoint: str | None = None) -> Trainer:
