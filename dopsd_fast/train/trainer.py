@@ -5,6 +5,7 @@ algorithm itself lives in :mod:`dopsd_fast.method`.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from pathlib import Path
@@ -125,7 +126,7 @@ class Trainer:
         cfg, t = self.cfg, self.cfg.train
         history: list[StepOutput] = []
         telemetry = Telemetry.of(self)
-        validation = Validation(self) if self.is_main and cfg.validation.every and self.step < t.steps else None
+        validation = Validation(self) if cfg.validation.every and self.step < t.steps else None
         telemetry.timer.take()                  # the base row's forwards are no training step's
         while self.step < t.steps:
             tic = time.perf_counter()
@@ -227,6 +228,11 @@ class Trainer:
 
     def sample_student(self, prompts: list[str], sigmas: list[float], seed: int | None = None):
         return self.sample_images(self.roles.use("student"), self.text_encoder(prompts), sigmas, seed)
+
+    def whole_weights(self):
+        """Where rank 0 alone may run the model for samples. Every rank enters it: a ZeRO-3 trainer gathers its
+        partitioned parameters there (a collective); a single process and ZeRO <= 2 hold whole weights already."""
+        return contextlib.nullcontext()
 
     def sample_images(self, model, feats, sigmas: list[float], seed: int | None = None):
         """(3, S, S) images at data.image_size from ``model`` on context features (c_s or c_t), one per feature;

@@ -15,6 +15,9 @@ row and at every step. The base never changes, so its row is sampled once and ke
 ``validation/base-<key>.safetensors``: full fine-tuning keeps no untouched copy of the weights after step 0, and a
 resumed run reads the row back from there.
 
+Under DeepSpeed every rank builds and runs a Validation inside ``Trainer.whole_weights`` (where a ZeRO-3 trainer
+gathers its partitioned parameters); rank 0 alone samples and writes.
+
 Sampling leaves the training state alone: the roll-out noise generator is not used, the global RNG is forked,
 and every module's active adapter and train/eval flag are put back afterwards.
 """
@@ -49,18 +52,23 @@ class Validation:
         self.pairs, captions = trainer.grid_pairs(v.pairs)
         self.prompts = captions + list(v.prompts)
         self.sigmas = trainer.sampler_sigmas(v.steps or trainer.family.inference_steps)
-        self.base_row = self._base_row()
+        with trainer.whole_weights():
+            self.base_row = self._base_row() if trainer.is_main else []
 
     def due(self, step: int) -> bool:
         return step % self.every == 0 or step == self.trainer.cfg.train.steps
 
-    def run(self, step: int, log) -> Path:
-        """Sample the teacher and student rows, write the grid and its record; ``log``: the run's StepLog."""
+    def run(self, step: int, log) -> Path | None:
+        """Sample the teacher and student rows, write the grid and its record; ``log``: the run's StepLog.
+        Every rank calls it (a ZeRO-3 trainer gathers the weights for rank 0); rank 0 samples and writes."""
         tic, tr = time.perf_counter(), self.trainer
         captions = self.prompts[:len(self.pairs)]
-        with self._sampling():
-            teacher = self._sample(tr.roles.use("teacher"), tr.mm_encoder(captions, [p.image for p in self.pairs]))
-            student = self._sample(tr.roles.use("student"), tr.text_encoder(self.prompts))
+        with tr.whole_weights():
+            if not tr.is_main:
+                return None
+            with self._sampling():
+                teacher = self._sample(tr.roles.use("teacher"), tr.mm_encoder(captions, [p.image for p in self.pairs]))
+                student = self._sample(tr.roles.use("student"), tr.text_encoder(self.prompts))
         size = tr.cfg.data.image_size
         blank = [None] * (len(self.prompts) - len(self.pairs))
         rows = [[square_crop(p.image, size) for p in self.pairs] + blank, self.base_row, teacher + blank, student]

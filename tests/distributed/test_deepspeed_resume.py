@@ -1,5 +1,6 @@
 """2 CPU ranks over gloo, ZeRO-2: a run SIGKILLed at a random point resumes and reproduces the uninterrupted run
 exactly, and zero_to_fp32 exports its student; a rank that dies makes the others exit non-zero instead of hanging."""
+import json
 import os
 import random
 import signal
@@ -18,7 +19,8 @@ from dopsd_fast.train.distributed import free_port  # noqa: E402
 
 STEPS = 4
 RUN = [f"train.steps={STEPS}", "train.checkpoint_every=1", "train.keep_last=2", "deepspeed.stage=2",
-       "optim.warmup_steps=3", "train.tensorboard=false"]
+       "optim.warmup_steps=3", "train.tensorboard=false",
+       "validation.every=2", "validation.pairs=2", "validation.steps=2"]      # grids on rank 0 must not shift a loss
 
 
 def wait_for_rows(out, n: int, proc: subprocess.Popen, timeout: float = 600) -> None:
@@ -38,6 +40,8 @@ def test_sigkill_at_random_point_resumes_exactly(tmp_path):
     ref = logged_rows(straight)
     assert sorted(ref) == list(range(1, STEPS + 1))
     assert_zero_to_fp32_matches_student(straight / "checkpoints" / f"step-{STEPS:06d}")   # (saves a launch)
+    grids = (straight / "validation" / "grids.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in grids] == [2, 4]        # rank 0 alone writes the grids
 
     killed = tmp_path / "killed"
     kill_after = random.Random(os.getpid()).randint(1, STEPS - 1)    # steps logged before the kill

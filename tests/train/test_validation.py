@@ -88,8 +88,8 @@ def test_resumed_full_fine_tune_keeps_its_base_row(tmp_path):
     tiny_trainer(tmp_path / "b", "train.steps=2", "train.resume=auto", *common).train()
     assert len(list((tmp_path / "b" / "validation").glob("base-*.safetensors"))) == 1
     np.testing.assert_array_equal(_grid(tmp_path / "a", 2), _grid(tmp_path / "b", 2))
-    steps = [json.loads(line)["step"] for line in (tmp_path / "b" / "validation" / "grids.jsonl").read_text().splitlines()]
-    assert steps == [1, 2]                  # 1 ended the first run, 2 the resumed one
+    records = (tmp_path / "b" / "validation" / "grids.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in records] == [1, 2]                  # 1 ended the first run, 2 the resumed one
 
 
 def test_tensorboard_gets_the_grid(tmp_path):
