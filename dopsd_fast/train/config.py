@@ -104,7 +104,7 @@ class MethodConfig:
     ema_decay: float = 0.9999
     # Backpropagate each step's loss/K at once (one live student graph) instead of K graphs to the end.
     per_step_backward: bool = True
-    # Teacher and student of a roll-out step in ONE forward of the shared base (LoRA roles, Z-Image): the same
+    # Teacher and student of a roll-out step in ONE forward of the shared base (LoRA roles): the same
     # results, weights read once, but the backward also runs through the teacher rows (method/roles.py says the
     # cost), so off unless measured faster (bench/bench_step.py).
     packed_forward: bool = False
@@ -328,8 +328,6 @@ def validate(cfg: Config) -> Config:
     _check(v.steps is None or v.steps >= 1, "validation.steps", f"must be >= 1 (or null), got {v.steps}")
     _check(not m.packed_forward or a.mode == "lora", "method.packed_forward",
            "needs adapter.mode=lora (one base, two adapters): full-weight roles keep two copies of the weights")
-    _check(not m.packed_forward or cfg.model.family == "z_image", "method.packed_forward",
-           "only model.family=z_image has the packed teacher + student forward so far; set it to false")
     _check(cfg.context.teacher != "reference" or cfg.model.family == "flux2_klein", "context.teacher",
            "reference needs reference-image tokens, which only model.family=flux2_klein has; use vlm")
     return cfg
