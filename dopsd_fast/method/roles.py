@@ -80,7 +80,7 @@ class LoRARoles(Roles):
         """``packed``: one forward over 2B samples, teacher samples first (x with c_t, teacher adapter) then
         student samples (x with c_s, student adapter); every LoRALinear picks the adapter per sample's rows.
 
-        Equal to the two forwards (tests/models/test_z_image_packed.py, tests/method/test_packed_forward.py):
+        Equal to the two forwards (tests/models/test_{z_image,flux2_klein}_packed.py, method/test_packed_forward.py):
         samples never mix (per-sample attention, per-row linears), the teacher outputs are detached and the teacher
         adapter requires no grad. The trade: the base weights are read once and every op launches once for both
         roles, but the teacher rows now sit in the student's autograd graph. Their activations are saved (twice the

@@ -393,7 +393,7 @@ class ZImageTransformer(nn.Module):
         real = [g[0] * g[1] * g[2] for g in grids]
         padded = [round_up(n) for n in real]
 
-        with packed_adapters(plan and plan.stage(real)):
+        with packed_adapters(None if plan is None else plan.stage(real)):
             emb = embedder(torch.cat(patches, dim=0).to(embedder.weight.dtype))  # (sum N_i, dim)
         pad = self.x_pad_token.to(emb.dtype)
         img = self._interleave(list(emb.split(real)), [pad.expand(q - n, -1) for n, q in zip(real, padded)])
@@ -422,7 +422,7 @@ class ZImageTransformer(nn.Module):
         # Final layer is per token, so run it on the real image tokens only.
         pieces = uni.split([n for pair in zip(padded, context.lengths) for n in pair])[0::2]
         out_tokens = torch.cat([piece[:n] for piece, n in zip(pieces, real)], dim=0)  # (sum N_i, dim)
-        with packed_adapters(plan and plan.stage(real)):
+        with packed_adapters(None if plan is None else plan.stage(real)):
             out = self.all_final_layer[key](out_tokens, sample_index_of(real, device), t_emb)  # (sum N_i, pF*pH*pW*C)
 
         return [unpatchify(tokens, grid, p, fp) for tokens, grid in zip(out.split(real), grids)]

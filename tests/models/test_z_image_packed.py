@@ -99,9 +99,11 @@ def test_packed_equals_two_forwards_on_triton_ops():
         torch.testing.assert_close(pg[name], g, rtol=rtol, atol=atol * g.abs().max().item(), msg=lambda m: f"{name}: {m}")
 
 
-def test_adaln_target_runs_one_row_per_sample():
-    """A LoRA on a per-sample linear (adaLN: B rows, not tokens) takes the per-sample segments of the plan."""
-    roles, _ = make_roles(targets=TARGETS + ["adaLN_modulation.0"])
+def test_every_linear_as_target():
+    """LoRA on every linear: the embedders and final layer (their own stages' rows) and the per-sample linears
+    (time embedding, adaLN: B rows, not tokens), which take one row per sample from the plan."""
+    roles, _ = make_roles(targets=TARGETS + ["adaLN_modulation.0", "all_x_embedder.2-1", "all_final_layer.2-1.linear",
+                                             "t_embedder.mlp.0", "t_embedder.mlp.2", "cap_embedder.1"])
     assert_same(run(roles, torch.float32, packed=True), run(roles, torch.float32, packed=False), torch.float32)
 
 
