@@ -67,7 +67,10 @@ class Validation:
             if not tr.is_main:
                 return None
             with self._sampling():
-                teacher = self._sample(tr.roles.use("teacher"), tr.mm_encoder(captions, [p.image for p in self.pairs]))
+                teacher = []
+                if self.pairs:          # c_t: prompt + the target image as the teacher sees it in training
+                    c_t = tr.mm_encoder(captions, [p.image for p in self.pairs])
+                    teacher = self._sample(tr.roles.use("teacher"), c_t)
                 student = self._sample(tr.roles.use("student"), tr.text_encoder(self.prompts))
         size = tr.cfg.data.image_size
         blank = [None] * (len(self.prompts) - len(self.pairs))
@@ -82,8 +85,6 @@ class Validation:
         return path
 
     def _sample(self, model, feats) -> list[torch.Tensor]:
-        if not feats:
-            return []
         return self.trainer.sample_images(model, feats, self.sigmas, self.seed)
 
     @contextlib.contextmanager
@@ -108,8 +109,10 @@ class Validation:
     def _base_row(self) -> list[torch.Tensor | None]:
         """The untouched model's row: from its file, else sampled (and saved); blank when there is no base left."""
         tr = self.trainer
-        what = {"model": tr.cfg.to_dict()["model"], "context": tr.cfg.to_dict()["context"],
-                "size": tr.cfg.data.image_size, "prompts": self.prompts, "sigmas": self.sigmas, "seed": self.seed}
+        cfg = tr.cfg.to_dict()
+        model = {k: v for k, v in cfg["model"].items() if k not in ("gradient_checkpointing", "ops_backend")}
+        what = {"model": model, "context": cfg["context"], "size": cfg["data"]["image_size"], "prompts": self.prompts,
+                "sigmas": self.sigmas, "seed": self.seed}      # what the row depends on, not how it is computed
         key = hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
         path = self.dir / f"base-{key}.safetensors"
         if path.is_file():

@@ -127,6 +127,15 @@ def test_bad_values_name_the_key(overrides, message):
         load_config("tiny-cpu", overrides)
 
 
+def test_free_text_prompts_only(tmp_path):
+    tiny_trainer(tmp_path, "train.steps=1", "validation.every=1", "validation.pairs=0", "validation.steps=1",
+                 "validation.prompts=[a red circle, a zorp]").train()
+    grid = _grid(tmp_path, 1)
+    for col in range(2):
+        assert (_tile(grid, 0, col, cols=2) == 255).all() and (_tile(grid, 2, col, cols=2) == 255).all()
+        assert _tile(grid, 3, col, cols=2).std() > 0
+
+
 def test_pair_index_out_of_range_names_the_data_size(tmp_path):
     tr = tiny_trainer(tmp_path, "train.steps=1", "validation.every=1", "validation.pairs=[0, 9]")
     with pytest.raises(ConfigError, match=r"validation.pairs: \[9\] out of range; the data has 4 pairs"):
