@@ -46,7 +46,7 @@ def dopsd_step(roles: Roles, flow: FlowConvention, c_s: list[Tensor], c_t: list[
     ctx_s = detached_context(ctx_s_graph) if per_step_backward else ctx_s_graph
     device = c_s[0].device    # noise comes from the host generator: one seed, one roll-out, on any device
     x = [torch.randn(s, generator=generator, dtype=torch.float32).to(device, dtype) for s in latent_shapes]
-    held, losses = [], []
+    held = []
     for k in range(K):
         sigma, sigma_next = sigmas[k], sigmas[k + 1]
         t = flow.time(torch.full((len(x),), sigma, dtype=torch.float32, device=device))
@@ -54,15 +54,14 @@ def dopsd_step(roles: Roles, flow: FlowConvention, c_s: list[Tensor], c_t: list[
         loss_k, x = rollout_update(flow, x, out_s, out_t, sigma, sigma_next, loss_kind)   # x: next state, detached
         if per_step_backward:
             backward(loss_k / K)
-        else:
-            held.append(loss_k)
-        losses.append(loss_k.item())
+        held.append(loss_k.detach() if per_step_backward else loss_k)
     if per_step_backward:
         if ctx_s is not ctx_s_graph:
             # as a scalar <tokens, grad>, whose gradient w.r.t. tokens is exactly grad
             backward((ctx_s_graph.tokens * ctx_s.tokens.grad).sum())
     else:
         backward(torch.stack(held).sum() / K)
+    losses = torch.stack(held).detach().tolist()      # one device sync per iteration, not one per roll-out step
     return StepOutput(loss=sum(losses) / K, losses=losses)
 
 
