@@ -75,6 +75,7 @@ class Validation:
         size = tr.cfg.data.image_size
         blank = [None] * (len(self.prompts) - len(self.pairs))
         rows = [[square_crop(p.image, size) for p in self.pairs] + blank, self.base_row, teacher + blank, student]
+        rows = [[_fit_tile(img) for img in row] for row in rows]
         path = save_grid(rows, self.dir / f"step-{step:06d}.png", upscale=max(1, 128 // size),
                          row_labels=list(ROWS), col_labels=self.prompts)
         record = {"step": step, "grid": str(path), "rows": list(ROWS), "columns": self.prompts,
@@ -134,3 +135,15 @@ class Validation:
         ckpt.save_tensors(tmp, {str(i): img.cpu() for i, img in enumerate(row)})
         os.replace(tmp, path)           # a killed run never leaves a torn row behind
         return row
+
+
+MAX_TILE = 512      # px: a 4 x 4 grid of 1024^2 tiles would be a 20-30 MB PNG every N steps
+
+
+def _fit_tile(img: torch.Tensor | None) -> torch.Tensor | None:
+    """Tiles above MAX_TILE are shrunk (area averaging) for the grid file; the samples themselves are untouched."""
+    if img is None or max(img.shape[-2:]) <= MAX_TILE:
+        return img
+    scale = MAX_TILE / max(img.shape[-2:])
+    size = [max(1, round(n * scale)) for n in img.shape[-2:]]
+    return torch.nn.functional.interpolate(img[None].float(), size=size, mode="area")[0]

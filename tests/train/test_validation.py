@@ -149,3 +149,15 @@ def test_off_by_default_and_zimage_default_steps(tmp_path):
     record = json.loads((tmp_path / "validation" / "grids.jsonl").read_text())
     assert len(record["sigmas"]) == 8 + 1           # Z-Image-Turbo's 8-step sampler
     assert torch.tensor(record["sigmas"]).diff().lt(0).all()
+
+
+def test_large_tiles_are_shrunk_for_the_grid_file():
+    from dopsd_fast.train.validation import MAX_TILE, _fit_tile
+    g = torch.Generator().manual_seed(0)
+    big = torch.rand(3, 2 * MAX_TILE, 3 * MAX_TILE // 2, generator=g) * 2 - 1
+    small = torch.rand(3, 64, 48, generator=g) * 2 - 1
+    out = _fit_tile(big)
+    assert out.shape == (3, 2 * MAX_TILE // 2, 3 * MAX_TILE // 4) and max(out.shape[-2:]) == MAX_TILE
+    # area averaging of 2x2 blocks
+    assert torch.allclose(out, big.view(3, MAX_TILE, 2, 3 * MAX_TILE // 4, 2).mean(dim=(2, 4)), atol=1e-6)
+    assert _fit_tile(small) is small and _fit_tile(None) is None
