@@ -35,14 +35,15 @@ def _train(args: argparse.Namespace) -> int:
     say(f"dopsd: {cfg.method.objective} on {cfg.model.family}, {plan.trainable_params:,} trainable of "
           f"{plan.total_params:,} parameters, K={len(cfg.method.sigmas)}, {cfg.train.steps} steps -> {trainer.out}")
     before = None
-    if not args.no_samples and trainer.is_main and trainer.resume_point() is None:
+    # every rank calls the samplers (ZeRO-3 gathers the weights on all of them); rank 0 samples
+    if not args.no_samples and trainer.resume_point() is None:
         before = trainer.sample_student(trainer.grid_pairs()[1], trainer.sample_sigmas)
     trainer.train()
     last = trainer.checkpoint_root / f"step-{trainer.step:06d}"
     say(f"checkpoint: {last}")
-    if not args.no_samples and trainer.is_main:     # ZeRO <= 2: rank 0 holds whole weights
+    if not args.no_samples:
         grid = trainer.sample_grid(trainer.out / "samples.png", before)
-        print(f"samples:    {grid}  (columns: target | student before | student after, {cfg.sample.steps} steps | after, "
+        say(f"samples:    {grid}  (columns: target | student before | student after, {cfg.sample.steps} steps | after, "
               f"K={len(cfg.method.sigmas)} training steps)")
     return 0
 

@@ -149,8 +149,11 @@ class TrainConfig:
 @dataclass
 class DeepSpeedConfig:
     # ZeRO stage under DeepSpeed; null runs the single-process trainer. 0: data parallel; 1: optimizer states
-    # sharded; 2: + gradients (the authors' setting); 3 (+ parameters) is planned. Launch with torchrun or `deepspeed`.
+    # sharded; 2: + gradients (the authors' setting); 3: + parameters (LoRA only). Launch with torchrun or `deepspeed`.
     stage: int | None = None
+    # ZeRO-3: gather every parameter once per iteration for all K steps of both roles (one coalesced all-gather),
+    # instead of around every forward and backward; costs the whole model's memory during the roll-out.
+    gather_once: bool = True
     # Seconds a collective waits for a peer before this rank fails: a dead or hung rank ends the whole job.
     timeout_s: float = 600.0
     # Time every collective for the `communication` column (synchronises after each one, costing overlap).
@@ -313,8 +316,6 @@ def validate(cfg: Config) -> Config:
     _check(t.peak_tflops is None or t.peak_tflops > 0, "train.peak_tflops", "must be > 0 (or null to look it up)")
     ds = cfg.deepspeed
     _check(ds.stage in (None, 0, 1, 2, 3), "deepspeed.stage", f"must be null, 0, 1, 2 or 3, got {ds.stage}")
-    _check(ds.stage != 3, "deepspeed.stage", "ZeRO-3 (partitioned parameters) is not supported by this version yet; "
-           "use 2 (optimizer states and gradients sharded, the authors' setting)")
     _check(ds.timeout_s > 0, "deepspeed.timeout_s", "must be > 0")
     _check(ds.stage is None or m.objective == "dopsd", "deepspeed.stage",
            "the DeepSpeed engine trains method.objective=dopsd; run the SFT baseline without deepspeed.stage")

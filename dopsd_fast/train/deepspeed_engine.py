@@ -1,4 +1,4 @@
-"""The trainer on a DeepSpeed engine: optimizer, gradient clipping, bf16 and ZeRO 0/1/2 belong to DeepSpeed.
+"""The trainer on a DeepSpeed engine: optimizer, gradient clipping, bf16 and ZeRO 0/1/2/3 belong to DeepSpeed.
 
 Launch one process per device (``torchrun --nproc_per_node N -m dopsd_fast.cli train CONFIG --set
 deepspeed.stage=2``, or the ``deepspeed`` launcher with a hostfile). Each rank trains on its rows of a global
@@ -11,16 +11,18 @@ accumulate into the (ZeRO-partitioned) gradients, and one ``engine.step()`` per 
 clips and updates. The result is the gradient of the mean loss, as in the single-process trainer.
 
 ZeRO stages 0, 1 and 2 keep whole parameters on every rank, so the EMA teacher and both roles' forwards are the
-single-process code; ZeRO-3 (partitioned parameters) is refused by the config for now.
+single-process code. ZeRO-3 partitions the parameters (LoRA adapters only; ``zero3.py``): the EMA runs on each
+rank's slices, and with ``deepspeed.gather_once`` the roll-out gathers every parameter once per iteration.
 
 Checkpoints reuse ``checkpoint.py``'s atomic directory: every rank writes into ``step-XXXXXX.tmp`` (DeepSpeed's
 model/optimizer shards under ``deepspeed/``, its own ``rng-rankNNNNN.safetensors``), rank 0 adds the
 student and EMA teacher as safetensors and ``state.json`` last, then renames. The ``deepspeed/`` shards are
 DeepSpeed's own (pickled) format, read back only from this run's directory; ``zero_to_fp32.py`` beside them
-exports the student.
+exports the student (under ZeRO-3 from the optimizer's fp32 slices).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import torch
@@ -30,7 +32,8 @@ from ..method.ema import EMATeacher
 from ..method.roles import FullRoles
 from . import checkpoint as ckpt
 from . import distributed as dist
-from .config import Config
+from . import zero3
+from .config import Config, ConfigError
 
 
 def _merge(base: dict, extra: dict) -> dict:
@@ -43,13 +46,22 @@ def _merge(base: dict, extra: dict) -> dict:
 def engine_config(cfg: Config, world: int) -> dict:
     """The DeepSpeed JSON config of a run (``deepspeed.extra`` merged last)."""
     ds, b = cfg.deepspeed, cfg.train.batch_size
+    zero: dict = {"stage": ds.stage}
+    if ds.stage == 3:
+        # else partitioning the model replaces torch.nn.functional.linear process-wide with DeepSpeed's own autograd
+        # function, which re-gathers weights in its backward on its own schedule; the hooks already do it
+        zero["memory_efficient_linear"] = False
+        if ds.gather_once:
+            # small "persistent" parameters stay whole between steps but are re-gathered one collective each
+            # after every optimizer step; gathering all parameters once per iteration makes that pure overhead
+            zero["stage3_param_persistence_threshold"] = 0
     conf = {
         "train_micro_batch_size_per_gpu": b,
         "train_batch_size": b * world,
         "gradient_accumulation_steps": 1,
         "managed_gradient_accumulation": False,     # the K + 1 backwards of an iteration; step() is the boundary
         "gradient_clipping": cfg.optim.grad_clip,
-        "zero_optimization": {"stage": ds.stage},
+        "zero_optimization": zero,
         "zero_allow_untested_optimizer": True,      # the client optimizer is torch.optim.AdamW
         "bf16": {"enabled": cfg.model.dtype == "bf16"},
         "steps_per_print": 2**31 - 1,               # the trainer prints its own table
@@ -74,26 +86,52 @@ class DeepSpeedMixin:
         t = cfg.train
         self.noise = torch.Generator().manual_seed(dist.rank_seed(t.seed, self.rank))
         self.stream = dist.ShardedStream(self.dataset, t.batch_size, t.seed, self.rank, self.world)
+        self.zero3 = cfg.deepspeed.stage == 3
+        if self.zero3:
+            self._prepare_zero3()
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=self.model, optimizer=self.optimizer,
                                                                  config=engine_config(cfg, self.world))
         self._rebind_teacher()
 
+    def _prepare_zero3(self) -> None:
+        if isinstance(self.roles, FullRoles):
+            raise ConfigError("deepspeed.stage: 3 trains LoRA adapters (adapter.mode=lora); with adapter.mode=full the "
+                              "EMA teacher is a second whole model outside the engine, not partitioned: use "
+                              "deepspeed.stage=2 for full fine-tuning")
+        zero3.discover_parameters_in(self.model, "encode_context")
+        self.all_gathers = zero3.AllGatherCounter.install()
+
     def _rebind_teacher(self) -> None:
-        """The engine moves the model to its device: point the EMA at the parameters the model holds now."""
+        """The engine moves (ZeRO-3: partitions) the model: point the EMA at the parameters the model holds now."""
         ema, params = self.roles.ema, dict(self.model.named_parameters())
         student = list(self.roles.trainable.values())
         if isinstance(self.roles, FullRoles):
             self.roles.teacher_model.to(self.engine.device)
             params = dict(self.roles.teacher_model.named_parameters())
         teacher = [params[n] for n in ema.names]
-        self.roles.ema = EMATeacher(dict(zip(ema.names, teacher)), student)
+        if self.zero3:
+            self.roles.ema = zero3.PartitionedEMA(ema.names, teacher, student)
+        else:
+            self.roles.ema = EMATeacher(dict(zip(ema.names, teacher)), student)
 
     # ------------------------------------------------------------------ one iteration
     def backward(self, loss: Tensor) -> None:
+        if self.zero3:
+            # ZeRO-3 accumulates into its gradient partitions from the second backward after a step on, counting
+            # backwards in engine.forward(), which the roles never call (they run the module itself)
+            self.optimizer.clear_backward_seen_flag()
         self.engine.backward(loss, scale_wrt_gas=False)      # dopsd_step already divides by K
 
     def forward_backward_step(self, batch):
-        out = super().forward_backward_step(batch)
+        if self.zero3:
+            self.all_gathers.take()      # the iteration's all-gathers: roll-out, optimizer step, EMA
+            # ZeRO-3 copies a gradient into its partition in the first backward after a step and adds to it in
+            # later ones; the caption path's parameters get theirs only in the last backward, so every partition
+            # must start the iteration at zero, not at the previous iteration's gradient
+            self.optimizer.grad_partitions_flat_buffer.zero_()
+        gather_once = self.zero3 and self.cfg.deepspeed.gather_once
+        with zero3.gathered_once(self.model) if gather_once else contextlib.nullcontext():
+            out = super().forward_backward_step(batch)
         # logged numbers are the global batch's: mean losses over ranks, summed FLOPs and tokens
         mean = dist.mean_over_ranks([out.loss, *out.losses, out.flops, out.flops_verl_omni, out.tokens])
         out.loss, out.losses = mean[0], mean[1:-3]
@@ -111,6 +149,12 @@ class DeepSpeedMixin:
         return None if norm is None else float(norm)
 
     # ------------------------------------------------------------------ checkpoints
+    def _whole_student(self) -> dict[str, Tensor]:
+        params = self.roles.trainable
+        if not self.zero3:
+            return dict(params)
+        return dict(zip(params, zero3.gather_full(list(params.values()), [p.ds_tensor for p in params.values()])))
+
     def _rng_state(self) -> dict[str, Tensor]:
         return {"noise": self.noise.get_state(), "torch": torch.get_rng_state()}
 
@@ -123,11 +167,12 @@ class DeepSpeedMixin:
         self.engine.save_checkpoint(str(tmp / "deepspeed"), tag="engine", save_latest=False,
                                     exclude_frozen_parameters=True)
         ckpt.save_tensors(tmp / f"rng-rank{self.rank:05d}.safetensors", self._rng_state())
+        student, teacher = self._whole_student(), self.roles.ema.state_dict()     # ZeRO-3: collectives
         dist.barrier()
         final = root / f"step-{self.step:06d}"
         if self.is_main:
-            ckpt.save_tensors(tmp / "student.safetensors", dict(self.roles.trainable))
-            ckpt.save_tensors(tmp / "teacher.safetensors", self.roles.ema.state_dict())
+            ckpt.save_tensors(tmp / "student.safetensors", student)
+            ckpt.save_tensors(tmp / "teacher.safetensors", teacher)
             state = {"step": self.step, "data": self.stream.state_dict(), "adapter_mode": self.cfg.adapter.mode,
                      "world_size": self.world, "zero_stage": self.cfg.deepspeed.stage, "config": self.cfg.to_dict()}
             final = ckpt.publish_checkpoint(root, self.step, state, self.cfg.train.keep_last)
@@ -158,3 +203,16 @@ class DeepSpeedMixin:
         if self.is_main:
             super()._write_run_files()
         dist.barrier()
+
+    # ------------------------------------------------------------------ samples (every rank calls; rank 0 samples)
+    def whole_weights(self):
+        """Every rank enters; inside, rank 0 alone may run the model (ZeRO-3: gathered, hooks set aside)."""
+        return zero3.whole_weights(self.model) if self.zero3 else contextlib.nullcontext()
+
+    def sample_student(self, prompts, sigmas, seed=None):
+        with self.whole_weights():
+            return super().sample_student(prompts, sigmas, seed) if self.is_main else None
+
+    def sample_grid(self, path, before=None):
+        with self.whole_weights():
+            return super().sample_grid(path, before) if self.is_main else path

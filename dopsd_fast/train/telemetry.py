@@ -7,6 +7,7 @@ Time breakdown of one iteration (seconds, this rank):
   optimizer_s optimizer step, clipping, EMA update (DeepSpeed: gradient reduction of ZeRO 0/1 too)
   rollout_s   the rest of the iteration: contexts, noise, Euler updates and divergences
   comm_s      DeepSpeed collectives (inside backward_s / optimizer_s, not added to them); absent without DeepSpeed
+all_gathers counts this rank's parameter all-gathers in the iteration (ZeRO-3 runs only; train/zero3.py).
 tokens_per_s counts the image tokens the student denoised (K roll-out steps x the global batch).
 """
 from __future__ import annotations
@@ -151,6 +152,7 @@ class Telemetry:
     def __init__(self, trainer):
         self.timer, self.gpu, self.world = StepTimer(), GPUStats(), trainer.world
         self.deepspeed = getattr(trainer, "engine", None) is not None     # its comms logger is process-global
+        self.all_gathers = getattr(trainer, "all_gathers", None)           # ZeRO-3's all-gather counter
         self.peak = peak_tflops(trainer.cfg.train.peak_tflops)
         self.timer.time_forwards(trainer.roles.student_model, trainer.roles.teacher_model)
         inner = trainer.backward
@@ -171,6 +173,8 @@ class Telemetry:
         comm = comm_seconds() if self.deepspeed else None
         if comm is not None:
             row["comm_s"] = comm
+        if self.all_gathers is not None:
+            row["all_gathers"] = self.all_gathers.take()
         if result.tokens:
             row["tokens_per_s"] = result.tokens / sec
         if self.peak is not None:
