@@ -316,6 +316,9 @@ def validate(cfg: Config) -> Config:
     _check(t.peak_tflops is None or t.peak_tflops > 0, "train.peak_tflops", "must be > 0 (or null to look it up)")
     ds = cfg.deepspeed
     _check(ds.stage in (None, 0, 1, 2, 3), "deepspeed.stage", f"must be null, 0, 1, 2 or 3, got {ds.stage}")
+    _check(ds.stage != 3 or a.mode == "lora", "deepspeed.stage",
+           "3 trains LoRA adapters (adapter.mode=lora); with adapter.mode=full the EMA teacher is a second whole model "
+           "outside the engine, not partitioned: use deepspeed.stage=2 for full fine-tuning")
     _check(ds.timeout_s > 0, "deepspeed.timeout_s", "must be > 0")
     _check(ds.stage is None or m.objective == "dopsd", "deepspeed.stage",
            "the DeepSpeed engine trains method.objective=dopsd; run the SFT baseline without deepspeed.stage")

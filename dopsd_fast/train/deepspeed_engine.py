@@ -33,7 +33,7 @@ from ..method.roles import FullRoles
 from . import checkpoint as ckpt
 from . import distributed as dist
 from . import zero3
-from .config import Config, ConfigError
+from .config import Config
 
 
 def _merge(base: dict, extra: dict) -> dict:
@@ -93,11 +93,7 @@ class DeepSpeedMixin:
                                                                  config=engine_config(cfg, self.world))
         self._rebind_teacher()
 
-    def _prepare_zero3(self) -> None:
-        if isinstance(self.roles, FullRoles):
-            raise ConfigError("deepspeed.stage: 3 trains LoRA adapters (adapter.mode=lora); with adapter.mode=full the "
-                              "EMA teacher is a second whole model outside the engine, not partitioned: use "
-                              "deepspeed.stage=2 for full fine-tuning")
+    def _prepare_zero3(self) -> None:        # LoRA roles only (config.py refuses full fine-tuning on ZeRO-3)
         zero3.discover_parameters_in(self.model, "encode_context")
         self.all_gathers = zero3.AllGatherCounter.install()
 
