@@ -125,7 +125,8 @@ def gather_full(params: list[Tensor], parts: list[Tensor]) -> list[Tensor]:
 
 
 def own_slice(param: Tensor, full: Tensor) -> Tensor:
-    """This rank's flat slice of a whole tensor, zero-padded as DeepSpeed pads the last partition."""
+    """This rank's flat slice of a whole tensor; the last rank's is zero-padded to the slice size (DeepSpeed never
+    reads its padding back)."""
     n = param.ds_tensor.ds_numel
     start = tdist.get_rank(param.ds_process_group) * n
     flat = full.reshape(-1)[start:start + n]
