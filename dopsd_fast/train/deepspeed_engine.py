@@ -181,6 +181,10 @@ class DeepSpeedMixin:
             if state[key] != ours:
                 raise ckpt.CheckpointError(f"{path}: written with {key}={state[key]!r}, but this run has {ours!r}; "
                                            "resume with the same setting or start a new output_dir")
+        if (state["zero_stage"] == 3) != self.zero3:     # ZeRO-3 shards hold other files than ZeRO 0-2's
+            raise ckpt.CheckpointError(f"{path}: written with deepspeed.stage={state['zero_stage']}, but this run has "
+                                       f"{self.cfg.deepspeed.stage}; ZeRO-3 shards and ZeRO 0-2 shards do not load "
+                                       "into each other: resume with the same stage or start a new output_dir")
         if not (path / "deepspeed" / "engine").is_dir():
             raise ckpt.CheckpointError(f"{path}: no deepspeed/engine/ shards; it was written without deepspeed.stage, "
                                        "resume it without DeepSpeed")

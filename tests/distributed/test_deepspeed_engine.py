@@ -14,6 +14,7 @@ sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
 
 from dopsd_fast.ops._dispatch import use_backend  # noqa: E402
 from dopsd_fast.testing import tiny_trainer  # noqa: E402
+from dopsd_fast.train.checkpoint import CheckpointError  # noqa: E402
 from dopsd_fast.train.config import ConfigError, load_config  # noqa: E402
 
 COMMON = ["train.steps=3", "train.batch_size=2", "optim.warmup_steps=2", "train.checkpoint_every=100",
@@ -52,3 +53,14 @@ def test_micro_backwards_equal_one_backward_of_the_mean_loss(tmp_path, held_all_
 def test_zero3_full_fine_tuning_is_refused_with_a_reason():
     with pytest.raises(ConfigError, match="deepspeed.stage: 3 trains LoRA adapters"):
         load_config("tiny-cpu", ["deepspeed.stage=3", "adapter.mode=full"])
+
+
+def test_zero3_checkpoint_does_not_resume_on_zero2(tmp_path):
+    """The stage is checked before DeepSpeed reads its shards (it fails on ZeRO-3 shards with a bare assert)."""
+    step = tmp_path / "step-000001"
+    step.mkdir()
+    (step / "state.json").write_text(json.dumps({"step": 1, "data": {}, "adapter_mode": "lora", "world_size": 1,
+                                                 "zero_stage": 3}))
+    trainer = tiny_trainer(tmp_path, "deepspeed.stage=2", *COMMON)
+    with pytest.raises(CheckpointError, match="written with deepspeed.stage=3, but this run has 2"):
+        trainer.load(step)
