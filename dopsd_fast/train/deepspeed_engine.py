@@ -11,8 +11,9 @@ accumulate into the (ZeRO-partitioned) gradients, and one ``engine.step()`` per 
 clips and updates. The result is the gradient of the mean loss, as in the single-process trainer.
 
 ZeRO stages 0, 1 and 2 keep whole parameters on every rank, so the EMA teacher and both roles' forwards are the
-single-process code. ZeRO-3 partitions the parameters (LoRA adapters only; ``zero3.py``): the EMA runs on each
-rank's slices, and with ``deepspeed.gather_once`` the roll-out gathers every parameter once per iteration.
+single-process code. ZeRO-3 (LoRA roles only) partitions every parameter, frozen base included (``zero3.py``): the
+EMA runs on each rank's slices, and with ``deepspeed.gather_once`` the roll-out gathers every parameter once per
+iteration.
 
 Checkpoints reuse ``checkpoint.py``'s atomic directory: every rank writes into ``step-XXXXXX.tmp`` (DeepSpeed's
 model/optimizer shards under ``deepspeed/``, its own ``rng-rankNNNNN.safetensors``), rank 0 adds the
