@@ -94,6 +94,9 @@ class GPUStats:
                 "gpu_power_w": n.nvmlDeviceGetPowerUsage(h) / 1000.0}
 
 
+_comm_ms_so_far: dict[str, float] = {}
+
+
 def comm_seconds() -> float | None:
     """Seconds in DeepSpeed collectives since the last call (its comms logger, when a run enabled it)."""
     try:
@@ -102,9 +105,21 @@ def comm_seconds() -> float | None:
         return None
     if not comms_logger.enabled:
         return None
-    ms = sum(sum(rec[1]) for sizes in comms_logger.comms_dict.values() for rec in sizes.values())
-    comms_logger.comms_dict.clear()
-    return ms / 1000.0
+    return comm_ms_since_last(comms_logger.comms_dict) / 1000.0
+
+
+def comm_ms_since_last(comms_dict: dict) -> float:
+    """DeepSpeed (0.19) logs each collective with its op timer's elapsed time read without a reset, i.e. the op's
+    running total so far, not the call's own latency (summing the records grows quadratically: seconds of
+    "communication" in a sub-second step). So the newest, largest record of each op is its total, and the time
+    since the last call is the growth of those totals. ``comms_dict``: {op: {msg_size: [count, [ms], ...]}}."""
+    delta = 0.0
+    for op, sizes in comms_dict.items():
+        total = max((max(rec[1]) for rec in sizes.values() if rec[1]), default=0.0)
+        delta += max(0.0, total - _comm_ms_so_far.get(op, 0.0))
+        _comm_ms_so_far[op] = max(total, _comm_ms_so_far.get(op, 0.0))
+    comms_dict.clear()
+    return delta
 
 
 class TensorBoard:

@@ -38,3 +38,18 @@ def test_no_mfu_without_a_known_peak(tmp_path):
     tr.train()
     row = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])
     assert "mfu" not in row and "mfu_verl_omni" not in row and not (tmp_path / "tensorboard").exists()
+
+
+def test_comm_time_is_the_growth_of_deepspeeds_running_totals():
+    """DeepSpeed's comms logger records each op's running total (its timer is read without a reset)."""
+    from dopsd_fast.train import telemetry
+
+    telemetry._comm_ms_so_far.clear()
+    # all_reduce: calls of 2, 3, 5 ms -> records 2, 5, 10 (running totals), over two message sizes
+    first = {"all_reduce": {4096: [2, [2.0, 5.0], [], []], 64: [1, [10.0], [], []]},
+             "all_gather": {8: [1, [1.5], [], []]}}
+    assert telemetry.comm_ms_since_last(first) == pytest.approx(10.0 + 1.5) and first == {}
+    second = {"all_reduce": {4096: [1, [17.0], [], []]}}      # one more call of 7 ms
+    assert telemetry.comm_ms_since_last(second) == pytest.approx(7.0)
+    assert telemetry.comm_ms_since_last({}) == 0.0
+    telemetry._comm_ms_so_far.clear()
