@@ -86,7 +86,7 @@ class DeepSpeedMixin:
         super().__init__(cfg, progress=progress and self.is_main)
         t = cfg.train
         self.noise = torch.Generator().manual_seed(dist.rank_seed(t.seed, self.rank))
-        self.stream = dist.ShardedStream(self.dataset, t.batch_size, t.seed, self.rank, self.world)
+        self.stream = dist.ShardedStream(self.dataset, t.batch_size, t.seed, self.rank, self.world, type(self.stream))
         self.zero3 = cfg.deepspeed.stage == 3
         if self.zero3:
             self._prepare_zero3()

@@ -77,11 +77,13 @@ class ShardedStream:
     """Rank r's share of a global batch of ``batch_size * world`` pairs: rows [r*B, (r+1)*B).
 
     Every rank walks the same global order (same seed), so the state is the global stream's (epoch, position)
-    and a resumed run, on any rank, continues exactly where the interrupted one stopped.
+    and a resumed run, on any rank, continues exactly where the interrupted one stopped. ``stream_cls``: the
+    single-process stream of the data kind (PairStream; BucketBatches for folders, so a global batch is one
+    aspect bucket and every rank's share stacks into one latent shape).
     """
 
-    def __init__(self, dataset, batch_size: int, seed: int, rank: int, world: int):
-        self.global_stream = PairStream(dataset, batch_size * world, seed)
+    def __init__(self, dataset, batch_size: int, seed: int, rank: int, world: int, stream_cls=PairStream):
+        self.global_stream = stream_cls(dataset, batch_size * world, seed)
         self.rows = slice(rank * batch_size, (rank + 1) * batch_size)
 
     def __iter__(self):
