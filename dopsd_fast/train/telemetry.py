@@ -2,7 +2,8 @@
 
 Time breakdown of one iteration (seconds, this rank):
   teacher_s   forwards run without autograd (the teacher role)
-  student_s   forwards run with autograd (the student role)
+  student_s   forwards run with autograd (the student role; with method.packed_forward the one forward of both
+              roles, so teacher_s stays 0)
   backward_s  every backward of the iteration (K per-step ones and the caption path)
   optimizer_s optimizer step, clipping, EMA update (DeepSpeed: gradient reduction of ZeRO 0/1 too)
   rollout_s   the rest of the iteration: contexts, noise, Euler updates and divergences
