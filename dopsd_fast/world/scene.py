@@ -6,7 +6,7 @@ continuous position and size). Rendering is hard-edged with exact palette colour
 off-palette pixels (metrics.palette_purity) measures blur and mode averaging exactly.
 
 The held-out concept is a word (``CONCEPT_WORD``) bound to one colour, shown on four different shapes and
-backgrounds (a colour, not a shape: the shipped 1,200-step base draws colours reliably but shapes only as
+backgrounds (a colour, not a shape: the shipped 5,000-step base draws colours reliably but shapes only as
 blobs). It never occurs in pretraining; the word table of the text encoder is frozen at its random init, so the
 new word is as foreign to the model as the nonce words that stand for "an unspecified object" in pretraining.
 """

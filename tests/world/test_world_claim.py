@@ -1,14 +1,17 @@
 """The paper's direction on the miniature world, end to end with the shipped weights (about 2-3 min on 2 cores).
 
-Same preset, same iterations, same evaluation noise for both methods (LoRA on the shipped 4-step turbo):
+Same preset, same iterations, same evaluation noise for both methods (LoRA on the shipped 4-step turbo). Asserted:
 - D-OPSD raises new-concept accuracy (the concept's colour) at 4 steps by at least NEW_GAIN over the turbo;
-- its original-prompt colour accuracy at 4 steps stays within OLD_MARGIN of the turbo's;
-- SFT's original-prompt colour accuracy at 4 steps falls by at least SFT_EXTRA_DROP more than D-OPSD's.
+- few-step sampling: SFT leaves its new-concept samples clearly less sharp (palette purity) at 4 steps than at the
+  multi-step schedule, D-OPSD keeps the turbo's few-step behaviour (its gap is at least FEW_STEP_MARGIN smaller);
+- original prompts' 4-step sample quality (purity) falls by at least SFT_EXTRA_PURITY_DROP more under SFT.
 
-The last two do NOT hold on the shipped world (marked xfail with the measured numbers, reported on issue 6):
-without an anchor D-OPSD carries the concept's colour into ordinary prompts more than SFT does
-(`dopsd demo`, 128 prompts: original colour acc 0.98 turbo -> 0.82 SFT -> 0.43 D-OPSD at lr 1e-3;
-0.96 / 0.62 at lr 2e-4); with `--anchor 4` both keep it (0.98 / 0.99) and SFT no longer falls further.
+Not shown (xfail, with the numbers; reported on issue 6): the accuracy form of the last two. Without an anchor
+D-OPSD carries the concept's colour into ordinary prompts more than SFT does. `dopsd demo`, 128 prompts, seeds
+0/1/2, 4 steps: original colour accuracy turbo 1.00/0.99/0.99 -> SFT 0.96/0.96/0.95 -> D-OPSD 0.78/0.84/0.81 (with
+`--anchor 4` both keep it). The asserted ones there: concept purity at 32 minus 4 steps SFT +0.07/+0.08/+0.08,
+D-OPSD -0.06/-0.06/-0.06 (the turbo before -0.05/-0.04/-0.05); original 4-step purity turbo 0.86/0.85/0.85 -> SFT
+0.79/0.77/0.76 -> D-OPSD 0.82/0.81/0.83.
 """
 import pytest
 
@@ -18,47 +21,65 @@ from dopsd_fast.world.bundle import load_dit  # noqa: E402
 from dopsd_fast.world.demo import Demo, generate, score  # noqa: E402
 
 NEW_GAIN = 0.30
+FEW_STEP_MARGIN = 0.05          # purity(32) - purity(4) on the concept captions: SFT's minus D-OPSD's
+SFT_EXTRA_PURITY_DROP = 0.02    # original prompts' 4-step purity drop from the turbo: SFT's minus D-OPSD's
 OLD_MARGIN = 0.10
 SFT_EXTRA_DROP = 0.05
 N_EVAL = 64
+MULTI = 32
 
 
 @pytest.fixture(scope="module")
 def measured(tmp_path_factory):
     demo = Demo(tmp_path_factory.mktemp("world"), n_eval=N_EVAL, log=lambda *_: None)
 
-    def at_4_steps(model):
-        new = generate(model, demo.encoders, demo.concept, 4, demo.seed + 3)
+    def measure(model):
+        new = {s: score(generate(model, demo.encoders, demo.concept, s, demo.seed + 3), demo.concept, demo.evaluator)
+               for s in (4, MULTI)}
         old = generate(model, demo.encoders, demo.ordinary, 4, demo.seed + 4)
-        return score(new, demo.concept, demo.evaluator), score(old, demo.ordinary, demo.evaluator)
+        return {"new": new[4], "new_gap": new[MULTI]["purity"] - new[4]["purity"],
+                "old": score(old, demo.ordinary, demo.evaluator)}
 
     # module scope runs outside conftest's per-test backend pin: pin the reference ops here (not the interpreter)
     with use_backend("reference"):
-        m = {"turbo": at_4_steps(load_dit("turbo")), "sft": at_4_steps(demo.finetune("sft")),
-             "dopsd": at_4_steps(demo.finetune("dopsd"))}
-    m["numbers"] = (f"new acc turbo/SFT/D-OPSD {m['turbo'][0]['acc']:.2f}/{m['sft'][0]['acc']:.2f}/"
-                    f"{m['dopsd'][0]['acc']:.2f}; original colour acc {m['turbo'][1]['colour_acc']:.2f}/"
-                    f"{m['sft'][1]['colour_acc']:.2f}/{m['dopsd'][1]['colour_acc']:.2f}")
+        m = {"turbo": measure(load_dit("turbo")), "sft": measure(demo.finetune("sft")),
+             "dopsd": measure(demo.finetune("dopsd"))}
+    names = ("turbo", "sft", "dopsd")
+    m["numbers"] = ("turbo/SFT/D-OPSD at 4 steps: new acc " + "/".join(f"{m[k]['new']['acc']:.2f}" for k in names)
+                    + "; original colour acc " + "/".join(f"{m[k]['old']['colour_acc']:.2f}" for k in names)
+                    + "; original purity " + "/".join(f"{m[k]['old']['purity']:.3f}" for k in names)
+                    + f"; concept purity {MULTI}-step minus 4-step " + "/".join(f"{m[k]['new_gap']:+.3f}" for k in names))
     return m
 
 
-def drop(m, method):
-    return m["turbo"][1]["colour_acc"] - m[method][1]["colour_acc"]
+def drop(m, method, key):
+    return m["turbo"]["old"][key] - m[method]["old"][key]
 
 
 def test_dopsd_learns_the_new_concept_at_4_steps(measured):
-    assert measured["dopsd"][0]["acc"] - measured["turbo"][0]["acc"] >= NEW_GAIN, measured["numbers"]
+    assert measured["dopsd"]["new"]["acc"] - measured["turbo"]["new"]["acc"] >= NEW_GAIN, measured["numbers"]
+
+
+def test_sft_breaks_few_step_sampling_of_the_concept_and_dopsd_does_not(measured):
+    sft, dopsd = measured["sft"]["new_gap"], measured["dopsd"]["new_gap"]
+    assert sft > 0 and sft - dopsd >= FEW_STEP_MARGIN, measured["numbers"]
+
+
+def test_sft_degrades_original_prompts_4_step_quality_more_than_dopsd(measured):
+    extra = drop(measured, "sft", "purity") - drop(measured, "dopsd", "purity")
+    assert extra >= SFT_EXTRA_PURITY_DROP, measured["numbers"]
 
 
 UNMET = ("not shown on the shipped world: D-OPSD without an anchor bleeds the concept colour into ordinary prompts "
-         "(demo: original colour acc 0.98 -> 0.43, SFT 0.82); see the module docstring")
+         "more than SFT (see the module docstring)")
 
 
 @pytest.mark.xfail(reason=UNMET, strict=False)
-def test_dopsd_keeps_original_prompts_at_4_steps(measured):
-    assert drop(measured, "dopsd") <= OLD_MARGIN, measured["numbers"]
+def test_dopsd_keeps_original_prompts_accuracy_at_4_steps(measured):
+    assert drop(measured, "dopsd", "colour_acc") <= OLD_MARGIN, measured["numbers"]
 
 
 @pytest.mark.xfail(reason=UNMET, strict=False)
-def test_sft_breaks_original_prompts_more_than_dopsd(measured):
-    assert drop(measured, "sft") - drop(measured, "dopsd") >= SFT_EXTRA_DROP, measured["numbers"]
+def test_sft_breaks_original_prompts_accuracy_more_than_dopsd(measured):
+    assert drop(measured, "sft", "colour_acc") - drop(measured, "dopsd", "colour_acc") >= SFT_EXTRA_DROP, \
+        measured["numbers"]
