@@ -4,10 +4,12 @@ Same preset, same iterations, same evaluation noise for both methods (LoRA on th
 - D-OPSD raises new-concept accuracy (the concept's colour) at 4 steps by at least NEW_GAIN over the turbo;
 - few-step sampling: SFT leaves its new-concept samples clearly less sharp (palette purity) at 4 steps than at the
   multi-step schedule, D-OPSD keeps the turbo's few-step behaviour (its gap is at least FEW_STEP_MARGIN smaller);
-- original prompts' 4-step sample quality (purity) falls by at least SFT_EXTRA_PURITY_DROP more under SFT.
+- original prompts' 4-step sample quality (purity) falls by at least SFT_EXTRA_PURITY_DROP more under SFT;
+- with an anchor term (`--anchor 4`: ordinary captions self-distilled beside the concept), D-OPSD also keeps the
+  original prompts' 4-step colour accuracy within OLD_MARGIN (demo seed 0: 1.00 -> 1.00, purity 0.856 -> 0.855).
 
-Not shown (xfail, with the numbers; reported on issue 6): the accuracy form of the last two. Without an anchor
-D-OPSD carries the concept's colour into ordinary prompts more than SFT does. `dopsd demo`, 128 prompts, seeds
+Not shown (xfail, with the numbers; reported on issue 6): without an anchor, the accuracy form of the original-prompt
+claims. D-OPSD carries the concept's colour into ordinary prompts more than SFT does. `dopsd demo`, 128 prompts, seeds
 0/1/2, 4 steps: original colour accuracy turbo 1.00/0.99/0.99 -> SFT 0.96/0.96/0.95 -> D-OPSD 0.78/0.84/0.81 (with
 `--anchor 4` both keep it). The asserted ones there: concept purity at 32 minus 4 steps SFT +0.07/+0.08/+0.08,
 D-OPSD -0.06/-0.06/-0.06 (the turbo before -0.05/-0.04/-0.05); original 4-step purity turbo 0.86/0.85/0.85 -> SFT
@@ -26,6 +28,7 @@ SFT_EXTRA_PURITY_DROP = 0.02    # original prompts' 4-step purity drop from the 
 OLD_MARGIN = 0.10
 SFT_EXTRA_DROP = 0.05
 N_EVAL = 64
+ANCHOR = 4
 MULTI = 32
 
 
@@ -41,11 +44,12 @@ def measured(tmp_path_factory):
                 "old": score(old, demo.ordinary, demo.evaluator)}
 
     # module scope runs outside conftest's per-test backend pin: pin the reference ops here (not the interpreter)
+    anchored = Demo(tmp_path_factory.mktemp("world-anchor"), n_eval=N_EVAL, log=lambda *_: None, anchor=ANCHOR)
     with use_backend("reference"):
         m = {"turbo": measure(load_dit("turbo")), "sft": measure(demo.finetune("sft")),
-             "dopsd": measure(demo.finetune("dopsd"))}
-    names = ("turbo", "sft", "dopsd")
-    m["numbers"] = ("turbo/SFT/D-OPSD at 4 steps: new acc " + "/".join(f"{m[k]['new']['acc']:.2f}" for k in names)
+             "dopsd": measure(demo.finetune("dopsd")), "dopsd_anchor": measure(anchored.finetune("dopsd"))}
+    names = ("turbo", "sft", "dopsd", "dopsd_anchor")
+    m["numbers"] = ("turbo/SFT/D-OPSD/D-OPSD+anchor at 4 steps: new acc " + "/".join(f"{m[k]['new']['acc']:.2f}" for k in names)
                     + "; original colour acc " + "/".join(f"{m[k]['old']['colour_acc']:.2f}" for k in names)
                     + "; original purity " + "/".join(f"{m[k]['old']['purity']:.3f}" for k in names)
                     + f"; concept purity {MULTI}-step minus 4-step " + "/".join(f"{m[k]['new_gap']:+.3f}" for k in names))
@@ -68,6 +72,13 @@ def test_sft_breaks_few_step_sampling_of_the_concept_and_dopsd_does_not(measured
 def test_sft_degrades_original_prompts_4_step_quality_more_than_dopsd(measured):
     extra = drop(measured, "sft", "purity") - drop(measured, "dopsd", "purity")
     assert extra >= SFT_EXTRA_PURITY_DROP, measured["numbers"]
+
+
+def test_with_an_anchor_dopsd_learns_the_concept_and_keeps_original_prompts(measured):
+    m = measured
+    assert m["dopsd_anchor"]["new"]["acc"] - m["turbo"]["new"]["acc"] >= NEW_GAIN, m["numbers"]
+    assert drop(m, "dopsd_anchor", "colour_acc") <= OLD_MARGIN, m["numbers"]
+    assert m["sft"]["new_gap"] - m["dopsd_anchor"]["new_gap"] >= FEW_STEP_MARGIN, m["numbers"]
 
 
 UNMET = ("not shown on the shipped world: D-OPSD without an anchor bleeds the concept colour into ordinary prompts "
