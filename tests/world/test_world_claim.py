@@ -1,4 +1,4 @@
-"""The paper's direction on the miniature world, end to end with the shipped weights (three fine-tunes, ~4 min on 2 cores).
+"""The paper's direction on the miniature world, end to end with the shipped weights (3 fine-tunes, ~4 min).
 
 Same preset, same iterations, same evaluation noise for both methods (LoRA on the shipped 4-step turbo). Asserted:
 - D-OPSD raises new-concept accuracy (the concept's colour) at 4 steps by at least NEW_GAIN over the turbo;
