@@ -3,11 +3,10 @@ samples (text, student adapter) in ONE forward equal the two per-role forwards (
 import pytest
 import torch
 
-from dopsd_fast.method.roles import LoRARoles
 from dopsd_fast.models.flux2_klein import Flux2KleinConfig, Flux2KleinTransformer, ReferenceCondition
 
 from test_flux2_klein import TINY, randomize_  # noqa: E402  (same folder)
-from test_z_image_packed import GRAD_TOL, TOL, assert_close  # noqa: E402
+from test_z_image_packed import GRAD_TOL, TOL, assert_close, distinct_roles  # noqa: E402
 
 # every linear of the model: both streams of the double blocks, the single blocks, the embedders, the per-sample
 # modulation / final-norm linears (B rows) and the output projection
@@ -21,13 +20,7 @@ def make_roles(dtype, checkpointing):
     torch.manual_seed(0)
     model = Flux2KleinTransformer(Flux2KleinConfig(**TINY))
     randomize_(model)
-    roles = LoRARoles(model, TARGETS, rank=3, alpha=5.0)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():   # student and teacher differ, and B != 0 so every adapter gradient is non-zero
-        for p in list(roles.trainable.values()) + roles.ema.teacher:
-            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-    model.gradient_checkpointing = checkpointing
-    return roles, model.to(dtype)
+    return distinct_roles(model, TARGETS, dtype, checkpointing)
 
 
 def run(roles, dtype, packed):

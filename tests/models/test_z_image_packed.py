@@ -25,6 +25,11 @@ def make_roles(dtype=torch.float32, checkpointing=False, targets=TARGETS):
     torch.manual_seed(0)
     model = ZImageTransformer(TINY)
     randomize_(model)
+    return distinct_roles(model, targets, dtype, checkpointing)
+
+
+def distinct_roles(model, targets, dtype, checkpointing):
+    """LoRA roles on ``model`` whose student and teacher adapters differ (shared with the klein packed test)."""
     roles = LoRARoles(model, targets, rank=3, alpha=5.0)
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():   # student and teacher differ, and B != 0 so every adapter gradient is non-zero
