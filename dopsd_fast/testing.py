@@ -18,4 +18,5 @@ def randomize_adapters(trainer, seed: int = 0, scale: float = 0.05) -> None:
     g = torch.Generator().manual_seed(seed)
     for p in list(trainer.roles.trainable.values()) + trainer.roles.ema.teacher:
         p.copy_(torch.randn(p.shape, generator=g) * scale)
+    trainer.roles.trainable_changed()
     trainer.roles.ema.load_state_dict({k: t.clone() for k, t in zip(trainer.roles.ema.names, trainer.roles.ema.teacher)})

@@ -4,6 +4,9 @@ The student sees the text context c_s and is trained; the teacher sees the privi
 EMA of the student, run without autograd. ``LoRARoles`` keeps one frozen base with two adapters;
 ``FullRoles`` keeps a second, frozen copy of all weights.
 
+Trainable weights are fp32 whatever ``model.dtype`` is: LoRA adapters are fp32 themselves (nn/lora_linear.py); a
+low-precision model trained in full keeps fp32 masters (``master_weights.py``) unless DeepSpeed's optimizer does.
+
 ``teacher_and_student`` runs both roles at one roll-out state; with ``packed=True`` (LoRA roles only) the teacher
 and student samples go through ONE forward of the shared base (see ``LoRARoles.teacher_and_student``).
 """
@@ -17,6 +20,7 @@ from torch import Tensor, nn
 
 from ..nn.lora_linear import adapter_parameters, inject_lora, set_active_adapter
 from .ema import EMATeacher
+from .master_weights import MasterWeights
 
 
 class Roles:
@@ -50,6 +54,9 @@ class Roles:
             raise ValueError("method.packed_forward=true needs LoRA roles (adapter.mode=lora): full-weight roles "
                              "keep two weight copies, so there is no shared base for one forward to read")
         return self.teacher(x, t, ctx_t), self.student(x, t, ctx_s)
+
+    def trainable_changed(self) -> None:
+        """After the optimizer step or a checkpoint load changed ``trainable``: the forwards read it from now on."""
 
     def update_teacher(self, decay: float) -> None:
         self.ema.update(decay)
@@ -103,11 +110,20 @@ class LoRARoles(Roles):
 
 
 class FullRoles(Roles):
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, fp32_masters: bool = True):
+        """``fp32_masters``: keep fp32 master weights when the model is in a lower precision (False where DeepSpeed's
+        optimizer keeps them)."""
         self.student_model = model.requires_grad_(True)
         self.teacher_model = copy.deepcopy(model).requires_grad_(False)
-        self.trainable = dict(model.named_parameters())
+        params = dict(model.named_parameters())
+        lowp = any(p.dtype != torch.float32 for p in params.values())
+        self.masters = MasterWeights(params) if fp32_masters and lowp else None
+        self.trainable = params if self.masters is None else self.masters.masters
         self.ema = EMATeacher(dict(self.teacher_model.named_parameters()), list(self.trainable.values()))
+
+    def trainable_changed(self) -> None:
+        if self.masters is not None:
+            self.masters.copy_to_model()
 
 
 def detached_context(ctx):

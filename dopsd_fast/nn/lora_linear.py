@@ -5,6 +5,10 @@ D-OPSD keeps two adapters with the same config on one frozen DiT: ``student`` (t
 state-dict keys still equal the checkpoint keys; adapters add ``<name>.lora_A.<adapter>`` [r, in] and
 ``<name>.lora_B.<adapter>`` [out, r] (PEFT's shapes).
 
+Adapters are fp32 whatever the base's dtype: they are the trainable weights (and the EMA teacher's master), and a
+bf16 adapter would round most AdamW updates at lr 1e-4 away. Each forward reads a copy in the base's dtype, so
+compute stays in ``model.dtype`` and the gradient reaching the fp32 adapter is the one of that copy.
+
 ``forward`` runs the one active adapter (plain torch, what the trainer uses); ``forward_segments`` runs packed
 rows whose segments use different adapters (teacher and student rows of a roll-out step) in one call of the
 fused op ``dopsd_fast.ops.lora_linear.lora_linear``: one base GEMM, a LoRA term per segment.
@@ -38,8 +42,8 @@ class LoRALinear(nn.Module):
         w = base.weight
         for name in adapters:
             # PEFT "gaussian" init: A ~ N(0, 1/r), B = 0, so every adapter starts as the exact base model.
-            self.lora_A[name] = nn.Parameter(torch.randn(rank, self.in_features, device=w.device, dtype=w.dtype) / rank)
-            self.lora_B[name] = nn.Parameter(torch.zeros(self.out_features, rank, device=w.device, dtype=w.dtype))
+            self.lora_A[name] = nn.Parameter(torch.randn(rank, self.in_features, device=w.device) / rank)
+            self.lora_B[name] = nn.Parameter(torch.zeros(self.out_features, rank, device=w.device))
         self.active_adapter: str | None = adapters[0]
 
     def forward(self, x: Tensor) -> Tensor:
@@ -51,7 +55,7 @@ class LoRALinear(nn.Module):
         if self.active_adapter is None:
             return y
         a, b = self.lora_A[self.active_adapter], self.lora_B[self.active_adapter]
-        return y + self.scale * F.linear(F.linear(x, a), b)
+        return y + self.scale * F.linear(F.linear(x, a.to(x.dtype)), b.to(x.dtype))
 
     @property
     def adapter_names(self) -> list[str]:
@@ -65,7 +69,8 @@ class LoRALinear(nn.Module):
         x: (..., in), the leading dims flattened to T rows; seg_offsets: int32 (S+1,) tensor on x's device (or a
         list of ints) from 0 to T; seg_adapters: S adapter names (None = base only), or an int32 (S,) tensor of
         indices into ``adapter_names`` (-1 = base only). Returns (..., out). Equals running each segment through
-        ``forward`` with that adapter active; gradients reach only the adapters that require grad.
+        ``forward`` with that adapter active; gradients reach only the adapters that require grad. The fused op
+        reads the fp32 adapters in x's dtype itself (and returns their gradients in fp32).
         """
         if not isinstance(seg_offsets, Tensor):
             seg_offsets = torch.tensor(list(seg_offsets), dtype=torch.int32, device=x.device)

@@ -137,7 +137,7 @@ def build_roles(cfg: Config, model: nn.Module) -> Roles:
     a = cfg.adapter
     if a.mode == "lora":
         return LoRARoles(model, a.targets, a.rank, a.alpha)
-    return FullRoles(model)
+    return FullRoles(model, fp32_masters=cfg.deepspeed.stage is None)     # DeepSpeed's bf16 optimizer keeps its own
 
 
 def resolve_plan(cfg: Config, need_weights: bool = True) -> Plan:

@@ -104,6 +104,7 @@ class Trainer:
         norm = torch.nn.utils.clip_grad_norm_(params, o.grad_clip if o.grad_clip > 0 else float("inf"))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        self.roles.trainable_changed()
         self.roles.update_teacher(self.cfg.method.ema_decay)
         return float(norm)
 
@@ -190,6 +191,7 @@ class Trainer:
         rng = ckpt.load_tensors(path / "rng.safetensors", {"noise": self.noise.get_state(), "torch": torch.get_rng_state()})
         with torch.no_grad():
             for k, p in self.roles.trainable.items():
+        self.roles.trainable_changed()
                 p.copy_(student[k])
         self.roles.ema.load_state_dict(teacher)
         ckpt.load_optimizer(self.optimizer, list(self.roles.trainable), optim, state["param_groups"])
@@ -283,6 +285,7 @@ def load_for_sampling(run_dir: Path, checkpoint: str | None = None) -> Trainer:
     with torch.no_grad():
         for k, p in trainer.roles.trainable.items():
             p.copy_(student[k])
+    trainer.roles.trainable_changed()
     trainer.loaded_from = path
     return trainer
 
