@@ -7,6 +7,11 @@ system prompt (``text_first``: [prompt, image]); the target crop resized into [5
 ``hidden_states[-2]``, FLUX.2 [klein] 9, 18 and 27 concatenated). Real tokens only for both: the teacher sequence
 has no pads (klein's student keeps its pads because klein's pipeline does; the packed transformer takes any length).
 
+**The prompt text** (``prompt_text``): ``templated`` (default) puts the student's chat-templated prompt inside the
+teacher's user turn, as the released loop does by side effect (its ``_encode_prompt`` templates the batch's prompt
+list in place before the teacher reads it; method.md section 6); ``raw`` puts the prompt itself. FLUX.2 [klein] has
+no released VLM loop; the same rule applies with klein's own template (thinking off).
+
 **Prefix reuse.** With ``text_first`` the teacher's token ids start with the student's ``<|im_start|>user\\n`` +
 prompt tokens. A causal LM computes those rows identically (so their KV can be taken from the student pass) only
 if the two passes agree on everything the rows depend on: the weights (a complete swap), the position ids (0..P-1
@@ -28,7 +33,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .qwen_text import HiddenStates, QwenTextEncoder, StudentPass, TextFeatureSpec
+from .qwen_text import HiddenStates, QwenTextEncoder, StudentPass, TextFeatureSpec, chat_prompt
 
 log = logging.getLogger(__name__)
 
@@ -97,9 +102,14 @@ def reuse_blockers(text_cfg, vl_text_cfg, swap: SwapReport, same_layers: bool, s
 
 class QwenVLTeacher:
     def __init__(self, vl_model, tokenizer, image_processor, text: QwenTextEncoder, order: str = "image_first",
-                 max_tokens: int = 1024, identity: str = "", spec: TextFeatureSpec | None = None):
-        """``spec``: whose ``layers`` the features concatenate; default the student's (``text.spec``)."""
+                 max_tokens: int = 1024, identity: str = "", spec: TextFeatureSpec | None = None,
+                 prompt_text: str = "templated"):
+        """``spec``: whose ``layers`` the features concatenate; default the student's (``text.spec``).
+        ``prompt_text``: ``templated`` | ``raw``, the text in the teacher's user turn (module docstring)."""
         self.vl, self.tokenizer, self.processor, self.order, self.max_tokens = vl_model, tokenizer, image_processor, order, max_tokens
+        if prompt_text not in ("templated", "raw"):
+            raise ValueError(f"prompt_text must be 'templated' or 'raw', got {prompt_text!r}")
+        self.prompt_text, self.text = prompt_text, text
         lm = vl_model.language_model
         total = self.total_layers = lm.config.num_hidden_layers
         self.indices = (spec or text.spec).absolute_layers(total)
@@ -118,13 +128,13 @@ class QwenVLTeacher:
         self.image_token_id = vl_model.config.image_token_id
         self.merge = vl_model.config.vision_config.spatial_merge_size
         self.identity = "qwen3-vl:" + hashlib.sha256(
-            f"{identity}|{text.identity}|{order}|{max_tokens}|{self.indices}".encode()).hexdigest()[:16]
+            f"{identity}|{text.identity}|{order}|{max_tokens}|{self.indices}|{prompt_text}".encode()).hexdigest()[:16]
 
     @classmethod
     def from_pretrained(cls, vl_dir: str | Path, text: QwenTextEncoder, order: str = "image_first",
                         max_tokens: int = 1024, min_pixels: int = 512 * 512, max_pixels: int = 768 * 768,
                         dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-                        spec: TextFeatureSpec | None = None) -> "QwenVLTeacher":
+                        spec: TextFeatureSpec | None = None, prompt_text: str = "templated") -> "QwenVLTeacher":
         from transformers import AutoTokenizer, Qwen2VLImageProcessorPil, Qwen3VLForConditionalGeneration
 
         vl_dir = Path(vl_dir)
@@ -144,7 +154,7 @@ class QwenVLTeacher:
         from ..data.feature_cache import folder_fingerprint
 
         identity = f"{folder_fingerprint(vl_dir)}|{min_pixels}|{max_pixels}|{dtype}"
-        return cls(vl, tokenizer, processor, text, order, max_tokens, identity, spec)
+        return cls(vl, tokenizer, processor, text, order, max_tokens, identity, spec, prompt_text)
 
     @property
     def reuses_prefix(self) -> bool:
@@ -154,6 +164,8 @@ class QwenVLTeacher:
         """Token ids (1, L) with the image placeholder expanded, pixel patches and the (1, 3) grid."""
         pixels = self.processor(images=[(image.float().cpu() + 1) / 2], do_rescale=False, return_tensors="pt")
         grid = pixels["image_grid_thw"]
+        if self.prompt_text == "templated":
+            prompt = chat_prompt(self.text.tokenizer, prompt, self.text.spec.enable_thinking)
         parts = [{"type": "image"}, {"type": "text", "text": prompt}]
         if self.order == "text_first":
             parts.reverse()

@@ -89,7 +89,8 @@ def build_qwen_contexts(cfg: Config, arch, dtype, device: str | torch.device = "
     if cfg.method.objective == "dopsd":
         # the teacher reads the student's layers (klein: 9, 18, 27 concatenated), real tokens only
         teacher = QwenVLTeacher.from_pretrained(c.teacher_model, text, c.teacher_order, c.teacher_max_tokens,
-                                                c.teacher_min_pixels, c.teacher_max_pixels, dtype, device, spec)
+                                                c.teacher_min_pixels, c.teacher_max_pixels, dtype, device, spec,
+                                                c.teacher_prompt)
     ctx = CachedContexts(text, teacher, cache_root(cfg))
     return ctx.student, ctx.teacher
 

@@ -76,6 +76,11 @@ class ContextConfig:
     teacher_max_tokens: int = 1024
     teacher_min_pixels: int = 512 * 512
     teacher_max_pixels: int = 768 * 768
+    # The prompt text inside the VLM teacher's user turn. templated (the released recipe): the student's
+    # chat-templated string ("<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n"), because the released
+    # loop's _encode_prompt rewrites the prompt list in place before the teacher reads it (method.md section 6);
+    # raw: the prompt itself, what the paper describes. Moves per-iteration losses by up to ~3%.
+    teacher_prompt: Literal["templated", "raw"] = "templated"
     # Teacher's privileged context. vlm: multimodal encoder features of [image, prompt] replace the text features;
     # reference (FLUX.2 klein only, the authors' edit branch): text of "<prompt> <reference_prompt>" plus the
     # target's clean latents as reference tokens (RoPE time id 10), output sliced back to the target.

@@ -54,17 +54,19 @@ def test_max_tokens_keeps_the_first_rows(tiny_root, student, images):
     torch.testing.assert_close(cut, full[:10], rtol=0, atol=0)
 
 
-def test_text_first_prefix_reuse_equals_full_computation(tiny_root, student, images, caplog):
+@pytest.mark.parametrize("prompt_text", ["templated", "raw"])
+def test_text_first_prefix_reuse_equals_full_computation(tiny_root, student, images, caplog, prompt_text):
     with caplog.at_level(logging.INFO, logger="dopsd_fast.contexts.teacher_vlm"):
-        teacher = _teacher(tiny_root, student, "text_first")
+        teacher = _teacher(tiny_root, student, "text_first", prompt_text=prompt_text)
     assert teacher.reuses_prefix and "prefix reuse: on" in caplog.text
     student_pass = student.encode(PROMPTS, keep_cache=True)
     reused = teacher(PROMPTS, images, student_pass)
     full = teacher(PROMPTS, images)
     for prompt, image, a, b in zip(PROMPTS, images, reused, full):
         p = teacher._shared_prefix(student_pass, PROMPTS.index(prompt), teacher._inputs(prompt, image)[0])[2]
-        n_prompt = len(student.tokenizer(prompt).input_ids)
-        assert p == 3 + n_prompt              # "<|im_start|>user\n" + the prompt's tokens
+        # "<|im_start|>user\n" + the prompt's tokens; a templated prompt starts its own "<|im_start|>user\n" there
+        n_prompt = len(student.tokenizer(prompt).input_ids) if prompt_text == "raw" else 0
+        assert p == 3 + n_prompt
         assert a.shape == b.shape
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
@@ -135,3 +137,28 @@ def test_klein_layers_equal_transformers_hidden_states_after_swap(tiny_root, tmp
                      mm_token_type_ids=(ids == teacher.image_token_id).int(), output_hidden_states=True).hidden_states
         assert f.shape == (ids.shape[1], 3 * 64)      # real tokens only: the teacher sequence has no pads
         torch.testing.assert_close(f, torch.cat([hs[9][0], hs[18][0], hs[27][0]], -1), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("prompt_text", ["templated", "raw"])
+def test_teacher_token_ids_are_the_released_code_paths(tiny_root, student, images, prompt_text):
+    """The released loop's ``_encode_prompt`` rewrites the prompt list in place with Qwen3's chat template before
+    the VLM teacher reads it, so its user turn holds the templated string (method.md section 6). The expected text
+    is written out here from the two templates, not produced by our encoders."""
+    teacher = _teacher(tiny_root, student, prompt_text=prompt_text)
+    tok = teacher.tokenizer
+    for prompt, image in zip(PROMPTS + ["  spaces\nand a newline "], images + images[:1]):
+        ids, _, grid = teacher._inputs(prompt, image)
+        qwen3_turn = f"<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n"     # thinking on: no <think>
+        text = qwen3_turn if prompt_text == "templated" else prompt
+        image_tokens = "<|image_pad|>" * (int(grid.prod()) // 4)
+        expected = (f"<|im_start|>user\n<|vision_start|>{image_tokens}<|vision_end|>{text}<|im_end|>\n"
+                    "<|im_start|>assistant\n")
+        assert ids[0].tolist() == tok(expected).input_ids
+    if prompt_text == "templated":      # 8 tokens longer than the raw prompt's turn (issue 16, item 2)
+        raw = _teacher(tiny_root, student, prompt_text="raw")
+        assert ids.shape[1] - raw._inputs(prompt, image)[0].shape[1] == len(tok("<|im_start|>user\n<|im_end|>\n"
+                                                                               "<|im_start|>assistant\n").input_ids)
+
+
+def test_teacher_prompt_text_keys_the_feature_cache(tiny_root, student):
+    assert _teacher(tiny_root, student).identity != _teacher(tiny_root, student, prompt_text="raw").identity
