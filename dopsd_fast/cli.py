@@ -136,9 +136,10 @@ def main(argv: list[str] | None = None) -> int:
     e = sub.add_parser("export", help="write a run's student as a diffusers or ComfyUI LoRA, or as full diffusers weights")
     e.add_argument("run", help="the run's output_dir")
     e.add_argument("--format", choices=["diffusers", "comfyui", "full"], default="diffusers",
-                   help="diffusers: pytorch_lora_weights.safetensors (ZImagePipeline.load_lora_weights); comfyui: "
-                        "ComfyUI keys (fused qkv); full: merged transformer/ folder")
-    e.add_argument("--checkpoint", default=None, help="a step-XXXXXX directory (default: the newest)")
+                   help="diffusers: pytorch_lora_weights.safetensors (the pipeline's load_lora_weights); comfyui: "
+                        "ComfyUI's model keys (fused qkv; FLUX.2: BFL names); full: merged transformer/ folder")
+    e.add_argument("--checkpoint", default=None, help="a step-XXXXXX directory, or its name under the run's checkpoints/ "
+                   "(default: the newest)")
     e.add_argument("--dtype", choices=["fp32", "bf16"], default=None, help="default: the run's model.dtype")
     e.add_argument("--out", required=True, help="output folder")
     c = sub.add_parser("cache", help="compute the text / multimodal features and VAE latents of an image folder ahead of training")

@@ -2,8 +2,9 @@
 
 A family bundles what differs between Z-Image and FLUX.2 [klein]: how the transformer is built and loaded,
 the flow convention (time input, output sign), the roll-out and sampler schedules (klein's depend on the
-image's token count), the latent shape of an image, the text-feature width and the FLOP count. Both models
-take ``model(x: list[latent], t, context=model.encode_context(conds))``, which is how the roles call them.
+image's token count), the latent shape of an image, the text-feature width, the FLOP count and the export
+layouts (diffusers class, ComfyUI names). Both models take
+``model(x: list[latent], t, context=model.encode_context(conds))``, which is how the roles call them.
 """
 from __future__ import annotations
 
@@ -20,6 +21,10 @@ from .flux2_klein import KLEIN_4B, KLEIN_9B, Flux2KleinConfig, Flux2KleinTransfo
 from .z_image import ZImageConfig, ZImageTransformer
 
 LATENT_FACTOR = 16  # FLUX.2 VAE /8, then 2x2 patchify to 128 channels
+# diffusers name -> ComfyUI's Z-Image name (the rest is equal); q, k, v fuse into attention.qkv
+ZIMAGE_COMFY_RENAMES = {"all_x_embedder.2-1": "x_embedder", "all_final_layer.2-1": "final_layer",
+                        "attention.to_out.0": "attention.out"}
+ZIMAGE_QKV = ("attention.to_q.weight", "attention.to_k.weight", "attention.to_v.weight")
 
 
 class ModelFamily:
@@ -28,6 +33,13 @@ class ModelFamily:
     config_cls: type
     model_cls: type[nn.Module]
     inference_steps: int        # the distilled model's few-step sampler (validation grids: validation.steps=null)
+    diffusers_class: str        # "_class_name" of an exported transformer/config.json
+
+    def comfy_weight(self, name: str):
+        """One of our (= diffusers) weight names -> (ComfyUI name, part, parts, rows): that weight, its rows mapped
+        by ``rows``, is row block ``part`` of ``parts`` equal blocks of ComfyUI's tensor (fused qkv), without the
+        ``diffusion_model.`` prefix."""
+        raise NotImplementedError
 
     def build(self, arch, device: str | torch.device = "cpu") -> nn.Module:
         with torch.device(device):
@@ -82,10 +94,19 @@ class ModelFamily:
 class ZImageFamily(ModelFamily):
     name, flow, config_cls, model_cls = "z_image", Z_IMAGE, ZImageConfig, ZImageTransformer
     inference_steps = 8         # Z-Image-Turbo: 8 DiT forwards (DEFAULT_INFERENCE_STEPS, models.md)
+    diffusers_class = "ZImageTransformer2DModel"
 
     def load(self, path, dtype):
         from .loading import load_zimage_transformer
         return load_zimage_transformer(path, dtype)
+
+    def comfy_weight(self, name):
+        for part, leaf in enumerate(ZIMAGE_QKV):
+            if name.endswith(leaf):
+                return name.removesuffix(leaf) + "attention.qkv.weight", part, 3, lambda w: w
+        for ours, theirs in ZIMAGE_COMFY_RENAMES.items():
+            name = name.replace(ours, theirs)
+        return name, 0, 1, lambda w: w
 
     def text_dim(self, arch: ZImageConfig) -> int:
         return arch.cap_feat_dim
@@ -123,10 +144,16 @@ class Flux2KleinFamily(ModelFamily):
 
     name, flow, config_cls, model_cls = "flux2_klein", FLUX2, Flux2KleinConfig, Flux2KleinTransformer
     inference_steps = 4         # FLUX.2 [klein]: num_steps 4, no CFG (models.md)
+    diffusers_class = "Flux2Transformer2DModel"
 
     def load(self, path, dtype):
         from .loading_flux2 import load_flux2_klein_transformer
         return load_flux2_klein_transformer(path, dtype)
+
+    def comfy_weight(self, name):
+        # ComfyUI's FLUX.2 model keeps BFL's names: the loader's rename table, backwards
+        from .loading_flux2 import diffusers_to_bfl
+        return diffusers_to_bfl(name)
 
     def text_dim(self, arch: Flux2KleinConfig) -> int:
         return arch.joint_attention_dim

@@ -1,14 +1,16 @@
-"""Export a trained transformer: LoRA for diffusers/PEFT and for ComfyUI, or full weights in the diffusers layout.
+"""Export a trained Z-Image or FLUX.2 [klein] transformer: LoRA for diffusers/PEFT and for ComfyUI, or full
+weights in the diffusers layout. What differs between the families (ComfyUI names, diffusers class) comes from
+the family adapter.
 
 - ``save_diffusers_lora``: ``pytorch_lora_weights.safetensors`` with ``transformer.<module>.lora_A/B.weight`` and
   the PEFT config (r, lora_alpha, target_modules) in the ``lora_adapter_metadata`` header, which
-  ``ZImagePipeline.load_lora_weights`` reads.
-- ``save_comfyui_lora``: ComfyUI's own Z-Image module names (``diffusion_model.`` prefix, fused
-  ``attention.qkv``, ``attention.out``) with ``lora_down/lora_up/alpha``. The q, k, v adapters become one
-  rank-3r adapter on the fused projection: down = [A_q; A_k; A_v], up = blockdiag(B_q, B_k, B_v), alpha x 3,
-  which is exactly the three updates stacked.
+  ``ZImagePipeline`` / ``Flux2KleinPipeline.load_lora_weights`` read.
+- ``save_comfyui_lora``: the names of ComfyUI's own model (``diffusion_model.`` prefix; Z-Image's fused
+  ``attention.qkv``, ``attention.out``; FLUX.2's BFL ``double_blocks`` / ``single_blocks``) with
+  ``lora_down/lora_up/alpha``. Adapters on the q, k, v parts of a fused projection become one rank-3r adapter:
+  down = [A_q; A_k; A_v], up = blockdiag(B_q, B_k, B_v), alpha x 3, which is exactly the three updates stacked.
 - ``save_full_weights``: base + scale * B A merged (or the fully fine-tuned weights), sharded safetensors with an
-  index, ``config.json`` for diffusers' ``ZImageTransformer2DModel``.
+  index, ``config.json`` for the family's diffusers transformer class.
 """
 from __future__ import annotations
 
@@ -21,10 +23,9 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from ..nn.lora_linear import LoRALinear
+from .adapter import model_family
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
-# diffusers module name -> ComfyUI module name (the rest is equal)
-COMFY_RENAMES = {"all_x_embedder.2-1": "x_embedder", "all_final_layer.2-1": "final_layer", "attention.to_out.0": "attention.out"}
 
 
 def lora_modules(model: nn.Module, adapter: str = "student") -> dict[str, LoRALinear]:
@@ -57,39 +58,27 @@ def save_diffusers_lora(model: nn.Module, out_dir: str | Path, adapter: str = "s
     return out / LORA_FILE
 
 
-def comfy_name(name: str) -> str:
-    for ours, theirs in COMFY_RENAMES.items():
-        name = name.replace(ours, theirs)
-    return name
-
-
 def save_comfyui_lora(model: nn.Module, path: str | Path, adapter: str = "student",
                       dtype: torch.dtype | None = None) -> Path:
-    mods = lora_modules(model, adapter)
+    family = model_family(model.config)
+    fused: dict[str, list] = {}     # ComfyUI module -> per part (LoRA module, row map), None where not adapted
+    for name, m in lora_modules(model, adapter).items():
+        target, part, parts, rows = family.comfy_weight(f"{name}.weight")
+        fused.setdefault(target.removesuffix(".weight"), [None] * parts)[part] = (m, rows)
     tensors: dict[str, Tensor] = {}
-
-    def put(name: str, down: Tensor, up: Tensor, alpha: float) -> None:
-        key = f"diffusion_model.{name}"
-        tensors[f"{key}.lora_down.weight"] = _contiguous(down, dtype)
-        tensors[f"{key}.lora_up.weight"] = _contiguous(up, dtype)
-        tensors[f"{key}.alpha"] = torch.tensor(float(alpha))
-
-    blocks = {n.rsplit(".to_", 1)[0] for n in mods if n.rsplit(".", 1)[-1] in ("to_q", "to_k", "to_v")}
-    for block in sorted(blocks):
-        parts = [mods.get(f"{block}.to_{p}") for p in "qkv"]
-        ref = next(m for m in parts if m is not None)
-        r, alpha = ref.rank, ref.alpha
-        if any(m is not None and (m.rank, m.alpha) != (r, alpha) for m in parts):
-            raise ValueError(f"{block}: q/k/v adapters differ in rank or alpha; ComfyUI's fused qkv needs one")
-        downs, ups = [], []
-        for m in parts:
-            w = ref.lora_A[adapter]
-            downs.append(m.lora_A[adapter] if m else torch.zeros_like(w))
-            ups.append(m.lora_B[adapter] if m else torch.zeros(ref.out_features, r, dtype=w.dtype, device=w.device))
-        put(comfy_name(block) + ".qkv", torch.cat(downs), torch.block_diag(*ups), 3 * alpha)
-    for name, m in mods.items():
-        if name.rsplit(".", 1)[-1] not in ("to_q", "to_k", "to_v"):
-            put(comfy_name(name), m.lora_A[adapter], m.lora_B[adapter], m.alpha)
+    for target, slots in sorted(fused.items()):
+        ref = next(s[0] for s in slots if s)
+        r, alpha, a = ref.rank, ref.alpha, ref.lora_A[adapter]
+        if any(s and (s[0].rank, s[0].alpha) != (r, alpha) for s in slots):
+            raise ValueError(f"{target}: the adapters fused into it differ in rank or alpha (ComfyUI's file holds "
+                             "one of each)")
+        # a part without an adapter adds nothing: zero rows of the same size (fused parts are equal blocks)
+        downs = [s[0].lora_A[adapter] if s else torch.zeros_like(a) for s in slots]
+        ups = [s[1](s[0].lora_B[adapter]) if s else a.new_zeros(ref.out_features, r) for s in slots]
+        key = f"diffusion_model.{target}"
+        tensors[f"{key}.lora_down.weight"] = _contiguous(torch.cat(downs), dtype)
+        tensors[f"{key}.lora_up.weight"] = _contiguous(torch.block_diag(*ups), dtype)
+        tensors[f"{key}.alpha"] = torch.tensor(float(len(slots) * alpha))   # ComfyUI scales by alpha / (parts r)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(path), metadata={"format": "pt"})
@@ -139,7 +128,7 @@ def save_full_weights(model: nn.Module, out_dir: str | Path, adapter: str | None
         total = sum(t.numel() * t.element_size() for t in state.values())
         (out / f"{WEIGHTS}.safetensors.index.json").write_text(
             json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
-    config = {"_class_name": "ZImageTransformer2DModel",
+    config = {"_class_name": model_family(model.config).diffusers_class,
               **{k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(model.config).items()}}
     (out / "config.json").write_text(json.dumps(config, indent=2))
     return out

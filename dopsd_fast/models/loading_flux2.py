@@ -5,7 +5,7 @@ The diffusers keys are our parameter names, so a folder loads through ``loading.
 rename table plus two special cases (models.md 3.8): fused ``qkv`` of double blocks -> to_q/to_k/to_v
 (add_*_proj for text), and ``final_layer.adaLN_modulation.1`` rows (shift | scale) -> ``norm_out.linear``
 rows (scale | shift). Its architecture is read off the tensor shapes. Names and shapes are checked from the
-header before any tensor is read.
+header before any tensor is read. ``diffusers_to_bfl`` runs the same table backwards (ComfyUI LoRA export).
 """
 from __future__ import annotations
 
@@ -22,35 +22,58 @@ from .loading import WEIGHTS, WeightsError, _open, describe_mismatch, load_check
 
 COMFY_PREFIX = "model.diffusion_model."
 
-# BFL name (regex, block index as \1) -> diffusers name; "weight"/"scale" suffixes are part of the pattern.
+# BFL name <-> diffusers name, {i} = block index; read left to right to load a BFL file, right to left to export
+# a ComfyUI LoRA. "weight"/"scale" suffixes are part of the names.
 BFL_RENAMES = [
-    (r"img_in\.weight", "x_embedder.weight"),
-    (r"txt_in\.weight", "context_embedder.weight"),
-    (r"time_in\.in_layer\.weight", "time_guidance_embed.timestep_embedder.linear_1.weight"),
-    (r"time_in\.out_layer\.weight", "time_guidance_embed.timestep_embedder.linear_2.weight"),
-    (r"(double_stream_modulation_img|double_stream_modulation_txt|single_stream_modulation)\.lin\.weight",
-     r"\1.linear.weight"),
-    (r"final_layer\.linear\.weight", "proj_out.weight"),
-    (r"double_blocks\.(\d+)\.img_attn\.proj\.weight", r"transformer_blocks.\1.attn.to_out.0.weight"),
-    (r"double_blocks\.(\d+)\.txt_attn\.proj\.weight", r"transformer_blocks.\1.attn.to_add_out.weight"),
-    (r"double_blocks\.(\d+)\.img_attn\.norm\.query_norm\.scale", r"transformer_blocks.\1.attn.norm_q.weight"),
-    (r"double_blocks\.(\d+)\.img_attn\.norm\.key_norm\.scale", r"transformer_blocks.\1.attn.norm_k.weight"),
-    (r"double_blocks\.(\d+)\.txt_attn\.norm\.query_norm\.scale", r"transformer_blocks.\1.attn.norm_added_q.weight"),
-    (r"double_blocks\.(\d+)\.txt_attn\.norm\.key_norm\.scale", r"transformer_blocks.\1.attn.norm_added_k.weight"),
-    (r"double_blocks\.(\d+)\.img_mlp\.0\.weight", r"transformer_blocks.\1.ff.linear_in.weight"),
-    (r"double_blocks\.(\d+)\.img_mlp\.2\.weight", r"transformer_blocks.\1.ff.linear_out.weight"),
-    (r"double_blocks\.(\d+)\.txt_mlp\.0\.weight", r"transformer_blocks.\1.ff_context.linear_in.weight"),
-    (r"double_blocks\.(\d+)\.txt_mlp\.2\.weight", r"transformer_blocks.\1.ff_context.linear_out.weight"),
-    (r"single_blocks\.(\d+)\.linear1\.weight", r"single_transformer_blocks.\1.attn.to_qkv_mlp_proj.weight"),
-    (r"single_blocks\.(\d+)\.linear2\.weight", r"single_transformer_blocks.\1.attn.to_out.weight"),
-    (r"single_blocks\.(\d+)\.norm\.query_norm\.scale", r"single_transformer_blocks.\1.attn.norm_q.weight"),
-    (r"single_blocks\.(\d+)\.norm\.key_norm\.scale", r"single_transformer_blocks.\1.attn.norm_k.weight"),
+    ("img_in.weight", "x_embedder.weight"),
+    ("txt_in.weight", "context_embedder.weight"),
+    ("time_in.in_layer.weight", "time_guidance_embed.timestep_embedder.linear_1.weight"),
+    ("time_in.out_layer.weight", "time_guidance_embed.timestep_embedder.linear_2.weight"),
+    *((f"{m}.lin.weight", f"{m}.linear.weight")
+      for m in ("double_stream_modulation_img", "double_stream_modulation_txt", "single_stream_modulation")),
+    ("final_layer.linear.weight", "proj_out.weight"),
+    ("double_blocks.{i}.img_attn.proj.weight", "transformer_blocks.{i}.attn.to_out.0.weight"),
+    ("double_blocks.{i}.txt_attn.proj.weight", "transformer_blocks.{i}.attn.to_add_out.weight"),
+    ("double_blocks.{i}.img_attn.norm.query_norm.scale", "transformer_blocks.{i}.attn.norm_q.weight"),
+    ("double_blocks.{i}.img_attn.norm.key_norm.scale", "transformer_blocks.{i}.attn.norm_k.weight"),
+    ("double_blocks.{i}.txt_attn.norm.query_norm.scale", "transformer_blocks.{i}.attn.norm_added_q.weight"),
+    ("double_blocks.{i}.txt_attn.norm.key_norm.scale", "transformer_blocks.{i}.attn.norm_added_k.weight"),
+    ("double_blocks.{i}.img_mlp.0.weight", "transformer_blocks.{i}.ff.linear_in.weight"),
+    ("double_blocks.{i}.img_mlp.2.weight", "transformer_blocks.{i}.ff.linear_out.weight"),
+    ("double_blocks.{i}.txt_mlp.0.weight", "transformer_blocks.{i}.ff_context.linear_in.weight"),
+    ("double_blocks.{i}.txt_mlp.2.weight", "transformer_blocks.{i}.ff_context.linear_out.weight"),
+    ("single_blocks.{i}.linear1.weight", "single_transformer_blocks.{i}.attn.to_qkv_mlp_proj.weight"),
+    ("single_blocks.{i}.linear2.weight", "single_transformer_blocks.{i}.attn.to_out.weight"),
+    ("single_blocks.{i}.norm.query_norm.scale", "single_transformer_blocks.{i}.attn.norm_q.weight"),
+    ("single_blocks.{i}.norm.key_norm.scale", "single_transformer_blocks.{i}.attn.norm_k.weight"),
 ]
 QKV = re.compile(r"double_blocks\.(\d+)\.(img|txt)_attn\.qkv\.weight")
 QKV_NAMES = {"img": ("attn.to_q", "attn.to_k", "attn.to_v"), "txt": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj")}
-FINAL_MODULATION = "final_layer.adaLN_modulation.1.weight"
+QKV_PARTS = {name: (stream, i) for stream, names in QKV_NAMES.items() for i, name in enumerate(names)}
+QKV_PART = re.compile(rf"transformer_blocks\.(\d+)\.({'|'.join(map(re.escape, QKV_PARTS))})\.weight")
+FINAL_MODULATION, NORM_OUT = "final_layer.adaLN_modulation.1.weight", "norm_out.linear.weight"
 
 Convert = Callable[[Tensor], Tensor]
+
+
+def _template(name: str) -> re.Pattern:
+    return re.compile(re.escape(name).replace(r"\{i\}", r"(?P<i>\d+)"))
+
+
+TO_DIFFUSERS = [(_template(bfl), diffusers) for bfl, diffusers in BFL_RENAMES]
+TO_BFL = [(_template(diffusers), bfl) for bfl, diffusers in BFL_RENAMES]
+
+
+def _rename(name: str, table: list[tuple[re.Pattern, str]]) -> str | None:
+    for pattern, target in table:
+        m = pattern.fullmatch(name)
+        if m:
+            return target.format(**m.groupdict())
+    return None
+
+
+def _same(w: Tensor) -> Tensor:
+    return w
 
 
 def swap_halves(w: Tensor) -> Tensor:
@@ -68,11 +91,24 @@ def bfl_to_diffusers(name: str, shape: tuple[int, ...]) -> list[tuple[str, tuple
         return [(f"transformer_blocks.{m[1]}.{n}.weight", third, lambda w, i=i: w.chunk(3, dim=0)[i])
                 for i, n in enumerate(QKV_NAMES[m[2]])]
     if name == FINAL_MODULATION:
-        return [("norm_out.linear.weight", shape, swap_halves)]
-    for pattern, target in BFL_RENAMES:
-        if re.fullmatch(pattern, name):
-            return [(re.sub(pattern, target, name), shape, lambda w: w)]
-    return [(name, shape, lambda w: w)]
+        return [(NORM_OUT, shape, swap_halves)]
+    return [(_rename(name, TO_DIFFUSERS) or name, shape, _same)]
+
+
+def diffusers_to_bfl(name: str) -> tuple[str, int, int, Convert]:
+    """The inverse of ``bfl_to_diffusers`` for one diffusers tensor: (BFL name, part, parts, rows). The BFL tensor
+    is ``parts`` equal row blocks and this tensor, its rows mapped by ``rows``, is block ``part`` of them (a
+    double block's q, k or v in its fused qkv; 0 of 1 otherwise). ValueError for a name BFL files do not have."""
+    m = QKV_PART.fullmatch(name)
+    if m:
+        stream, part = QKV_PARTS[m[2]]
+        return f"double_blocks.{m[1]}.{stream}_attn.qkv.weight", part, 3, _same
+    if name == NORM_OUT:
+        return FINAL_MODULATION, 0, 1, swap_halves
+    bfl = _rename(name, TO_BFL)
+    if bfl is None:
+        raise ValueError(f"{name}: no FLUX.2 tensor in the BFL layout has this name")
+    return bfl, 0, 1, _same
 
 
 def config_from_bfl_shapes(shapes: dict[str, tuple[int, ...]], where: Path) -> Flux2KleinConfig:

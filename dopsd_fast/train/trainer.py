@@ -191,8 +191,8 @@ class Trainer:
         rng = ckpt.load_tensors(path / "rng.safetensors", {"noise": self.noise.get_state(), "torch": torch.get_rng_state()})
         with torch.no_grad():
             for k, p in self.roles.trainable.items():
-        self.roles.trainable_changed()
                 p.copy_(student[k])
+        self.roles.trainable_changed()
         self.roles.ema.load_state_dict(teacher)
         ckpt.load_optimizer(self.optimizer, list(self.roles.trainable), optim, state["param_groups"])
         self.noise.set_state(rng["noise"])

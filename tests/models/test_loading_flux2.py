@@ -4,7 +4,7 @@ import torch
 from safetensors.torch import save_file
 
 from dopsd_fast.models.loading import WeightsError
-from dopsd_fast.models.loading_flux2 import load_flux2_klein_transformer, swap_halves
+from dopsd_fast.models.loading_flux2 import diffusers_to_bfl, load_flux2_klein_transformer, swap_halves
 
 diffusers = pytest.importorskip("diffusers")
 from diffusers.loaders.single_file_utils import convert_flux2_transformer_checkpoint_to_diffusers  # noqa: E402
@@ -21,7 +21,8 @@ def theirs():
 
 
 def to_bfl(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """diffusers -> BFL names (written by hand; checked against diffusers' own converter below)."""
+    """diffusers -> BFL names (written by hand; checked against diffusers' own converter below), any block counts."""
+    blocks = lambda prefix: range(len({k.split(".")[1] for k in sd if k.startswith(prefix)}))
     out = {"img_in.weight": sd["x_embedder.weight"], "txt_in.weight": sd["context_embedder.weight"],
            "time_in.in_layer.weight": sd["time_guidance_embed.timestep_embedder.linear_1.weight"],
            "time_in.out_layer.weight": sd["time_guidance_embed.timestep_embedder.linear_2.weight"],
@@ -29,7 +30,7 @@ def to_bfl(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
            "final_layer.adaLN_modulation.1.weight": swap_halves(sd["norm_out.linear.weight"])}
     for m in ("double_stream_modulation_img", "double_stream_modulation_txt", "single_stream_modulation"):
         out[f"{m}.lin.weight"] = sd[f"{m}.linear.weight"]
-    for i in range(TINY["num_layers"]):
+    for i in blocks("transformer_blocks."):
         p, q = f"transformer_blocks.{i}.", f"double_blocks.{i}."
         for s, (a, b, c, proj, nq, nk, ff) in {
                 "img": ("to_q", "to_k", "to_v", "to_out.0", "norm_q", "norm_k", "ff"),
@@ -41,7 +42,7 @@ def to_bfl(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             out[f"{q}{s}_attn.norm.key_norm.scale"] = sd[f"{p}attn.{nk}.weight"]
             out[f"{q}{s}_mlp.0.weight"] = sd[f"{p}{ff}.linear_in.weight"]
             out[f"{q}{s}_mlp.2.weight"] = sd[f"{p}{ff}.linear_out.weight"]
-    for i in range(TINY["num_single_layers"]):
+    for i in blocks("single_transformer_blocks."):
         p, q = f"single_transformer_blocks.{i}.attn.", f"single_blocks.{i}."
         out[f"{q}linear1.weight"], out[f"{q}linear2.weight"] = sd[f"{p}to_qkv_mlp_proj.weight"], sd[f"{p}to_out.weight"]
         out[f"{q}norm.query_norm.scale"], out[f"{q}norm.key_norm.scale"] = sd[f"{p}norm_q.weight"], sd[f"{p}norm_k.weight"]
@@ -61,6 +62,17 @@ def test_hand_written_bfl_layout_agrees_with_diffusers_converter(theirs):
     assert set(converted) == set(sd)
     for k in sd:
         torch.testing.assert_close(converted[k], sd[k], rtol=0, atol=0)
+
+
+def test_diffusers_to_bfl_runs_the_table_backwards(theirs):
+    """Each diffusers tensor is its block of the BFL tensor it was loaded from (ComfyUI LoRA export's names)."""
+    sd = theirs.state_dict()
+    bfl = to_bfl(sd)
+    for name, w in sd.items():
+        target, part, parts, rows = diffusers_to_bfl(name)
+        torch.testing.assert_close(rows(bfl[target].chunk(parts)[part]), w, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="no FLUX.2 tensor"):
+        diffusers_to_bfl("transformer_blocks.0.attn.to_qkv.weight")
 
 
 @pytest.mark.parametrize("prefix", ["", "model.diffusion_model."], ids=["bfl", "comfy_prefix"])
