@@ -2,7 +2,9 @@
 
 Both sides get the same model config, base weights, LoRA weights, contexts and noise seed, and the same recipe
 (LoRA on attention q/k/v/out + feed_forward w1/w2/w3, K = 4, sigma 1, .9, .75, .5 -> 0, x0 loss, AdamW, clip 1.0,
-EMA teacher, gradient checkpointing on; ``-nockpt`` cases run ours without it, the baseline still with it). Ours:
+EMA teacher, gradient checkpointing on; ``-nockpt`` cases run ours without it, the baseline still with it), and the
+same master-weight policy: fp32 trainable LoRA weights and AdamW state, compute in the model's dtype (the baseline as
+DeepSpeed's bf16 optimizer runs the released recipe: fp32 masters of its bf16 PEFT adapter). Ours:
 packed model, caption path once per iteration, per-step backward,
 fused ops on CUDA (the PyTorch reference ops on CPU, bench/conftest.py). Runs alternate, baseline then ours, so
 machine noise hits both; pytest-benchmark times ours, the baseline is timed in the round's setup, and extra_info
@@ -127,7 +129,7 @@ class Baseline:
         return self.loop.iteration(c_s, c_t, self.case.latent, 1, generator)
 
     def resident(self) -> list[torch.Tensor]:
-        return [*self.loop.model.parameters(), *_optimizer_tensors(self.loop.optimizer)]
+        return [*self.loop.model.parameters(), *(self.loop.masters or []), *_optimizer_tensors(self.loop.optimizer)]
 
 
 def _optimizer_tensors(optimizer) -> list[torch.Tensor]:
@@ -140,12 +142,8 @@ def build(case: Case):
     randomize_base(theirs, seed=0)
     ours = Ours(theirs.state_dict(), case)
     baseline = Baseline(theirs, case)
-    with torch.no_grad():     # identical adapters on both sides
-        teacher = dict(zip(ours.roles.ema.names, ours.roles.ema.teacher))
-        for k, p in ours.roles.trainable.items():
-            stem = k.rsplit(".", 1)[0]
-            baseline.loop.student[f"{stem}.student.weight"].copy_(p)
-            baseline.loop.teacher[f"{stem}.teacher.weight"].copy_(teacher[k.replace(".student", ".teacher")])
+    # identical adapters on both sides
+    baseline.loop.load_adapters(dict(ours.roles.trainable), dict(zip(ours.roles.ema.names, ours.roles.ema.teacher)))
     g = torch.Generator().manual_seed(1)
     c_s, c_t = (torch.randn(n, case.arch.cap_feat_dim, generator=g).to(case.device, case.dtype)
                 for n in case.caption_tokens)

@@ -12,7 +12,10 @@ What it does, as released (shared/reference/method.md sections 2-4):
 It is the bench's baseline and, in tests/test_baseline_loop.py, the oracle dopsd_fast's trainer must agree with.
 Precision follows the model's dtype everywhere (as DeepSpeed bf16 casts every parameter, method.md section 10),
 except that the loss is reduced in fp32 and noise is drawn in fp32 then cast (the dopsd_fast convention, so the two
-can be seeded alike). DeepSpeed's fp32 master weights are not modelled.
+can be seeded alike). DeepSpeed's bf16 optimizer is modelled as it runs the released recipe: in a low-precision model
+AdamW updates fp32 master copies of the student adapter (gradients cast to fp32 after the backward, clipped there)
+and the module's adapter is rounded from them after each step, the policy dopsd_fast uses too (fp32 trainable
+weights, compute in the model's dtype). The EMA stays on the module's adapter tensors, as released.
 """
 from __future__ import annotations
 
@@ -40,6 +43,11 @@ def diffusers_transformer(arch: ZImageConfig, device="cpu", dtype: torch.dtype =
     return torch.nn.Module.to(model, dtype=dtype).to_empty(device=device)
 
 
+def peft_name(ours: str, role: str) -> str:
+    """``layers.0.attention.to_q.lora_A.student`` (ours) -> PEFT's ``layers.0.attention.to_q.lora_A.<role>.weight``."""
+    return ours.rsplit(".", 1)[0] + f".{role}.weight"
+
+
 class ReleasedLoop:
     def __init__(self, transformer, *, targets: list[str], rank: int, alpha: float, sigmas: list[float],
                  lr: float, betas: tuple[float, float], eps: float, weight_decay: float, grad_clip: float,
@@ -65,8 +73,22 @@ class ReleasedLoop:
         self.model.train()
         self.timesteps = [1.0 - s for s in sigmas] + [1.0]      # model time t = 1 - sigma, t_K = 1
         self.grad_clip, self.ema_decay = grad_clip, ema_decay
-        self.optimizer = torch.optim.AdamW(list(self.student.values()), lr=lr, betas=betas, eps=eps,
+        lowp = self.model.dtype != torch.float32
+        self.masters = [p.detach().float().clone().requires_grad_(True) for p in self.student.values()] if lowp else None
+        self.optimizer = torch.optim.AdamW(self.masters or list(self.student.values()), lr=lr, betas=betas, eps=eps,
                                            weight_decay=weight_decay)
+
+    @torch.no_grad()
+    def load_adapters(self, student: dict[str, Tensor], teacher: dict[str, Tensor]) -> None:
+        """Start both adapters from dopsd_fast's tensors (our names, e.g. ``layers.0.attention.to_q.lora_A.student``)
+        and the student's fp32 masters from the unrounded student."""
+        for k, v in student.items():
+            self.student[peft_name(k, "student")].copy_(v)
+        for k, v in teacher.items():
+            self.teacher[peft_name(k, "teacher")].copy_(v)
+        if self.masters is not None:
+            for m, k in zip(self.masters, self.student):
+                m.copy_(student[k.replace(".student.weight", ".student")])
 
     def adapter(self, name: str) -> dict[str, torch.nn.Parameter]:
         """PEFT's tensors of one adapter: ``<module>.lora_A.<name>.weight`` [r, in], ``...lora_B...`` [out, r]."""
@@ -102,9 +124,16 @@ class ReleasedLoop:
 
     def optimizer_step(self) -> float:
         params = list(self.student.values())
+        if self.masters is not None:        # DeepSpeed's bf16 optimizer: fp32 gradients and update on the masters
+            for m, p in zip(self.masters, params):
+                m.grad, p.grad = p.grad.float(), None
+            params = self.masters
         norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.masters is not None:
+            with torch.no_grad():
+                torch._foreach_copy_(list(self.student.values()), self.masters)
         self.ema_update()
         return float(norm)
 
