@@ -1,11 +1,11 @@
 """Which implementation an op runs: ``cpp`` (the csrc/ extension dopsd_fast._C: CUDA kernels, and their C++ CPU
 twins), ``triton`` or ``reference`` (pure PyTorch, dopsd_fast/ops/reference.py).
 
-``auto`` (the default): CUDA tensors run the extension's CUDA kernels for the ops it has (``native=True`` callers)
-when it was built with CUDA, else Triton, or the reference where a caller measured it faster (``cuda_auto``); CPU tensors run Triton under ``TRITON_INTERPRET=1`` (the tests) and the
-reference otherwise. ``DOPSD_BACKEND=cpp|triton|reference`` or :func:`use_backend` forces one; a forced ``cpp``
-applies to the ops the extension has, the others keep their ``auto`` choice (a forced ``triton`` on CPU tensors
-without the interpreter fails loudly in the launch).
+``auto`` (the default): CUDA tensors run what the op bench measured fastest for that op (``CUDA_AUTO``: library
+kernel or ours; a ``cpp`` choice runs Triton where the extension was built without CUDA); CPU tensors run Triton
+under ``TRITON_INTERPRET=1`` (the tests) and the reference otherwise. ``DOPSD_BACKEND=cpp|triton|reference`` or
+:func:`use_backend` forces one; a forced ``cpp`` applies to the ops the extension has (``NATIVE_OPS``), the others
+keep their ``auto`` choice (a forced ``triton`` on CPU tensors without the interpreter fails loudly in the launch).
 """
 from __future__ import annotations
 
@@ -19,6 +19,27 @@ from typing import Iterator, Literal
 import torch
 
 Backend = Literal["auto", "cpp", "triton", "reference"]
+Chosen = Literal["cpp", "triton", "reference"]
+
+# What ``auto`` runs on CUDA tensors, per op: the fastest forward + backward median of the op bench. Measured on one
+# NVIDIA H200 (torch 2.11 + CUDA 13, triton 3.6), 2026-11-26, bench/results/2026-11-26-h200-run1/bench_ops.json; ms
+# at the bench's Z-Image 1024^2 shapes (FLUX.2 klein's where they differ). "reference" is PyTorch: cuBLAS, SDPA,
+# torch._foreach_*. Re-measure with scripts/device_check.sh and change an entry together with its numbers.
+CUDA_AUTO: dict[str, Chosen] = {
+    "rollout_step": "cpp",              # cpp 0.821 / triton 0.915 / reference 1.038; klein 0.807 / 0.945 / 3.579
+    "ema_update": "cpp",                # fp32 master + bf16 copy (full fine-tuning): 2.915 / 3.847 / reference 5.771
+    "ema_update_fp32": "reference",     # fp32 masters only (LoRA): _foreach_lerp_ 0.450 / cpp 1.428 / triton 2.024
+    "modulated_rms_norm": "triton",     # triton 0.871 / cpp 1.033 / reference 6.092; klein cpp 0.744 / triton 0.856
+    "gated_residual": "cpp",            # cpp 1.048 / triton 1.120 / reference 6.134; klein cpp 0.839 / ref 0.956
+    "qk_norm_rope": "triton",           # triton 1.835 / cpp 2.090 / reference 6.460; klein cpp 1.277 / triton 1.317
+    "modulated_layer_norm": "reference",  # klein, its one user: reference 0.318 / triton 0.701 (no cpp kernel)
+    "lora_linear": "reference",         # cuBLAS + two small GEMMs 3.042 / triton 3.688 (FFN up, 9000 rows)
+    "merge_state": "triton",            # triton 1.053 / reference 2.435
+    "packed_attention": "reference",    # SDPA (FlashAttention-2) 7.713 / triton 15.050 (2 x 4608 tokens, 30 x 128)
+    "packed_attention_lse": "triton",   # the LSE output, which SDPA lacks: triton 15.050 / reference (math) 83.551
+}
+NATIVE_OPS = frozenset({"rollout_step", "ema_update", "ema_update_fp32", "modulated_rms_norm", "gated_residual",
+                        "qk_norm_rope"})     # the ops csrc/ implements (dopsd_C::<op>)
 BACKENDS: tuple[str, ...] = ("auto", "cpp", "triton", "reference")
 _forced: list[Backend] = []
 _HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -63,24 +84,22 @@ def requested_backend() -> Backend:
     return value  # type: ignore[return-value]
 
 
-def backend_for(*tensors: torch.Tensor, native: bool = False,
-                cuda_auto: Literal["triton", "reference"] = "triton") -> Literal["cpp", "triton", "reference"]:
-    """The backend for an op on these tensors; ``native``: the op has a csrc/ implementation (``dopsd_C::<op>``);
-    ``cuda_auto``: what ``auto`` runs on CUDA tensors when no CUDA kernel of csrc/ applies."""
-    want = requested_backend()
+def backend_for(op: str, *tensors: torch.Tensor) -> Chosen:
+    """The backend that op ``op`` (a ``CUDA_AUTO`` key) runs on these tensors."""
+    native, want = op in NATIVE_OPS, requested_backend()
     if want == "cpp" and native:
         if not native_available(cuda=any(t.is_cuda for t in tensors)):
             raise RuntimeError(f"backend 'cpp' was forced but {_load_native() or 'dopsd_fast._C has no CUDA kernels'}")
         return "cpp"
     if want not in ("auto", "cpp"):
         return want
-    on_cuda = all(t.is_cuda for t in tensors)
-    if native and on_cuda and tensors and native_available(cuda=True):
-        return "cpp"
+    if tensors and all(t.is_cuda for t in tensors):
+        choice = CUDA_AUTO[op]
+        if choice == "cpp" and not native_available(cuda=True):
+            choice = "triton"
+        return choice if _HAS_TRITON or choice != "triton" else "reference"
     if not _HAS_TRITON:
         return "reference"
-    if on_cuda:
-        return cuda_auto
     return "triton" if interpreting() and not any(t.is_cuda for t in tensors) else "reference"
 
 

@@ -13,7 +13,7 @@ def _ema_update_op(teacher: list[Tensor], student: list[Tensor], teacher_lowp: l
     # teacher_lowp == [] means no low-precision copy
     if not teacher:
         return
-    backend = backend_for(*teacher, *student, *teacher_lowp, native=True)
+    backend = backend_for("ema_update" if teacher_lowp else "ema_update_fp32", *teacher, *student, *teacher_lowp)
     if backend == "cpp":
         torch.ops.dopsd_C.ema_update(teacher, student, teacher_lowp, decay)
     elif backend == "triton":

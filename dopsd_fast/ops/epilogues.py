@@ -47,7 +47,7 @@ def _check_rows(x: Tensor, d: int | None = None) -> None:
 # ----------------------------------------------------------------------------------------- modulated RMSNorm
 @torch.library.custom_op("dopsd::modulated_rms_norm", mutates_args=())
 def _modulated_rms_norm(x: Tensor, weight: Tensor, scale: Tensor, sample_index: Optional[Tensor], eps: float) -> Tensor:
-    backend = backend_for(*_tensors(x, weight, scale, sample_index), native=True)
+    backend = backend_for("modulated_rms_norm", *_tensors(x, weight, scale, sample_index))
     if backend == "cpp":
         return torch.ops.dopsd_C.modulated_rms_norm(x, weight, scale, sample_index, eps)
     if backend == "triton":
@@ -63,7 +63,7 @@ def _(x, weight, scale, sample_index, eps):
 @torch.library.custom_op("dopsd::modulated_rms_norm_backward", mutates_args=())
 def _modulated_rms_norm_backward(grad: Tensor, x: Tensor, weight: Tensor, scale: Tensor, sample_index: Optional[Tensor],
                                  eps: float, need_weight: bool, need_scale: bool) -> tuple[Tensor, Tensor, Tensor]:
-    backend = backend_for(*_tensors(grad, x, weight, scale, sample_index), native=True)
+    backend = backend_for("modulated_rms_norm", *_tensors(grad, x, weight, scale, sample_index))
     if backend == "cpp":
         return torch.ops.dopsd_C.modulated_rms_norm_backward(grad, x, weight, scale, sample_index, eps, need_weight,
                                                              need_scale)
@@ -124,7 +124,7 @@ def modulated_rms_norm(x: Tensor, weight: Tensor, scale: Tensor, sample_index: T
 @torch.library.custom_op("dopsd::gated_residual", mutates_args=())
 def _gated_residual(x: Tensor, a: Tensor, weight: Tensor, gate: Tensor, sample_index: Optional[Tensor],
                     eps: float) -> Tensor:
-    backend = backend_for(*_tensors(x, a, weight, gate, sample_index), native=True)
+    backend = backend_for("gated_residual", *_tensors(x, a, weight, gate, sample_index))
     if backend == "cpp":
         return torch.ops.dopsd_C.gated_residual(x, a, weight, gate, sample_index, eps)
     if backend == "triton":
@@ -144,7 +144,7 @@ def _(x, a, weight, gate, sample_index, eps):
 @torch.library.custom_op("dopsd::gated_residual_backward", mutates_args=())
 def _gated_residual_backward(grad: Tensor, a: Tensor, weight: Tensor, gate: Tensor, sample_index: Optional[Tensor],
                              eps: float, need_weight: bool, need_gate: bool) -> tuple[Tensor, Tensor, Tensor]:
-    backend = backend_for(*_tensors(grad, a, weight, gate, sample_index), native=True)
+    backend = backend_for("gated_residual", *_tensors(grad, a, weight, gate, sample_index))
     if backend == "cpp":
         return torch.ops.dopsd_C.gated_residual_backward(grad, a, weight, gate, sample_index, eps, need_weight,
                                                          need_gate)
@@ -208,7 +208,7 @@ def gated_residual(x: Tensor, a: Tensor, weight: Tensor, gate: Tensor, sample_in
 @torch.library.custom_op("dopsd::qk_norm_rope", mutates_args=())
 def _qk_norm_rope(q: Tensor, k: Tensor, q_weight: Tensor, k_weight: Tensor, cos: Tensor, sin: Tensor,
                   eps: float) -> tuple[Tensor, Tensor]:
-    backend = backend_for(q, k, q_weight, k_weight, cos, sin, native=True)
+    backend = backend_for("qk_norm_rope", q, k, q_weight, k_weight, cos, sin)
     if backend == "cpp":
         return torch.ops.dopsd_C.qk_norm_rope(q, k, q_weight, k_weight, cos, sin, eps)
     if backend == "triton":
@@ -227,7 +227,7 @@ def _(q, k, q_weight, k_weight, cos, sin, eps):
 def _qk_norm_rope_backward(grad_q: Tensor, grad_k: Tensor, q: Tensor, k: Tensor, q_weight: Tensor, k_weight: Tensor,
                            cos: Tensor, sin: Tensor, eps: float,
                            need_weight: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    backend = backend_for(grad_q, grad_k, q, k, q_weight, k_weight, cos, sin, native=True)
+    backend = backend_for("qk_norm_rope", grad_q, grad_k, q, k, q_weight, k_weight, cos, sin)
     if backend == "cpp":
         return torch.ops.dopsd_C.qk_norm_rope_backward(grad_q, grad_k, q, k, q_weight, k_weight, cos, sin, eps,
                                                        need_weight)
@@ -300,7 +300,7 @@ def qk_norm_rope(q: Tensor, k: Tensor, q_weight: Tensor, k_weight: Tensor, cos: 
 @torch.library.custom_op("dopsd::modulated_layer_norm", mutates_args=())
 def _modulated_layer_norm(x: Tensor, shift: Optional[Tensor], scale: Tensor, sample_index: Optional[Tensor],
                           eps: float) -> Tensor:
-    if backend_for(*_tensors(x, shift, scale, sample_index)) == "triton":
+    if backend_for("modulated_layer_norm", *_tensors(x, shift, scale, sample_index)) == "triton":
         return _kernels().modulated_layer_norm_fwd(x, shift, scale, sample_index, eps)
     return ref.modulated_layer_norm_ref(x, shift, scale, sample_index, eps).contiguous()
 
@@ -319,7 +319,7 @@ def _(x, shift, scale, sample_index, eps):
 def _modulated_layer_norm_backward(grad: Tensor, x: Tensor, shift: Optional[Tensor], scale: Tensor,
                                    sample_index: Optional[Tensor], eps: float, need_scale: bool,
                                    need_shift: bool) -> tuple[Tensor, Tensor, Tensor]:
-    if backend_for(*_tensors(grad, x, shift, scale, sample_index)) == "triton":
+    if backend_for("modulated_layer_norm", *_tensors(grad, x, shift, scale, sample_index)) == "triton":
         dx, ds, dsh = _kernels().modulated_layer_norm_bwd(grad, x, scale, sample_index, eps, need_scale=need_scale,
                                                           need_shift=need_shift,
                                                           shift_dtype=None if shift is None else shift.dtype)

@@ -31,7 +31,7 @@ def _down_ref(x: Tensor, lora_A: list[Tensor], seg_offsets: Tensor, seg_adapter:
 @torch.library.custom_op("dopsd::lora_linear", mutates_args=())
 def _lora_linear_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: list[Tensor], lora_B: list[Tensor],
                     scale: float, seg_offsets: Tensor, seg_adapter: Tensor) -> tuple[Tensor, Tensor]:
-    if backend_for(x, weight) == "triton":
+    if backend_for("lora_linear", x, weight) == "triton":
         from dopsd_fast._kernels import lora_linear as _k   # lazy: triton is optional, TRITON_INTERPRET read at import
 
         return _k.lora_linear_fwd(x, weight, bias, lora_A, lora_B, scale, seg_offsets, seg_adapter)
@@ -51,7 +51,7 @@ def _lora_linear_backward_op(dy: Tensor, x: Optional[Tensor], weight: Tensor, lo
                              need_db: bool) -> tuple[Tensor, list[Tensor], list[Tensor], Tensor, Tensor]:
     """(dX, [dA_a], [dB_a] for a in grad_adapters, dW, db); grads not asked for come back as empty (0,) tensors."""
     dy = dy.contiguous()
-    if backend_for(dy, weight) == "triton":
+    if backend_for("lora_linear", dy, weight) == "triton":
         from dopsd_fast._kernels import lora_linear as _k
 
         out = _k.lora_linear_bwd(dy, x, weight, lora_A, lora_B, u, scale, seg_offsets, seg_adapter,

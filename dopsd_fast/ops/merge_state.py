@@ -15,7 +15,7 @@ from dopsd_fast.ops.reference import merge_state_bwd_ref, merge_state_ref
 
 @torch.library.custom_op("dopsd::merge_state", mutates_args=())
 def _merge_state_op(o1: Tensor, lse1: Tensor, o2: Tensor, lse2: Tensor) -> tuple[Tensor, Tensor]:
-    if backend_for(o1, lse1, o2, lse2) == "triton":
+    if backend_for("merge_state", o1, lse1, o2, lse2) == "triton":
         from dopsd_fast._kernels import merge_state as _k
         return _k.merge_state_fwd(o1, lse1, o2, lse2)
     out, lse = merge_state_ref(o1, lse1, o2, lse2)
@@ -30,7 +30,7 @@ def _(o1, lse1, o2, lse2):
 @torch.library.custom_op("dopsd::merge_state_backward", mutates_args=())
 def _merge_state_backward_op(dout: Tensor, dlse: Tensor | None, o1: Tensor, lse1: Tensor, o2: Tensor,
                              lse2: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    if backend_for(dout, o1, lse1, o2, lse2) == "triton":
+    if backend_for("merge_state", dout, o1, lse1, o2, lse2) == "triton":
         from dopsd_fast._kernels import merge_state as _k
         return _k.merge_state_bwd(dout, dlse, o1, lse1, o2, lse2)
     return tuple(t.contiguous() for t in merge_state_bwd_ref(dout, dlse, o1, lse1, o2, lse2))

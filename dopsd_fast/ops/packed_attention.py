@@ -21,7 +21,7 @@ from dopsd_fast.ops.reference import packed_attention_lse_bwd_ref, packed_attent
 def _packed_attention_op(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
                          max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float) -> tuple[Tensor, Tensor]:
     # -> O (Tq, H, D) q.dtype, LSE fp32 (H, Tq)
-    if backend_for(q, k, v, cu_seqlens_q, cu_seqlens_k) == "triton":
+    if backend_for("packed_attention_lse", q, k, v, cu_seqlens_q, cu_seqlens_k) == "triton":
         from dopsd_fast._kernels import packed_attention as _k
         return _k.packed_attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale)
     out, lse = packed_attention_lse_ref(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale)
@@ -38,7 +38,7 @@ def _packed_attention_backward_op(
     dout: Tensor, dlse: Tensor | None, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
     cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    if backend_for(dout, q, k, v, out, lse) == "triton":
+    if backend_for("packed_attention_lse", dout, q, k, v, out, lse) == "triton":
         from dopsd_fast._kernels import packed_attention as _k
         return _k.packed_attention_bwd(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
                                        max_seqlen_q, max_seqlen_k, softmax_scale)
@@ -121,11 +121,11 @@ def packed_attention(
     dopsd_fast.ops.reference.packed_attention_ref (torch SDPA in the input dtype, autograd backward), so the models'
     reference path stays bit-compatible with diffusers' SDPA attention. ``auto`` on CUDA picks the reference: there
     SDPA runs FlashAttention-2, whose backward measured 2.3x faster than our Triton one on an H200 (forward +
-    backward 296 vs 152 TFLOP/s at 2 x 4608 tokens, 30 heads of 128; bench/results/2026-11-26-h200/). The Triton
+    backward 296 vs 152 TFLOP/s at 2 x 4608 tokens, 30 heads of 128; ``_dispatch.CUDA_AUTO``). The Triton
     kernel stays the path for what SDPA lacks: the LSE output and separate query / key segments
     (``packed_attention_with_lse``, ``prefix_attention``).
     """
-    if backend_for(q, k, v, cu_seqlens, cuda_auto="reference") == "reference":
+    if backend_for("packed_attention", q, k, v, cu_seqlens) == "reference":
         return packed_attention_ref(q, k, v, cu_seqlens, max_seqlen, softmax_scale)
     return packed_attention_with_lse(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, softmax_scale)[0]
 

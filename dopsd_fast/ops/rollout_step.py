@@ -19,7 +19,7 @@ from dopsd_fast.ops.reference import _rollout_segment_ids, rollout_step_grad_ref
 def _rollout_step_op(x: Tensor, out_s: Tensor, out_t: Tensor, cu_seqlens: Tensor, step_coef: Tensor,
                      loss_coef: Tensor, compute_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
     # -> x_next (total,) x.dtype, sq_sum (B,) fp32, grad (total,) fp32 = d sq_sum / d out_s, or (0,) when not asked
-    backend = backend_for(x, out_s, out_t, cu_seqlens, native=True)
+    backend = backend_for("rollout_step", x, out_s, out_t, cu_seqlens)
     if backend == "cpp":
         return torch.ops.dopsd_C.rollout_step(x, out_s, out_t, cu_seqlens, step_coef, loss_coef, compute_grad)
     if backend == "triton":
@@ -46,7 +46,7 @@ def _(x, out_s, out_t, cu_seqlens, step_coef, loss_coef, compute_grad):
 def _rollout_step_backward_op(grad: Tensor, cu_seqlens: Tensor, grad_sq_sum: Tensor, dtype: torch.dtype) -> Tensor:
     # grad (total,) fp32 from the forward, grad_sq_sum (B,) -> d loss / d out_s (total,) in dtype
     grad_sq_sum = grad_sq_sum.float().contiguous()
-    backend = backend_for(grad, cu_seqlens, grad_sq_sum, native=True)
+    backend = backend_for("rollout_step", grad, cu_seqlens, grad_sq_sum)
     if backend == "cpp":
         return torch.ops.dopsd_C.rollout_step_backward(grad, cu_seqlens, grad_sq_sum, dtype)
     if backend == "triton":

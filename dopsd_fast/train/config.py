@@ -40,8 +40,9 @@ class ModelConfig:
     dtype: Literal["fp32", "bf16"] = "fp32"
     gradient_checkpointing: bool = False
     init_seed: int = 0
-    # Fused-op implementation: auto = the csrc/ CUDA kernels (else Triton; attention through SDPA) on CUDA tensors,
-    # the PyTorch reference elsewhere; cpp forces the csrc/ extension where an op has one (DOPSD_BACKEND too).
+    # Fused-op implementation: auto = per op, what the op bench measured fastest on CUDA tensors (ours or PyTorch's;
+    # ops/_dispatch.py CUDA_AUTO), the PyTorch reference elsewhere; cpp forces the csrc/ extension where an op has
+    # one (DOPSD_BACKEND too).
     ops_backend: Literal["auto", "cpp", "triton", "reference"] = "auto"
 
 
