@@ -35,7 +35,8 @@ CUDA_AUTO: dict[str, Chosen] = {
     "modulated_layer_norm": "reference",  # klein, its one user: reference 0.318 / triton 0.701 (no cpp kernel)
     "lora_linear": "reference",         # cuBLAS + two small GEMMs 3.042 / triton 3.688 (FFN up, 9000 rows)
     "merge_state": "triton",            # triton 1.053 / reference 2.435
-    "packed_attention": "reference",    # SDPA (FlashAttention-2) 7.713 / triton 15.050 (2 x 4608 tokens, 30 x 128)
+    "packed_attention": "reference",    # SDPA (FlashAttention-2) 7.713 / triton 15.050 (2 x 4608 tokens, 30 x 128);
+                                        # unequal segments (fp16 / bf16): torch varlen_attn, not yet measured
     "packed_attention_lse": "triton",   # the LSE output, which SDPA lacks: triton 15.050 / reference (math) 83.551
 }
 NATIVE_OPS = frozenset({"rollout_step", "ema_update", "ema_update_fp32", "modulated_rms_norm", "gated_residual",

@@ -9,12 +9,16 @@ Kernels: kernels/packed_attention.py (FlashAttention-2 forward; backward = prepr
 """
 from __future__ import annotations
 
+import inspect
+from typing import Callable
+
 import torch
 from torch import Tensor
 
 from dopsd_fast.ops._dispatch import backend_for
 from dopsd_fast.ops.merge_state import merge_state
-from dopsd_fast.ops.reference import packed_attention_lse_bwd_ref, packed_attention_lse_ref, packed_attention_ref
+from dopsd_fast.ops.reference import (equal_segments, packed_attention_lse_bwd_ref, packed_attention_lse_ref,
+                                      packed_attention_ref)
 
 
 @torch.library.custom_op("dopsd::packed_attention", mutates_args=())
@@ -104,6 +108,33 @@ def packed_attention_with_lse(
     return _packed_attention_op(q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k), scale)
 
 
+def _torch_varlen_attn() -> Callable[..., Tensor] | None:
+    """torch.nn.attention.varlen.varlen_attn where this torch has it with a ``scale`` argument (2.11 on), else None."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:  # torch < 2.10
+        return None
+    # torch 2.10's first version takes no softmax scale; pre-scaling q would round differently from the reference
+    return varlen_attn if "scale" in inspect.signature(varlen_attn).parameters else None
+
+
+_VARLEN_ATTN = _torch_varlen_attn()
+
+
+def _varlen_impl(q: Tensor) -> Callable[..., Tensor] | None:
+    """torch's varlen_attn where its kernel takes q, else None (then the reference loops over the segments).
+
+    varlen_attn runs aten::_flash_attention_forward / _backward (FlashAttention-2; its cuDNN branch is switched off
+    in torch 2.13): CUDA only (sm80 on), fp16 / bf16 only, head dim a multiple of 8 up to 256; differentiable through
+    its own custom op and autograd registration, so torch.compile traces it without a graph break.
+    """
+    if (_VARLEN_ATTN is None or not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16)
+            or q.shape[-1] % 8 or q.shape[-1] > 256):
+        return None
+    # get_device_properties is constant-folded by dynamo, so this check costs nothing under torch.compile
+    return _VARLEN_ATTN if torch.cuda.get_device_properties(q.device).major >= 8 else None
+
+
 def packed_attention(
     q: Tensor,
     k: Tensor,
@@ -117,17 +148,24 @@ def packed_attention(
     q, k, v: (T, H, D), one dtype (fp32 / fp16 / bf16); cu_seqlens: int32 (S+1,) ([0] == 0, non-decreasing,
     [-1] == T); max_seqlen: the exact longest segment; softmax_scale defaults to D ** -0.5.
     Returns (T, H, D) in q's dtype, differentiable w.r.t. q, k, v; see packed_attention_with_lse for the general form.
-    Backend "triton": the varlen kernel (fp32 online softmax). Backend "reference": exactly
-    dopsd_fast.ops.reference.packed_attention_ref (torch SDPA in the input dtype, autograd backward), so the models'
-    reference path stays bit-compatible with diffusers' SDPA attention. ``auto`` on CUDA picks the reference: there
-    SDPA runs FlashAttention-2, whose backward measured 2.3x faster than our Triton one on an H200 (forward +
-    backward 296 vs 152 TFLOP/s at 2 x 4608 tokens, 30 heads of 128; ``_dispatch.CUDA_AUTO``). The Triton
-    kernel stays the path for what SDPA lacks: the LSE output and separate query / key segments
-    (``packed_attention_with_lse``, ``prefix_attention``).
+    Backend "triton": the varlen kernel (fp32 online softmax). Backend "reference": PyTorch's attention in the input
+    dtype, autograd backward. On CPU, and for equal segments everywhere, that is exactly
+    dopsd_fast.ops.reference.packed_attention_ref (torch SDPA), so the models' reference path stays bit-compatible
+    with diffusers' SDPA attention. Unequal segments on CUDA in fp16 / bf16 run torch's varlen_attn instead (torch
+    2.11 on; the same FlashAttention-2 kernels SDPA picks there): one launch over all segments where the reference
+    loops over them after a ``cu_seqlens.tolist()`` host sync. ``auto`` on CUDA picks the reference: there SDPA
+    runs FlashAttention-2, whose backward measured 2.3x faster than our Triton one on an H200 (forward + backward
+    296 vs 152 TFLOP/s at 2 x 4608 tokens, 30 heads of 128; ``_dispatch.CUDA_AUTO``). The Triton kernel stays the
+    path for what SDPA lacks: the LSE output and separate query / key segments (``packed_attention_with_lse``,
+    ``prefix_attention``).
     """
-    if backend_for("packed_attention", q, k, v, cu_seqlens) == "reference":
+    if backend_for("packed_attention", q, k, v, cu_seqlens) == "triton":
+        return packed_attention_with_lse(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, softmax_scale)[0]
+    varlen_attn = _varlen_impl(q)
+    if varlen_attn is None or equal_segments(q.shape[0], cu_seqlens, max_seqlen):
         return packed_attention_ref(q, k, v, cu_seqlens, max_seqlen, softmax_scale)
-    return packed_attention_with_lse(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, softmax_scale)[0]
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))  # the kernel's only layout demand
+    return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, scale=softmax_scale)
 
 
 class PrefixPlan:

@@ -11,6 +11,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
+def equal_segments(total: int, cu_seqlens: Tensor, max_seqlen: int) -> bool:
+    """Whether all S segments of a packed buffer have the same length, from shapes alone (no host sync): every
+    length is <= the exact max_seqlen, so total == S * max_seqlen means they all equal it."""
+    num_segments = cu_seqlens.numel() - 1
+    return num_segments > 0 and total == num_segments * max_seqlen
+
+
 def packed_attention_ref(
     q: Tensor,
     k: Tensor,
@@ -35,7 +42,6 @@ def packed_attention_ref(
     total, heads, head_dim = q.shape
     assert k.shape == q.shape and v.shape == q.shape, "q, k, v must share (total_tokens, heads, head_dim)"
     assert cu_seqlens.dtype == torch.int32 and cu_seqlens.dim() == 1
-    num_segments = cu_seqlens.numel() - 1
 
     def sdpa(qs: Tensor, ks: Tensor, vs: Tensor) -> Tensor:
         # (N, L, H, D) -> SDPA wants (N, H, L, D)
@@ -44,10 +50,8 @@ def packed_attention_ref(
         )
         return out.transpose(1, 2)
 
-    # Every length is <= max_seqlen, so total == S * max_seqlen means all segments are equal:
-    # one batched call, no host sync.
-    if num_segments > 0 and total == num_segments * max_seqlen:
-        shape = (num_segments, max_seqlen, heads, head_dim)
+    if equal_segments(total, cu_seqlens, max_seqlen):  # one batched call, no host sync
+        shape = (cu_seqlens.numel() - 1, max_seqlen, heads, head_dim)
         return sdpa(q.view(shape), k.view(shape), v.view(shape)).reshape(total, heads, head_dim)
 
     bounds = cu_seqlens.tolist()
@@ -239,7 +243,7 @@ def packed_attention_lse_ref(
         lse = torch.logsumexp(s, dim=-1)
         return torch.einsum("nhqk,nkhd->nqhd", torch.exp(s - lse[..., None]), vs.to(acc)), lse
 
-    if num_segments > 0 and tq == num_segments * max_seqlen_q and tk == num_segments * max_seqlen_k:
+    if equal_segments(tq, cu_seqlens_q, max_seqlen_q) and equal_segments(tk, cu_seqlens_k, max_seqlen_k):
         out, lse = attend(q.reshape(num_segments, max_seqlen_q, heads, head_dim),
                           k.reshape(num_segments, max_seqlen_k, heads, head_dim),
                           v.reshape(num_segments, max_seqlen_k, heads, head_dim))

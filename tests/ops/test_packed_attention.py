@@ -1,7 +1,9 @@
 """packed_attention, packed_attention_with_lse, prefix_attention: Triton launchers and custom ops vs references."""
 import pytest
 import torch
+import torch.nn.functional as F
 
+import dopsd_fast.ops.packed_attention as attention_ops
 from dopsd_fast._kernels import packed_attention as _k
 from dopsd_fast.ops._dispatch import use_backend
 from dopsd_fast.ops.packed_attention import PrefixPlan, packed_attention, packed_attention_with_lse, prefix_attention
@@ -152,6 +154,68 @@ def test_opcheck_registrations():
     q, k, v = (t.requires_grad_() for t in make_qkv([5, 7], [3, 7], 2, 16, torch.float32, seed=12))
     with use_backend("reference"):
         torch.library.opcheck(_packed_attention_op, (q, k, v, cu_of([5, 7]), cu_of([3, 7]), 7, 7, 0.25))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# packed_attention on unequal segments: torch's varlen_attn on CUDA (fp16 / bf16), a stand-in for it on CPU
+
+
+def masked_varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, scale=None):
+    """CPU stand-in for torch.nn.attention.varlen.varlen_attn (same call, self-attention only) without host syncs:
+    one SDPA over all tokens, masked to the block diagonal of the segments."""
+    assert cu_seq_q is cu_seq_k and max_q == max_k
+    segment = torch.searchsorted(cu_seq_q, torch.arange(query.shape[0], dtype=cu_seq_q.dtype), right=True)
+    out = F.scaled_dot_product_attention(*(t.transpose(0, 1) for t in (query, key, value)),
+                                         attn_mask=segment[:, None] == segment[None, :], scale=scale)
+    return out.transpose(0, 1)
+
+
+def _host_sync(*args, **kwargs):
+    raise AssertionError("packed_attention synchronised with the host")
+
+
+def test_unequal_segments_run_varlen_attn_without_host_sync(device, monkeypatch):
+    """Output and input gradients match the per-segment SDPA spec; no cu_seqlens.tolist() / .item() on the way."""
+    lengths, dtype = [37, 5, 0, 70], torch.bfloat16
+    q, k, v = make_qkv(lengths, lengths, 2, 32, dtype, seed=13)
+    cu, dout = cu_of(lengths), randn(q.shape, dtype, seed=14)
+    varlen_attn = masked_varlen_attn if device == "cpu" else attention_ops._varlen_impl(q)
+    if varlen_attn is None:
+        pytest.skip("this torch has no varlen_attn taking a softmax scale (torch < 2.11)")
+    scales = []
+
+    def recording_varlen_attn(*args, scale):
+        scales.append(scale)
+        return varlen_attn(*args, scale=scale)
+
+    monkeypatch.setattr(attention_ops, "_varlen_impl", lambda q: recording_varlen_attn)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    with monkeypatch.context() as no_sync, use_backend("reference"):
+        no_sync.setattr(torch.Tensor, "tolist", _host_sync)
+        no_sync.setattr(torch.Tensor, "item", _host_sync)
+        out = packed_attention(*leaves, cu, 70, softmax_scale=0.2)
+        out.backward(dout)
+    assert scales == [0.2] and out.dtype == dtype
+
+    spec_leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    spec = packed_attention_ref(*spec_leaves, cu, 70, softmax_scale=0.2)
+    spec.backward(dout)
+    gold, _, gold_grads = ref_with_grads(q, k, v, cu, cu, 70, 70, dout, torch.zeros(2, q.shape[0]), scale=0.2)
+    # Both round to bf16 differently: bound the error against fp32 by twice the spec's own (flash-attention's test)
+    for name, got, want, g in zip(("out", "dq", "dk", "dv"), [out] + [t.grad for t in leaves],
+                                  [spec] + [t.grad for t in spec_leaves], [gold] + gold_grads):
+        assert (got.float() - g).abs().max() <= 2 * (want.float() - g).abs().max() + 1e-6, name
+
+
+def test_cpu_and_equal_segments_keep_the_sdpa_spec(monkeypatch):
+    """The models' CPU reference path and equal segments stay packed_attention_ref, bit for bit."""
+    q, k, v = make_qkv([16, 23, 9], [16, 23, 9], 2, 16, torch.bfloat16, seed=15)
+    unequal, equal = (q, k, v, cu_of([16, 23, 9]), 23), (q[:32], k[:32], v[:32], cu_of([16, 16]), 16)
+    assert attention_ops._varlen_impl(q) is None  # CPU tensors never take varlen_attn
+    with use_backend("reference"):
+        assert torch.equal(packed_attention(*unequal), packed_attention_ref(*unequal))
+        monkeypatch.setattr(attention_ops, "_varlen_impl", lambda q: _host_sync)  # returned, never called
+        assert torch.equal(packed_attention(*equal), packed_attention_ref(*equal))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
