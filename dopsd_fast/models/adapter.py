@@ -76,18 +76,22 @@ class ModelFamily:
     def sampling_sigmas(self, steps: int, shift: float, latent_shape: tuple[int, ...]) -> list[float]:
         raise NotImplementedError
 
-    def forward_flops(self, arch, latent_shape: tuple[int, ...], cond) -> flops.Flops:
+    def flops_layout(self, arch, latent_shape: tuple[int, ...], cond) -> flops.Forward:
+        """One sample's forward as metrics.flops counts it: linears, token counts, attention, context path."""
         raise NotImplementedError
 
-    def iteration_flops(self, arch, latent_shape, c_s, c_t, steps: int, lora_rank: int | None) -> float:
-        """Model FLOPs of one sample's D-OPSD iteration (metrics.flops.dopsd_iteration's accounting)."""
-        teacher, student = self.forward_flops(arch, latent_shape, c_t), self.forward_flops(arch, latent_shape, c_s)
-        backward = 2 * student if lora_rank is None else flops.Flops(student.dense, 2 * student.attention)
-        return (steps * (teacher + student + backward)).total
+    def forward_flops(self, arch, latent_shape: tuple[int, ...], cond) -> flops.Flops:
+        return self.flops_layout(arch, latent_shape, cond).flops
+
+    def iteration_flops(self, arch, latent_shape, c_s, c_t, steps: int, adapters: flops.Adapters | None) -> float:
+        """Model FLOPs of one sample's D-OPSD iteration (metrics.flops.dopsd_iteration's accounting); ``adapters``:
+        (rank, adapted linears' names) of LoRA roles, None for full fine-tuning."""
+        teacher, student = (self.flops_layout(arch, latent_shape, c) for c in (c_t, c_s))
+        return flops.dopsd_iteration(teacher, student, steps, adapters).total
 
     def iteration_flops_verl_omni(self, arch, latent_shape, c_s, c_t, steps: int) -> float:
         """The same iteration under VeRL-Omni's MFU convention (metrics.flops.verl_omni_iteration)."""
-        teacher, student = self.forward_flops(arch, latent_shape, c_t), self.forward_flops(arch, latent_shape, c_s)
+        teacher, student = (self.flops_layout(arch, latent_shape, c) for c in (c_t, c_s))
         return flops.verl_omni_iteration(teacher, student, steps).total
 
 
@@ -130,13 +134,8 @@ class ZImageFamily(ModelFamily):
     def sampling_sigmas(self, steps, shift, latent_shape):
         return shifted_sigmas(steps, shift)
 
-    def iteration_flops(self, arch, latent_shape, c_s, c_t, steps, lora_rank):
-        # Z-Image's accounting also counts the adapters' own GEMMs (official target set)
-        return flops.dopsd_iteration(arch, self.image_tokens(arch, latent_shape), len(c_s), len(c_t), steps,
-                                     lora_rank).total
-
-    def forward_flops(self, arch, latent_shape, cond):
-        return flops.zimage_forward(arch, self.image_tokens(arch, latent_shape), len(cond))
+    def flops_layout(self, arch, latent_shape, cond):
+        return flops.zimage_layout(arch, self.image_tokens(arch, latent_shape), len(cond))
 
 
 class Flux2KleinFamily(ModelFamily):
@@ -226,10 +225,10 @@ class Flux2KleinFamily(ModelFamily):
         # klein's shift is not a constant: mu follows the target token count and the step count
         return empirical_mu_sigmas(latent_shape[-1] * latent_shape[-2], steps)
 
-    def forward_flops(self, arch, latent_shape, cond):
+    def flops_layout(self, arch, latent_shape, cond):
         refs = cond.refs if isinstance(cond, ReferenceCondition) else []
-        return flops.klein_forward(arch, self.image_tokens(arch, latent_shape), len(cond),
-                                   sum(r.shape[-2] * r.shape[-1] for r in refs))
+        return flops.klein_layout(arch, self.image_tokens(arch, latent_shape), len(cond),
+                                  sum(r.shape[-2] * r.shape[-1] for r in refs))
 
 
 FAMILIES: dict[str, ModelFamily] = {f.name: f for f in (ZImageFamily(), Flux2KleinFamily())}

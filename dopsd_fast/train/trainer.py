@@ -72,8 +72,8 @@ class Trainer:
         out = dopsd_step(self.roles, self.flow, self._cast(c_s), self._cast(c_t), shapes, sigmas,
                          self.cfg.method.loss, self.cfg.method.per_step_backward, self.noise, self.dtype,
                          backward=self.backward, packed_forward=self.cfg.method.packed_forward)
-        rank = self.cfg.adapter.rank if self.cfg.adapter.mode == "lora" else None
-        out.flops = sum(self.family.iteration_flops(self.plan.arch, shape, s, t, len(sigmas) - 1, rank)
+        lora = (self.cfg.adapter.rank, self.roles.targets) if self.cfg.adapter.mode == "lora" else None
+        out.flops = sum(self.family.iteration_flops(self.plan.arch, shape, s, t, len(sigmas) - 1, lora)
                         for shape, s, t in zip(shapes, c_s, c_t))
         out.flops_verl_omni = sum(self.family.iteration_flops_verl_omni(self.plan.arch, shape, s, t, len(sigmas) - 1)
                                   for shape, s, t in zip(shapes, c_s, c_t))
