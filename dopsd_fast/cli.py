@@ -9,12 +9,14 @@ from pathlib import Path
 
 import yaml
 
+from ._extras import MissingExtra
 from .data.folder import DataError
 from .models.loading import WeightsError
 from .sample import save_grid
 from .train.build import check_buildable, resolve_plan
 from .train.checkpoint import CheckpointError
 from .train.config import ConfigError, load_config
+from .train.distributed import destroy_process_group
 from .train.trainer import load_for_sampling, make_trainer
 
 
@@ -45,6 +47,7 @@ def _train(args: argparse.Namespace) -> int:
         grid = trainer.sample_grid(trainer.out / "samples.png", before)
         say(f"samples:    {grid}  (columns: target | student before | student after, {cfg.sample.steps} steps | after, "
               f"K={len(cfg.method.sigmas)} training steps)")
+    destroy_process_group()         # a DeepSpeed run's ranks leave their group together (no-op in one process)
     return 0
 
 
@@ -149,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         return {"train": _train, "sample": _sample, "demo": _demo, "cache": _cache, "export": _export}[args.command](args)
-    except (ConfigError, CheckpointError, WeightsError, DataError) as err:
+    except (ConfigError, CheckpointError, WeightsError, DataError, MissingExtra) as err:
         print(f"dopsd: error: {err}", file=sys.stderr)
         return 2
 

@@ -13,6 +13,7 @@ from typing import Callable
 import torch
 from safetensors import SafetensorError, safe_open
 
+from .._extras import require
 from .z_image import ZImageConfig, ZImageTransformer
 
 WEIGHTS = "diffusion_pytorch_model"
@@ -165,7 +166,7 @@ def load_vae(folder: str | Path, dtype: torch.dtype = torch.float32, device: str
              vae_class: type | None = None):
     """A diffusers ``vae/`` folder -> diffusers' ``AutoencoderKL`` (or ``vae_class``; not rewritten here)."""
     if vae_class is None:
-        from diffusers import AutoencoderKL as vae_class
+        vae_class = require("diffusers", "diffusers", "the Z-Image VAE (model.vae)").AutoencoderKL
 
     folder = Path(folder)
     raw = read_component_config(folder, "vae/")

@@ -17,6 +17,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from .._extras import require
 from .flux2_klein import Flux2KleinConfig, Flux2KleinTransformer
 from .loading import WEIGHTS, WeightsError, _open, describe_mismatch, load_checked, load_vae
 
@@ -194,6 +195,5 @@ def load_flux2_klein_transformer(path: str | Path, dtype: torch.dtype = torch.fl
 
 def load_flux2_vae(folder: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
     """A diffusers FLUX.2 ``vae/`` folder -> diffusers' ``AutoencoderKLFlux2`` (BatchNorm statistics included)."""
-    from diffusers import AutoencoderKLFlux2
-
-    return load_vae(folder, dtype, device, AutoencoderKLFlux2)
+    diffusers = require("diffusers", "diffusers", "the FLUX.2 VAE (model.vae)")
+    return load_vae(folder, dtype, device, diffusers.AutoencoderKLFlux2)

@@ -143,7 +143,8 @@ class TrainConfig:
     keep_last: int = 3
     # "auto": continue from the newest checkpoint in output_dir if there is one; or a checkpoint path; or null.
     resume: str | None = "auto"
-    # TensorBoard event files in <output_dir>/tensorboard beside metrics.jsonl.
+    # TensorBoard event files in <output_dir>/tensorboard beside metrics.jsonl; needs the [telemetry] extra (without
+    # it a run warns once and writes metrics.jsonl only: telemetry.open_tensorboard says why).
     tensorboard: bool = True
     # Per-device dense bf16 peak for MFU; null: looked up from the GPU's name (no MFU on CPU).
     peak_tflops: float | None = None

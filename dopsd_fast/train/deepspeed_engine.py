@@ -29,6 +29,7 @@ import copy
 import torch
 from torch import Tensor
 
+from .._extras import require
 from ..method.ema import EMATeacher
 from ..method.roles import FullRoles
 from . import checkpoint as ckpt
@@ -78,7 +79,7 @@ def make_deepspeed_trainer(base: type, cfg: Config, progress: bool = True):
 
 class DeepSpeedMixin:
     def __init__(self, cfg: Config, progress: bool = True):
-        import deepspeed
+        deepspeed = require("deepspeed", "deepspeed", f"deepspeed.stage={cfg.deepspeed.stage}")
 
         dist.init_process_group(cfg.deepspeed.timeout_s)
         self.rank, self.world = dist.rank(), dist.world_size()

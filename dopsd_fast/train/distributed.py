@@ -46,6 +46,15 @@ def init_process_group(timeout_s: float) -> None:
                                timeout=timedelta(seconds=timeout_s))
 
 
+def destroy_process_group() -> None:
+    """Leave the default group, every rank together: a barrier, then the teardown. A process that exits with its
+    group still up can abort on the way out (gloo: "terminate called without an active exception", its worker
+    threads destroyed while joinable) after finishing its work, so each rank that joined one ends through here."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 

@@ -7,14 +7,14 @@ from typing import Any
 
 from tqdm import tqdm
 
-from .telemetry import TensorBoard
+from .telemetry import open_tensorboard
 
 
 class StepLog:
     def __init__(self, path: Path | None, K: int, enabled: bool = True, tensorboard: Path | None = None):
         """``path``: the JSONL file, or None on ranks that do not write (DeepSpeed ranks other than 0);
         ``tensorboard``: a log dir for the same rows as TensorBoard scalars."""
-        self.tb = TensorBoard(tensorboard) if tensorboard is not None else None
+        self.tb = open_tensorboard(tensorboard) if tensorboard is not None else None
         self.path, self.K = path, K
         self.bar = tqdm(disable=not enabled, unit="it", dynamic_ncols=True, leave=False)
         self.header_done = False

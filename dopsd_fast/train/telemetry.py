@@ -1,6 +1,7 @@
 """Per-step telemetry beside the loss: where the time went, MFU, peak memory and (on a GPU) NVML readings.
 
-Time breakdown of one iteration (seconds, this rank):
+Time breakdown of one iteration (seconds, this rank; on a GPU, device time between CUDA events recorded at each
+section's edges, see StepTimer):
   teacher_s   forwards run without autograd (the teacher role)
   student_s   forwards run with autograd (the student role; with method.packed_forward the one forward of both
               roles, so teacher_s stays 0)
@@ -13,6 +14,9 @@ tokens_per_s counts the image tokens the student denoised (K roll-out steps x th
 """
 from __future__ import annotations
 
+import functools
+import importlib.util
+import logging
 import resource
 import time
 from contextlib import contextmanager
@@ -20,24 +24,60 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-# Dense bf16 peak per device in TFLOP/s, by a substring of the CUDA device name (train.peak_tflops overrides).
-PEAK_TFLOPS = {"H200": 989.4, "H100": 989.4, "H800": 989.4, "A100": 312.0, "A800": 312.0, "L40S": 362.1, "B200": 2250.0}
+# Dense bf16 peak per device in TFLOP/s, by a substring of the CUDA device name, first match wins (so the PCIe
+# and NVL boards come before their SXM name); train.peak_tflops overrides. NVIDIA's datasheets give the Tensor
+# Core numbers with 2:4 sparsity, halved here: H100/H200 SXM 1,979 -> 989.4, H100 PCIe (and H800 PCIe) 1,513 ->
+# 756.5, H100 NVL and H200 NVL 1,671 -> 835.5; A100 312 dense; L40S 362.05; B200 2,250 dense.
+PEAK_TFLOPS = {"H100 PCIe": 756.5, "H800 PCIe": 756.5, "H100 NVL": 835.5, "H200 NVL": 835.5, "H200": 989.4,
+               "H100": 989.4, "H800": 989.4, "A100": 312.0, "A800": 312.0, "L40S": 362.1, "B200": 2250.0}
 
 
 class StepTimer:
-    def __init__(self):
-        self.sections: dict[str, float] = {}
+    """Seconds per named section of a step, and of the forwards of hooked models (teacher_s / student_s).
+
+    On CUDA a host clock times how long Python took to enqueue the kernels, not the kernels, so there each
+    section's edges record a pair of ``event``s on the current stream, read in ``take()``. A section not nested
+    in another (the trainer's forward_backward and optimizer_s) ends waiting for its end event: forward_backward
+    has synchronised already (on its losses), so that wait is free; optimizer_s's covers the optimizer update and
+    the EMA enqueued after the grad-norm sync, which so count in their own step instead of the next one's.
+    """
+
+    def __init__(self, device: torch.device | str = "cpu", event: type | None = None):
+        """``event``: the CUDA event class (a test passes a fake one); default: torch.cuda.Event on a CUDA device."""
+        self.event = event or (torch.cuda.Event if torch.device(device).type == "cuda" else None)
+        self.spans: list[tuple[str, object, object]] = []       # (section, start mark, end mark), in end order
+        self.depth = 0
+
+    def _mark(self):
+        if self.event is None:
+            return time.perf_counter()
+        e = self.event(enable_timing=True)
+        e.record()
+        return e
 
     @contextmanager
     def section(self, name: str):
-        tic = time.perf_counter()
+        start = self._mark()
+        self.depth += 1
         try:
             yield
         finally:
-            self.sections[name] = self.sections.get(name, 0.0) + time.perf_counter() - tic
+            self.depth -= 1
+            end = self._mark()
+            self.spans.append((name, start, end))
+            if self.depth == 0 and self.event is not None:
+                end.synchronize()
 
     def take(self) -> dict[str, float]:
-        out, self.sections = self.sections, {}
+        """Seconds per section since the last call (summed over repeats); resets."""
+        spans, self.spans = self.spans, []
+        if spans and self.event is not None:
+            # forwards outside any section (samples, validation) end unwaited; on one stream the last mark ends last
+            spans[-1][2].synchronize()
+        out: dict[str, float] = {}
+        for name, start, end in spans:
+            sec = end - start if self.event is None else start.elapsed_time(end) / 1000.0     # events: ms
+            out[name] = out.get(name, 0.0) + sec
         return out
 
     def time_forwards(self, *models: nn.Module) -> None:
@@ -47,11 +87,11 @@ class StepTimer:
             m.register_forward_hook(self._stop)
 
     def _start(self, module, args):
-        module._telemetry_tic = time.perf_counter()
+        module._telemetry_start = self._mark()
 
     def _stop(self, module, args, output):
         role = "student_s" if torch.is_grad_enabled() else "teacher_s"
-        self.sections[role] = self.sections.get(role, 0.0) + time.perf_counter() - module._telemetry_tic
+        self.spans.append((role, module._telemetry_start, self._mark()))
 
 
 def peak_tflops(configured: float | None) -> float | None:
@@ -123,6 +163,27 @@ def comm_ms_since_last(comms_dict: dict) -> float:
     return delta
 
 
+def open_tensorboard(log_dir) -> TensorBoard | None:
+    """The TensorBoard writer of ``train.tensorboard``, or None when the tensorboard package is missing.
+
+    train.tensorboard defaults to true, yet tensorboard stays in the [telemetry] extra rather than the
+    dependencies: its event files are a view of the rows metrics.jsonl already holds, and it would bring a server
+    stack (grpcio, protobuf, werkzeug, tensorboard-data-server: ~60 MB) into every install of a package whose ops
+    other trainers import. So without it a run loses no data: it says so in one line and writes metrics.jsonl."""
+    return TensorBoard(log_dir) if _tensorboard_installed() else None
+
+
+@functools.cache
+def _tensorboard_installed() -> bool:
+    """Checked once per process, so a run (or the demo's several runs) warns once."""
+    if importlib.util.find_spec("tensorboard") is not None:
+        return True
+    logging.getLogger(__name__).warning(
+        "dopsd: warning: train.tensorboard is on but the tensorboard package is not installed; metrics go to "
+        "metrics.jsonl only (pip install \"dopsd_fast[telemetry]\", or --set train.tensorboard=false)")
+    return False
+
+
 class TensorBoard:
     """Every numeric field of a JSONL row as a scalar (lists as ``name/k``)."""
 
@@ -166,7 +227,7 @@ class Telemetry:
         return trainer._telemetry
 
     def __init__(self, trainer):
-        self.timer, self.gpu, self.world = StepTimer(), GPUStats(), trainer.world
+        self.timer, self.gpu, self.world = StepTimer(trainer.device), GPUStats(), trainer.world
         self.deepspeed = getattr(trainer, "engine", None) is not None     # its comms logger is process-global
         self.all_gathers = getattr(trainer, "all_gathers", None)           # ZeRO-3's all-gather counter
         self.peak = peak_tflops(trainer.cfg.train.peak_tflops)

@@ -16,9 +16,17 @@ from dopsd_fast.ops._dispatch import use_backend  # noqa: E402
 from dopsd_fast.testing import tiny_trainer  # noqa: E402
 from dopsd_fast.train.checkpoint import CheckpointError  # noqa: E402
 from dopsd_fast.train.config import ConfigError, load_config  # noqa: E402
+from dopsd_fast.train.distributed import destroy_process_group  # noqa: E402
 
 COMMON = ["train.steps=3", "train.batch_size=2", "optim.warmup_steps=2", "train.checkpoint_every=100",
           "train.tensorboard=false"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def process_group():
+    """The trainers here share this process's group (a world of one): leave it before the process exits."""
+    yield
+    destroy_process_group()
 
 
 def rows(out):

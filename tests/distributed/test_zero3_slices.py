@@ -9,7 +9,7 @@ from torch import nn
 
 pytest.importorskip("deepspeed")
 
-from dopsd_fast.train.distributed import free_port  # noqa: E402
+from dopsd_fast.train.distributed import destroy_process_group, free_port  # noqa: E402
 
 
 def _worker(rank: int, port: str, out: str) -> None:
@@ -47,6 +47,7 @@ def _worker(rank: int, port: str, out: str) -> None:
         checks["one all-gather"] = counter.take() == 1
     checks["released"] = all(p.ds_status == ZeroParamStatus.NOT_AVAILABLE for p in params)
     torch.save(checks, f"{out}/rank{rank}.pt")
+    destroy_process_group()
 
 
 def test_slices_round_trip_and_gathered_once(tmp_path):

@@ -1,9 +1,12 @@
 """The JSONL row of a step carries the telemetry fields, with consistent values; TensorBoard gets the same rows."""
 import json
+from types import SimpleNamespace
 
 import pytest
+import torch
 
 from dopsd_fast.testing import tiny_trainer
+from dopsd_fast.train import telemetry
 
 BREAKDOWN = ("teacher_s", "student_s", "backward_s", "optimizer_s", "rollout_s")
 
@@ -22,6 +25,9 @@ def test_jsonl_telemetry_fields(tmp_path):
         # the parts are disjoint pieces of the step (the loop's own bookkeeping is the rest)
         assert r["teacher_s"] > 0 and r["student_s"] > 0 and r["backward_s"] > 0
         assert sum(r[k] for k in BREAKDOWN) <= r["sec"] * 1.001
+        # ... and cover it: the loop's bookkeeping outside the sections is microseconds of a step's ~0.1 s; rollout_s
+        # is the remainder of forward_backward, positive when the forwards and backwards are not counted twice
+        assert sum(r[k] for k in BREAKDOWN) == pytest.approx(r["sec"], rel=0.02) and r["rollout_s"] > 0
         assert r["images_per_s"] == pytest.approx(tr.cfg.train.batch_size / r["sec"])
         tokens = K * tr.cfg.train.batch_size * (tr.cfg.data.image_size // 2) ** 2     # pixel space, 2x2 patches
         assert r["tokens_per_s"] == pytest.approx(tokens / r["sec"])
@@ -42,8 +48,6 @@ def test_no_mfu_without_a_known_peak(tmp_path):
 
 def test_comm_time_is_the_growth_of_deepspeeds_running_totals():
     """DeepSpeed's comms logger records each op's running total (its timer is read without a reset)."""
-    from dopsd_fast.train import telemetry
-
     telemetry._comm_ms_so_far.clear()
     # all_reduce: calls of 2, 3, 5 ms -> records 2, 5, 10 (running totals), over two message sizes
     first = {"all_reduce": {4096: [2, [2.0, 5.0], [], []], 64: [1, [10.0], [], []]},
@@ -53,3 +57,70 @@ def test_comm_time_is_the_growth_of_deepspeeds_running_totals():
     assert telemetry.comm_ms_since_last(second) == pytest.approx(7.0)
     assert telemetry.comm_ms_since_last({}) == 0.0
     telemetry._comm_ms_so_far.clear()
+
+
+class FakeEvent:
+    """torch.cuda.Event on a fake device clock: record() stamps the clock, elapsed_time() reads ms between stamps."""
+    clock, waits = 0.0, 0
+
+    def __init__(self, enable_timing=False):
+        assert enable_timing
+        self.stamp = None
+
+    def record(self):
+        self.stamp = FakeEvent.clock
+
+    def synchronize(self):
+        FakeEvent.waits += 1
+
+    def elapsed_time(self, end):
+        return (end.stamp - self.stamp) * 1000.0
+
+
+class DeviceWork(torch.nn.Module):
+    """A forward that keeps the fake device busy for ``seconds``."""
+
+    def __init__(self, seconds: float):
+        super().__init__()
+        self.seconds = seconds
+
+    def forward(self, x):
+        FakeEvent.clock += self.seconds
+        return x
+
+
+def test_cuda_sections_are_timed_by_events_read_once_per_step(monkeypatch):
+    """On CUDA the sections are device time between events, never the host clock, and only the step's outer
+    sections (and the read-out) wait for the device: no sync per forward or backward."""
+    monkeypatch.setattr(telemetry, "time", SimpleNamespace())      # any perf_counter() call would raise
+    assert telemetry.StepTimer("cuda").event is torch.cuda.Event and telemetry.StepTimer("cpu").event is None
+    timer, model = telemetry.StepTimer("cuda", event=FakeEvent), DeviceWork(2.0)
+    timer.time_forwards(model, model)
+    for _ in range(2):          # two steps: take() resets
+        FakeEvent.waits = 0
+        with timer.section("forward_backward"):
+            FakeEvent.clock += 0.25                 # contexts and noise
+            with torch.no_grad():
+                model(None)                         # teacher
+            model.seconds = 3.0
+            model(None)                             # student
+            model.seconds = 2.0
+            with timer.section("backward_s"):
+                FakeEvent.clock += 4.0
+        with timer.section("optimizer_s"):
+            FakeEvent.clock += 0.5
+        assert FakeEvent.waits == 2                 # the two outer sections' ends
+        assert timer.take() == {"teacher_s": 2.0, "student_s": 3.0, "backward_s": 4.0,
+                                "forward_backward": 9.25, "optimizer_s": 0.5}
+        assert FakeEvent.waits == 3
+
+
+@pytest.mark.parametrize("name, peak", [
+    ("NVIDIA H100 80GB HBM3", 989.4), ("NVIDIA H100 PCIe", 756.5), ("NVIDIA H100 NVL", 835.5),
+    ("NVIDIA H200", 989.4), ("NVIDIA H200 NVL", 835.5), ("NVIDIA A100-SXM4-80GB", 312.0),
+    ("NVIDIA GeForce RTX 4090", None)])
+def test_peak_by_device_name(monkeypatch, name, peak):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *device: name)
+    assert telemetry.peak_tflops(None) == peak
+    assert telemetry.peak_tflops(123.0) == 123.0
