@@ -35,8 +35,10 @@ from baselines.released_loop import ReleasedLoop, diffusers_transformer
 from dopsd_fast.method.roles import LoRARoles
 from dopsd_fast.method.schedule import Z_IMAGE, rollout_sigmas
 from dopsd_fast.method.step import dopsd_step
-from dopsd_fast.metrics.flops import dopsd_iteration, verl_omni_iteration, zimage_forward
+from dopsd_fast.metrics.flops import dopsd_iteration, verl_omni_iteration, zimage_layout
+from dopsd_fast.models.checkpointing import CheckpointPlan
 from dopsd_fast.models.z_image import ZImageConfig, ZImageTransformer
+from dopsd_fast.train.memory import optimizer_tensors, unique_bytes
 from dopsd_fast.train.telemetry import peak_tflops
 
 pytest.importorskip("diffusers")
@@ -101,7 +103,7 @@ class Ours:
             model = ZImageTransformer(case.arch)
         model = model.to(case.dtype).to_empty(device=case.device)
         model.load_state_dict(base_state, strict=True)
-        model.gradient_checkpointing = case.ours_checkpointing
+        model.checkpointing = CheckpointPlan("full" if case.ours_checkpointing else "none")
         self.roles = LoRARoles(model, TARGETS, case.rank, 2.0 * case.rank)
         self.optimizer = torch.optim.AdamW(self.roles.trainable.values(), **OPTIM)
         self.sigmas, self.case = rollout_sigmas(SIGMAS), case
@@ -116,7 +118,7 @@ class Ours:
         return out.losses
 
     def resident(self) -> list[torch.Tensor]:
-        return [*self.roles.model.parameters(), *_optimizer_tensors(self.optimizer), *self.roles.ema.master]
+        return [*self.roles.model.parameters(), *optimizer_tensors(self.optimizer), *self.roles.ema.master]
 
 
 class Baseline:
@@ -129,11 +131,7 @@ class Baseline:
         return self.loop.iteration(c_s, c_t, self.case.latent, 1, generator)
 
     def resident(self) -> list[torch.Tensor]:
-        return [*self.loop.model.parameters(), *(self.loop.masters or []), *_optimizer_tensors(self.loop.optimizer)]
-
-
-def _optimizer_tensors(optimizer) -> list[torch.Tensor]:
-    return [v for state in optimizer.state.values() for v in state.values() if torch.is_tensor(v)]
+        return [*self.loop.model.parameters(), *(self.loop.masters or []), *optimizer_tensors(self.loop.optimizer)]
 
 
 def build(case: Case):
@@ -154,14 +152,6 @@ def build(case: Case):
 def sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
-
-
-def unique_bytes(tensors) -> int:
-    seen = {}
-    for t in tensors:
-        s = t.untyped_storage()
-        seen[s.data_ptr()] = s.nbytes()
-    return sum(seen.values())
 
 
 def transient_bytes(run, device: str) -> int:
@@ -252,17 +242,20 @@ def test_e2e(benchmark, size):
 
     ratios = [b / o for b, o in zip(base_times, ours_times)]
     image_tokens = case.latent[-1] // 2 * (case.latent[-2] // 2)
-    flops = dopsd_iteration(case.arch, image_tokens, *case.caption_tokens, len(SIGMAS), case.rank).total
-    student, teacher = (zimage_forward(case.arch, image_tokens, n) for n in case.caption_tokens)
-    flops_verl = verl_omni_iteration(teacher, student, len(SIGMAS)).total
+    student, teacher = (zimage_layout(case.arch, image_tokens, n) for n in case.caption_tokens)
+    adapters = (case.rank, ours.roles.targets)        # the baseline's PEFT adapters sit on the same linears
     peak, peak_note = peak_flops(case.device)
     info = {"case": size if case is CASES[size] else f"smoke ({size})", "device": _device_name(case.device),
             "ours_gradient_checkpointing": case.ours_checkpointing, "baseline_gradient_checkpointing": True,
-            "threads": torch.get_num_threads(), "model_flops_per_iteration": flops,
-            "model_flops_per_iteration_verl_omni": flops_verl, "mfu_reference": peak_note}
+            "threads": torch.get_num_threads(), "mfu_reference": peak_note}
     for name, times in (("baseline", base_times), ("ours", ours_times)):
+        # each side's own work: ours runs the caption refiner once per role, the baseline in every forward
+        per_step = name == "baseline"
+        flops = dopsd_iteration(teacher, student, len(SIGMAS), adapters, context_per_step=per_step).total
+        flops_verl = verl_omni_iteration(teacher, student, len(SIGMAS), context_per_step=per_step).total
         med = statistics.median(times)
         info[name] = {"it_per_s": 1 / med, "images_per_s": 1 / med, "seconds": times,
+                      "model_flops_per_iteration": flops, "model_flops_per_iteration_verl_omni": flops_verl,
                       "mfu": flops / med / peak, "mfu_verl_omni": flops_verl / med / peak, **memory[name]}
     info["speedup_min_median_max"] = [min(ratios), statistics.median(ratios), max(ratios)]
     info["peak_memory_ratio_ours_over_baseline"] = memory["ours"]["peak_bytes"] / memory["baseline"]["peak_bytes"]

@@ -25,7 +25,7 @@ def load_baseline():
 
 def matched_pair(tmp_path, randomized: bool, dtype: str = "fp32"):
     """Our trainer and the released loop on the same base weights, adapters and hyper-parameters."""
-    tr = tiny_trainer(tmp_path, "model.gradient_checkpointing=true", "method.per_step_backward=true",
+    tr = tiny_trainer(tmp_path, "model.checkpointing=full", "method.per_step_backward=true",
                       f"model.dtype={dtype}")
     if randomized:
         randomize_adapters(tr)    # student != teacher, both non-zero: every gradient path is exercised

@@ -24,12 +24,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.checkpoint import checkpoint
 
 from dopsd_fast.nn.lora_linear import SampleAdapters, packed_adapters
 from dopsd_fast.ops.epilogues import modulated_layer_norm, qk_norm_rope
 from dopsd_fast.ops.packed_attention import packed_attention
 
+from .checkpointing import CheckpointPlan, run_block
 from .z_image import RMSNorm, sample_index_of
 
 REFERENCE_TIME_ID = 10  # RoPE time id of reference k: 10 + 10 k (BFL encode_image_refs, diffusers _prepare_image_ids)
@@ -381,7 +381,7 @@ class Flux2KleinTransformer(nn.Module):
         if sum(cfg.axes_dims_rope) != cfg.attention_head_dim or len(cfg.axes_dims_rope) != 4:
             raise ValueError(f"axes_dims_rope {cfg.axes_dims_rope} must be 4 axes summing to head dim {cfg.attention_head_dim}")
         self.config, d = cfg, cfg.dim
-        self.gradient_checkpointing = False
+        self.checkpointing = CheckpointPlan()
         self.x_embedder = nn.Linear(cfg.in_channels, d, bias=False)
         self.context_embedder = nn.Linear(cfg.joint_attention_dim, d, bias=False)
         self.time_guidance_embed = TimeGuidanceEmbed(cfg.timestep_guidance_channels, d)
@@ -392,11 +392,6 @@ class Flux2KleinTransformer(nn.Module):
         self.single_transformer_blocks = nn.ModuleList([SingleStreamBlock(cfg) for _ in range(cfg.num_single_layers)])
         self.norm_out = NormOut(d)
         self.proj_out = nn.Linear(d, cfg.out_channels or cfg.in_channels, bias=False)
-
-    def _run(self, block: nn.Module, *args):
-        if self.gradient_checkpointing and torch.is_grad_enabled():
-            return checkpoint(block, *args, use_reentrant=False)
-        return block(*args)
 
     def _stream(self, lengths: list[int], positions: Tensor, device: torch.device) -> Stream:
         cos, sin = rope_cos_sin(positions.to(device), self.config.axes_dims_rope, self.config.rope_theta)
@@ -480,11 +475,11 @@ class Flux2KleinTransformer(nn.Module):
         joint = JointLayout.build(text, image)
 
         txt = context.tokens.to(dtype)
-        for block in self.transformer_blocks:
-            img, txt = self._run(block, img, txt, mod_img, mod_txt, image, text, joint)
+        for i, block in enumerate(self.transformer_blocks):
+            img, txt = run_block(self.checkpointing, i, block, img, txt, mod_img, mod_txt, image, text, joint)
         h = joint.join(txt, img)
-        for block in self.single_transformer_blocks:
-            h = self._run(block, h, mod_single, joint)
+        for i, block in enumerate(self.single_transformer_blocks, start=len(self.transformer_blocks)):
+            h = run_block(self.checkpointing, i, block, h, mod_single, joint)
 
         # final layer on the target tokens of each sample only
         _, img = joint.split(h, txt.shape[0])

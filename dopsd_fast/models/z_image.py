@@ -22,11 +22,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.checkpoint import checkpoint
 
 from dopsd_fast.nn.lora_linear import SampleAdapters, packed_adapters
 from dopsd_fast.ops.epilogues import gated_residual, modulated_layer_norm, modulated_rms_norm, qk_norm_rope
 from dopsd_fast.ops.packed_attention import packed_attention
+
+from .checkpointing import CheckpointPlan, run_block
 from dopsd_fast.ops.reference import rms_norm_ref, rope_ref
 
 SEQ_MULTIPLE = 32  # caption and image token lists are each padded to a multiple of this
@@ -170,7 +171,7 @@ class FeedForward(nn.Module):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
-def run_block(block: nn.Module, x: Tensor, seq: PackedSequence, t_emb: Tensor | None) -> Tensor:
+def adapted_block(block: nn.Module, x: Tensor, seq: PackedSequence, t_emb: Tensor | None) -> Tensor:
     # The adapter plan is entered here, inside what checkpoint() recomputes, so the recompute uses it too.
     with packed_adapters(seq.adapters):
         return block(x, seq, t_emb)
@@ -294,7 +295,7 @@ class ZImageTransformer(nn.Module):
         if len(cfg.all_patch_size) != len(cfg.all_f_patch_size):
             raise ValueError("all_patch_size and all_f_patch_size must have the same length")
         self.config = cfg
-        self.gradient_checkpointing = False
+        self.checkpointing = CheckpointPlan()
         c = cfg.in_channels
         patches = list(zip(cfg.all_patch_size, cfg.all_f_patch_size))
         self.all_x_embedder = nn.ModuleDict({f"{p}-{fp}": nn.Linear(fp * p * p * c, cfg.dim) for p, fp in patches})
@@ -310,11 +311,6 @@ class ZImageTransformer(nn.Module):
         self.patch_size, self.f_patch_size = patches[0]
 
     # ---- helpers -------------------------------------------------------------------------------------
-    def _run_block(self, block: ZImageBlock, x: Tensor, seq: PackedSequence, t_emb: Tensor | None) -> Tensor:
-        if self.gradient_checkpointing and torch.is_grad_enabled():
-            return checkpoint(run_block, block, x, seq, t_emb, use_reentrant=False)
-        return run_block(block, x, seq, t_emb)
-
     def _check_positions(self, max_per_axis: tuple[int, int, int]) -> None:
         # diffusers indexes a table of axes_lens rows; keep its bound so configs mean the same thing.
         for axis, (pos, limit) in enumerate(zip(max_per_axis, self.config.axes_lens)):
@@ -346,8 +342,8 @@ class ZImageTransformer(nn.Module):
         positions[:, 0] = torch.cat([torch.arange(1, p + 1) for p in padded])  # (1+j, 0, 0), pads included
         cos, sin = self._rope(positions.to(tokens.device))
         seq = PackedSequence.build(padded, cos, sin)
-        for block in self.context_refiner:
-            tokens = self._run_block(block, tokens, seq, None)
+        for i, block in enumerate(self.context_refiner):   # numbered in call order: context, noise refiners, layers
+            tokens = run_block(self.checkpointing, i, adapted_block, block, tokens, seq, None)
         return CaptionContext(tokens, padded, cos, sin)
 
     # ---- full forward ----------------------------------------------------------------------------------
@@ -406,8 +402,8 @@ class ZImageTransformer(nn.Module):
         img_cos, img_sin = self._rope(positions.to(device))  # built on the host, one copy
 
         img_seq = PackedSequence.build(padded, img_cos, img_sin, plan)
-        for block in self.noise_refiner:
-            img = self._run_block(block, img, img_seq, t_emb)
+        for i, block in enumerate(self.noise_refiner, start=len(self.context_refiner)):
+            img = run_block(self.checkpointing, i, adapted_block, block, img, img_seq, t_emb)
 
         # Unified sequence per sample: [image tokens, caption tokens].
         uni_lengths = [q + lc for q, lc in zip(padded, context.lengths)]
@@ -416,8 +412,8 @@ class ZImageTransformer(nn.Module):
         uni_cos = self._interleave(list(img_cos.split(padded)), list(context.rope_cos.split(cap_split)))
         uni_sin = self._interleave(list(img_sin.split(padded)), list(context.rope_sin.split(cap_split)))
         uni_seq = PackedSequence.build(uni_lengths, uni_cos, uni_sin, plan)
-        for block in self.layers:
-            uni = self._run_block(block, uni, uni_seq, t_emb)
+        for i, block in enumerate(self.layers, start=2 * len(self.context_refiner)):
+            uni = run_block(self.checkpointing, i, adapted_block, block, uni, uni_seq, t_emb)
 
         # Final layer is per token, so run it on the real image tokens only.
         pieces = uni.split([n for pair in zip(padded, context.lengths) for n in pair])[0::2]

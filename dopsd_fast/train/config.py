@@ -38,7 +38,11 @@ class ModelConfig:
     # keys are checked when the plan is resolved.
     arch: dict[str, Any] = field(default_factory=dict)
     dtype: Literal["fp32", "bf16"] = "fp32"
-    gradient_checkpointing: bool = False
+    # What each transformer block keeps for its backward (models/checkpointing.py): none = everything autograd saves;
+    # full = its inputs, the forward rerun in the backward; selective = its GEMM and attention outputs, norms and
+    # elementwise ops rerun; auto = full on the fewest blocks that fit train.memory_budget_gb, sized from the first
+    # iteration (run fully checkpointed) and logged.
+    checkpointing: Literal["full", "selective", "none", "auto"] = "none"
     init_seed: int = 0
     # Fused-op implementation: auto = per op, what the op bench measured fastest on CUDA tensors (ours or PyTorch's;
     # ops/_dispatch.py CUDA_AUTO), the PyTorch reference elsewhere; cpp forces the csrc/ extension where an op has
@@ -151,6 +155,9 @@ class TrainConfig:
     # Where the transformer, encoders and VAE run: "auto" = this process's GPU (LOCAL_RANK under a launcher) when
     # CUDA is available, else the CPU; or "cpu", "cuda", "cuda:N".
     device: str = "auto"
+    # GiB model.checkpointing=auto may plan for (weights, gradients, optimizer state, EMA, activations);
+    # null: the CUDA device's total memory (a CPU run must give one).
+    memory_budget_gb: float | None = None
 
 
 @dataclass
@@ -263,12 +270,19 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
     raise TypeError(f"unsupported config type {tp} at {key}")
 
 
+# Keys of older configs -> what replaced them (a clearer error than "did you mean").
+_RENAMED = {"model.gradient_checkpointing": "model.checkpointing: full | selective | none | auto "
+                                            "(gradient_checkpointing: true is checkpointing: full, false is none)"}
+
+
 def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     for k in data:
         if k not in names:
             where = f"{prefix}.{k}" if prefix else k
+            if where in _RENAMED:
+                raise ConfigError(f"'{where}' was replaced by {_RENAMED[where]}")
             near = difflib.get_close_matches(str(k), names, n=1)
             hint = f" (did you mean '{prefix + '.' if prefix else ''}{near[0]}'?)" if near else ""
             raise ConfigError(f"unknown config key '{where}'{hint}; valid keys here: {', '.join(names)}")
@@ -321,12 +335,17 @@ def validate(cfg: Config) -> Config:
     _check(t.device == "auto" or re.fullmatch(r"cpu|cuda(:\d+)?", t.device) is not None, "train.device",
            f"expected auto, cpu, cuda or cuda:N, got {t.device!r}")
     _check(t.peak_tflops is None or t.peak_tflops > 0, "train.peak_tflops", "must be > 0 (or null to look it up)")
+    _check(t.memory_budget_gb is None or t.memory_budget_gb > 0, "train.memory_budget_gb",
+           f"must be > 0 GiB (or null: the CUDA device's memory), got {t.memory_budget_gb}")
     ds = cfg.deepspeed
     _check(ds.stage in (None, 0, 1, 2, 3), "deepspeed.stage", f"must be null, 0, 1, 2 or 3, got {ds.stage}")
     _check(ds.stage != 3 or a.mode == "lora", "deepspeed.stage",
            "3 trains LoRA adapters (adapter.mode=lora); with adapter.mode=full the EMA teacher is a second whole model "
            "outside the engine, not partitioned: use deepspeed.stage=2 for full fine-tuning")
     _check(ds.timeout_s > 0, "deepspeed.timeout_s", "must be > 0")
+    _check(ds.stage is None or cfg.model.checkpointing != "auto", "model.checkpointing",
+           "auto sizes its plan from the tensors this process holds, which a DeepSpeed engine partitions and owns: "
+           "use full, selective or none with deepspeed.stage")
     _check(ds.stage is None or m.objective == "dopsd", "deepspeed.stage",
            "the DeepSpeed engine trains method.objective=dopsd; run the SFT baseline without deepspeed.stage")
     _check(m.steps >= 1, "method.steps", "must be >= 1")

@@ -49,6 +49,11 @@ class StepLog:
         if self.path is not None:
             tqdm.write(f"{step:6d} {tag}: {path}")
 
+    def note(self, text: str) -> None:
+        """A one-off line (a choice made during the run, e.g. model.checkpointing=auto's plan) above the progress bar."""
+        if self.path is not None:
+            tqdm.write(text)
+
     def close(self) -> None:
         self.bar.close()
         if self.tb is not None:

@@ -25,6 +25,7 @@ from .build import (DTYPES, build_contexts, build_data, build_model, build_roles
 from .build_qwen import build_codec
 from .config import Config, ConfigError, load_config
 from .distributed import launched_world_size
+from .memory import checkpoint_plan, fit_checkpointing
 from .metrics import StepLog
 from .telemetry import Telemetry
 from .validation import Validation
@@ -46,7 +47,7 @@ class Trainer:
         else:
             self.model = model_family(self.plan.arch).load(cfg.model.pretrained, self.dtype)
         self.model.to(self.device)      # before the roles: adapters, the EMA master and the optimizer follow it
-        self.model.gradient_checkpointing = cfg.model.gradient_checkpointing
+        self.model.checkpointing = checkpoint_plan(cfg, self.device)
         self.base_state = {k: v.clone() for k, v in self.model.state_dict().items()} if cfg.model.pretrained is None else None
         self.roles = build_roles(cfg, self.model)
         o = cfg.optim
@@ -136,6 +137,10 @@ class Trainer:
             with telemetry.timer.section("optimizer_s"):
                 grad_norm = self.optimizer_step()
             self.step += 1
+            if self.model.checkpointing.measuring:      # model.checkpointing=auto, after its first iteration
+                self.model.checkpointing = fit_checkpointing(self.model.checkpointing, self.roles, self.optimizer, cfg,
+                                                             len(self.sigmas) - 1)
+                log.note(self.model.checkpointing.describe())
             history.append(result)
             sec = time.perf_counter() - tic
             row = {"step": self.step, "loss": result.loss, "losses": result.losses, "grad_norm": grad_norm,

@@ -68,7 +68,7 @@ def _train_klein(klein_root, tiny_root, tmp_path, capsys, **extra) -> set[str]:
             "model.arch": "{}", "data.kind": "folder", "data.path": data, "data.image_size": 32, "data.buckets": 1,
             "data.cache_dir": tmp_path / "cache", "context.kind": "qwen3", "context.max_text_tokens": 48,
             "adapter.rank": 4, "adapter.alpha": 8, "train.steps": 2, "train.output_dir": tmp_path / "run",
-            "train.resume": "null", "model.dtype": "fp32", "model.gradient_checkpointing": "false", **extra}
+            "train.resume": "null", "model.dtype": "fp32", "model.checkpointing": "none", **extra}
     args = [a for k, v in sets.items() for a in ("--set", f"{k}={v if isinstance(v, (int, str)) else json.dumps(str(v))}")]
     rc = main(["train", "flux2-klein-4b-lora", "--no-progress", *args])
     captured = capsys.readouterr()

@@ -17,7 +17,7 @@ def one_step(tmp_path, packed: bool, *overrides: str, preset: str = "tiny-cpu"):
 
 @pytest.mark.parametrize("preset, overrides", [
     ("tiny-cpu", ("method.per_step_backward=true",)),
-    ("tiny-cpu", ("method.per_step_backward=false", "model.gradient_checkpointing=true")),
+    ("tiny-cpu", ("method.per_step_backward=false", "model.checkpointing=full")),
     ("tiny-klein-cpu", ("method.per_step_backward=true",)),     # teacher with reference tokens, student without
 ])
 def test_packed_step_equals_two_forward_step(tmp_path, preset, overrides):

@@ -6,7 +6,8 @@ import math
 import pytest
 import torch
 
-from dopsd_fast.models import z_image
+from dopsd_fast.models import checkpointing
+from dopsd_fast.models.checkpointing import CheckpointPlan
 from dopsd_fast.models.z_image import CaptionContext, ZImageConfig, ZImageTransformer
 
 diffusers = pytest.importorskip("diffusers")
@@ -123,12 +124,12 @@ def test_gradient_checkpointing_same_outputs_and_grads(models, monkeypatch):
         calls.append(kwargs.get("use_reentrant"))
         return torch.utils.checkpoint.checkpoint(fn, *args, **kwargs)
 
-    monkeypatch.setattr(z_image, "checkpoint", counting_checkpoint)
-    ours.gradient_checkpointing = True
+    monkeypatch.setattr(checkpointing, "checkpoint", counting_checkpoint)
+    ours.checkpointing = CheckpointPlan("full")
     try:
         out_ckpt, grads_ckpt = loss_and_grads(ours, x, t, caps)
     finally:
-        ours.gradient_checkpointing = False
+        ours.checkpointing = CheckpointPlan()
     cfg = ours.config
     assert calls == [False] * (cfg.n_layers + 2 * cfg.n_refiner_layers)  # every block, non-reentrant
     assert set(grads_plain) == set(grads_ckpt)

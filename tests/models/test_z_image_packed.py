@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from dopsd_fast.method.roles import FullRoles, LoRARoles
+from dopsd_fast.models.checkpointing import CheckpointPlan
 from dopsd_fast.models.z_image import ZImageConfig, ZImageTransformer
 from dopsd_fast.ops._dispatch import use_backend
 
@@ -35,7 +36,7 @@ def distinct_roles(model, targets, dtype, checkpointing):
     with torch.no_grad():   # student and teacher differ, and B != 0 so every adapter gradient is non-zero
         for p in list(roles.trainable.values()) + roles.ema.teacher:
             p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-    model.gradient_checkpointing = checkpointing
+    model.checkpointing = CheckpointPlan("full" if checkpointing else "none")
     return roles, model.to(dtype)
 
 
