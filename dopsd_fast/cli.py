@@ -51,9 +51,14 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _at_least(flag: str, value: int, low: int) -> None:
+    if value < low:
+        raise ConfigError(f"{flag}: must be >= {low}, got {value}")
+
+
 def _sample(args: argparse.Namespace) -> int:
-    if args.steps is not None and args.steps < 1:
-        raise ConfigError(f"--steps: must be >= 1, got {args.steps}")
+    if args.steps is not None:
+        _at_least("--steps", args.steps, 1)
     trainer = load_for_sampling(Path(args.run), args.checkpoint)
     prompts = args.prompt or trainer.cfg.sample.prompts or trainer.grid_pairs()[1]
     steps = trainer.cfg.sample.steps if args.steps is None else args.steps
@@ -65,6 +70,9 @@ def _sample(args: argparse.Namespace) -> int:
 
 def _demo(args: argparse.Namespace) -> int:
     from .world.demo import Demo, format_table      # the world needs transformers; import it only here
+    for flag, value, low in (("--iterations", args.iterations, 1), ("--eval-prompts", args.eval_prompts, 1),
+                             ("--multi-steps", args.multi_steps, 1), ("--anchor", args.anchor, 0)):
+        _at_least(flag, value, low)
     out = Path(args.out)
     tic = time.perf_counter()
     try:
@@ -122,7 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     s = sub.add_parser("sample", help="few-step samples from a training run's checkpoint")
     s.add_argument("run", help="the run's output_dir (holds config.yaml and checkpoints/)")
-    s.add_argument("--checkpoint", default=None, help="a step-XXXXXX directory (default: the newest)")
+    s.add_argument("--checkpoint", default=None, help="a step-XXXXXX directory, or its name under the run's checkpoints/ "
+                   "(default: the newest)")
     s.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable); default: captions from the data")
     s.add_argument("--steps", type=int, default=None, help="sampler steps (default: sample.steps of the run's config)")
     s.add_argument("--seed", type=int, default=0)

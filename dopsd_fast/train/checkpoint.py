@@ -11,6 +11,9 @@ optimizer.safetensors, and one ``rng-rankNNNNN.safetensors`` per rank instead of
 
 A checkpoint is written into ``step-XXXXXX.tmp`` and renamed when complete, so a crash mid-write never
 leaves a directory that looks complete and never touches the previous checkpoints.
+
+Resuming compares the run's config with the one in ``state.json`` (``resume_changes``): a run may be extended
+or watched differently, but a checkpoint of another experiment is refused rather than silently trained on.
 """
 from __future__ import annotations
 
@@ -27,6 +30,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from ..models.loading import describe_mismatch
+from .config import Config
 
 
 class CheckpointError(RuntimeError):
@@ -145,3 +149,79 @@ def read_state(ckpt: Path, required: tuple[str, ...] = ()) -> dict[str, Any]:
         raise CheckpointError(f"{path}: lacks {', '.join(missing)}; not written by this version of `dopsd train`, "
                               "resume from another checkpoint")
     return state
+
+
+def find_checkpoint(root: Path, name: str) -> Path:
+    """``name``: a checkpoint directory, or the name of one under ``root`` (``step-000300``)."""
+    path = Path(name)
+    if not path.is_dir() and (root / name).is_dir():
+        path = root / name
+    if not path.is_dir():
+        found = ", ".join(p.name for p in list_checkpoints(root)) or "none yet"
+        raise CheckpointError(f"{name}: no such checkpoint directory (neither a path nor a name under {root}); "
+                              f"complete checkpoints there: {found}")
+    read_state(path)            # a folder without state.json was never completed
+    return path
+
+
+# Config keys a resumed run may change: they extend the run or change how it is executed, logged, checkpointed or
+# validated, never what a training step computes from the same weights, data and noise. Any other difference
+# makes it another experiment (objective, loss, model, adapter, data, context, optimizer, schedule, seed, batch),
+# which must not continue from this run's weights, optimizer moments and data position. A section name covers
+# all its keys.
+RESUMABLE = (
+    "train.steps",                                  # the same run, longer (or already done)
+    "train.output_dir", "train.resume",             # where the run is found: its folder may have been moved
+    "train.log_every", "train.tensorboard", "train.peak_tflops", "deepspeed.comm_timing",   # logging, MFU
+    "train.checkpoint_every", "train.keep_last",
+    "validation",                                   # grids only: no training RNG drawn (tests/train/test_validation.py)
+    "sample.steps", "sample.prompts", "sample.seed",  # the grid after training (sample.shift also sets the
+                                                      # training sigmas of method.schedule=model)
+    "data.cache_dir",                               # the cache is keyed by content and encoder: same features
+    # The same maths executed differently (rounding may differ): another device or kernel implementation,
+    # recomputed activations, per-step or whole-roll-out backward and packed or separate role forwards (same
+    # gradients, tests/method), ZeRO-3's gather schedule; worth changing when a resumed run runs out of memory.
+    "train.device", "model.ops_backend", "model.checkpointing", "train.memory_budget_gb", "method.per_step_backward",
+    "method.packed_forward", "deepspeed.gather_once", "deepspeed.timeout_s",
+)
+RETIRED = ("model.gradient_checkpointing",)     # keys of older versions that only said how a run executed
+_ABSENT = object()       # a key one of the two configs lacks
+
+
+def _show(value: Any) -> str:
+    return "(absent)" if value is _ABSENT else json.dumps(value)
+
+
+def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Dotted key -> value of every leaf; mappings (model.arch, deepspeed.extra) are walked, so an empty one adds
+    no key and each of its entries is compared on its own."""
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def resume_changes(path: Path, saved: dict[str, Any], cfg: Config) -> list[str]:
+    """The config changes since ``path`` was written ("key: old -> new"), all of them RESUMABLE; raises naming
+    every other changed key. ``saved`` is the checkpoint's config; keys it lacks (an older version) take defaults."""
+    old = {k: v for k, v in {**_flat(Config().to_dict()), **_flat(saved)}.items() if k not in RETIRED}
+    new = _flat(cfg.to_dict())
+    changed = {k: (old.get(k, _ABSENT), new.get(k, _ABSENT)) for k in sorted(old.keys() | new.keys())
+               if old.get(k, _ABSENT) != new.get(k, _ABSENT)}
+    described = {k: f"{k}: {_show(a)} -> {_show(b)}" for k, (a, b) in changed.items()}
+    refused = [d for k, d in described.items() if not any(k == r or k.startswith(r + ".") for r in RESUMABLE)]
+    if refused:
+        raise CheckpointError(f"{path}: written by another experiment ({'; '.join(refused)}); resuming it would "
+                              "train this config on that run's weights. Give this run its own folder (--set "
+                              "train.output_dir=NEW_DIR) or start from scratch (--set train.resume=null)")
+    return list(described.values())
+
+
+def resume_note(path: Path, step: int, steps: int, changes: list[str]) -> str:
+    """One line on what a resume continues: the allowed changes, and whether anything is left to train."""
+    note = f"resumed from {path} at step {step}"
+    if changes:
+        note += f"; changed since: {', '.join(changes)}"
+    if step >= steps:
+        note += f"; nothing left to train (train.steps={steps}): raise train.steps to train on"
+    return note

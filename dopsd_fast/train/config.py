@@ -365,6 +365,12 @@ def validate(cfg: Config) -> Config:
 
 # ---------------------------------------------------------------- loading
 
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """What PyYAML found wrong and where (1-based line and column), without its echo of the text."""
+    problem, mark = getattr(err, "problem", None) or str(err), getattr(err, "problem_mark", None)
+    return problem if mark is None else f"{problem} at line {mark.line + 1}, column {mark.column + 1}"
+
+
 def _parse_override(item: str) -> tuple[list[str], Any]:
     if "=" not in item:
         raise ConfigError(f"--set {item!r}: expected key=value, e.g. --set train.steps=100")
@@ -373,7 +379,7 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as err:
         raise ConfigError(f"--set {item!r}: the value of {key.strip()} is not valid YAML "
-                          f"({getattr(err, 'problem', None) or err}); quote it if it is a string") from None
+                          f"({_yaml_problem(err)}); quote it if it is a string") from None
     return key.strip().split("."), value
 
 
@@ -409,9 +415,13 @@ def load_config(name_or_path: str | None = None, overrides: list[str] | tuple[st
     if name_or_path is not None:
         path = preset_path(name_or_path)
         try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except (yaml.YAMLError, UnicodeDecodeError) as err:
-            raise ConfigError(f"{path}: not valid UTF-8 YAML ({err})") from None
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as err:
+            raise ConfigError(f"{path}: not UTF-8 text ({err}); save it as UTF-8") from None
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML ({_yaml_problem(err)}); fix the syntax there") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections (model:, train:, ...)")
     return validate(_build(Config, apply_overrides(data, list(overrides)), ""))

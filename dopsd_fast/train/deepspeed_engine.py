@@ -171,25 +171,20 @@ class DeepSpeedMixin:
         if self.is_main:
             ckpt.save_tensors(tmp / "student.safetensors", student)
             ckpt.save_tensors(tmp / "teacher.safetensors", teacher)
-            state = {"step": self.step, "data": self.stream.state_dict(), "adapter_mode": self.cfg.adapter.mode,
-                     "world_size": self.world, "zero_stage": self.cfg.deepspeed.stage, "config": self.cfg.to_dict()}
+            state = {"step": self.step, "data": self.stream.state_dict(), "world_size": self.world,
+                     "config": self.cfg.to_dict()}
             final = ckpt.publish_checkpoint(root, self.step, state, self.cfg.train.keep_last)
         dist.barrier()
         return final
 
-    def load(self, path) -> None:
-        state = ckpt.read_state(path, required=("step", "data", "adapter_mode", "world_size", "zero_stage"))
-        for key, ours in (("adapter_mode", self.cfg.adapter.mode), ("world_size", self.world)):
-            if state[key] != ours:
-                raise ckpt.CheckpointError(f"{path}: written with {key}={state[key]!r}, but this run has {ours!r}; "
-                                           "resume with the same setting or start a new output_dir")
-        if (state["zero_stage"] == 3) != self.zero3:     # ZeRO-3 shards hold other files than ZeRO 0-2's
-            raise ckpt.CheckpointError(f"{path}: written with deepspeed.stage={state['zero_stage']}, but this run has "
-                                       f"{self.cfg.deepspeed.stage}; ZeRO-3 shards and ZeRO 0-2 shards do not load "
-                                       "into each other: resume with the same stage or start a new output_dir")
-        if not (path / "deepspeed" / "engine").is_dir():
-            raise ckpt.CheckpointError(f"{path}: no deepspeed/engine/ shards; it was written without deepspeed.stage, "
-                                       "resume it without DeepSpeed")
+    def load(self, path) -> list[str]:
+        state = ckpt.read_state(path, required=("step", "data", "world_size", "config"))
+        # deepspeed.stage is not resumable (checkpoint.RESUMABLE), so the shards are this stage's: checked before
+        # DeepSpeed reads them (it fails on another stage's with a bare assert)
+        changes = ckpt.resume_changes(path, state["config"], self.cfg)
+        if state["world_size"] != self.world:       # the global batch is train.batch_size x world
+            raise ckpt.CheckpointError(f"{path}: written by {state['world_size']} ranks, but this run has {self.world}; "
+                                       "resume with the same number of processes or start a new output_dir")
         loaded, _ = self.engine.load_checkpoint(str(path / "deepspeed"), tag="engine", load_module_strict=False,
                                                 load_lr_scheduler_states=False)
         if loaded is None:
@@ -200,6 +195,7 @@ class DeepSpeedMixin:
         torch.set_rng_state(rng["torch"])
         self.stream.load_state_dict(state["data"])
         self.step = int(state["step"])
+        return changes
 
     def _write_run_files(self) -> None:
         if self.is_main:

@@ -165,7 +165,7 @@ class Trainer:
         opt_tensors, groups = ckpt.optimizer_tensors(self.optimizer, names)
         rng = {"noise": self.noise.get_state(), "torch": torch.get_rng_state()}
         state = {"step": self.step, "data": self.stream.state_dict(), "param_groups": groups,
-                 "adapter_mode": self.cfg.adapter.mode, "config": self.cfg.to_dict()}
+                 "config": self.cfg.to_dict()}
         parts = {"student": dict(self.roles.trainable), "teacher": self.roles.ema.state_dict(),
                  "optimizer": opt_tensors, "rng": rng}
         return ckpt.save_checkpoint(self.checkpoint_root, self.step, parts, state, self.cfg.train.keep_last)
@@ -181,15 +181,14 @@ class Trainer:
     def resume(self) -> Path | None:
         path = self.resume_point()
         if path is not None:
-            self.load(path)
-            print(f"resumed from {path} at step {self.step}")
+            changes = self.load(path)
+            print(ckpt.resume_note(path, self.step, self.cfg.train.steps, changes))
         return path
 
-    def load(self, path: Path) -> None:
-        state = ckpt.read_state(path, required=("step", "data", "param_groups", "adapter_mode"))
-        if state["adapter_mode"] != self.cfg.adapter.mode:
-            raise ckpt.CheckpointError(f"{path}: written in adapter.mode={state.get('adapter_mode')!r}, "
-                                       f"but this run uses {self.cfg.adapter.mode!r}")
+    def load(self, path: Path) -> list[str]:
+        """Continue from checkpoint ``path``; returns the config changes since it was written (resume_changes)."""
+        state = ckpt.read_state(path, required=("step", "data", "param_groups", "config"))
+        changes = ckpt.resume_changes(path, state["config"], self.cfg)
         student = ckpt.load_tensors(path / "student.safetensors", dict(self.roles.trainable))
         teacher = ckpt.load_tensors(path / "teacher.safetensors", self.roles.ema.state_dict())
         optim = ckpt.load_tensors(path / "optimizer.safetensors")
@@ -204,6 +203,7 @@ class Trainer:
         torch.set_rng_state(rng["torch"])
         self.stream.load_state_dict(state["data"])
         self.step = int(state["step"])
+        return changes
 
     def _write_run_files(self) -> None:
         (self.out / "config.yaml").write_text(yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
@@ -285,7 +285,7 @@ def load_for_sampling(run_dir: Path, checkpoint: str | None = None) -> Trainer:
     found = ckpt.list_checkpoints(trainer.checkpoint_root)
     if checkpoint is None and not found:
         raise ckpt.CheckpointError(f"{trainer.checkpoint_root}: no complete checkpoint; train first or pass --checkpoint")
-    path = Path(checkpoint) if checkpoint else found[-1]
+    path = ckpt.find_checkpoint(trainer.checkpoint_root, checkpoint) if checkpoint else found[-1]
     student = ckpt.load_tensors(path / "student.safetensors", dict(trainer.roles.trainable))
     with torch.no_grad():
         for k, p in trainer.roles.trainable.items():

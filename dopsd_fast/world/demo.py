@@ -18,7 +18,8 @@ from torch import Tensor
 
 from ..method.schedule import Z_IMAGE, shifted_sigmas
 from ..sample import sample, save_grid
-from ..train.config import load_config
+from ..train.build import check_buildable
+from ..train.config import Config, load_config
 from .anchor import anchored_trainer
 from .bundle import assets_dir, load_dit, load_encoders, load_module
 from .metrics import Evaluator, palette_purity
@@ -85,6 +86,8 @@ class Demo:
         self.out, self.iterations, self.n_eval, self.multi, self.seed = out, iterations, n_eval, multi_steps, seed
         self.anchor = anchor
         self.overrides, self.log = list(overrides), log
+        for objective in ("sft", "dopsd"):      # a bad override fails now, not after the gates phase
+            check_buildable(self.config(objective))
         self.encoders = load_encoders()
         self.evaluator = load_module(Evaluator(), assets_dir() / "evaluator.safetensors").eval()
         self.concept = concept_prompts(n_eval, seed + 1)
@@ -113,11 +116,13 @@ class Demo:
                 "gate1": float(bm - b4 >= 0.03 and closed >= 0.5), "teacher_concept_acc_4": ceiling,
                 "gate2": float(ceiling >= 0.9)}
 
+    def config(self, objective: str) -> Config:
+        return load_config("world-demo", [f"method.objective={objective}", f"train.steps={self.iterations}",
+                                          f"model.pretrained={assets_dir() / 'turbo'}",
+                                          f"train.output_dir={self.out / objective}", *self.overrides])
+
     def finetune(self, objective: str):
-        cfg = load_config("world-demo", [f"method.objective={objective}", f"train.steps={self.iterations}",
-                                         f"model.pretrained={assets_dir() / 'turbo'}",
-                                         f"train.output_dir={self.out / objective}", *self.overrides])
-        trainer = anchored_trainer(cfg, self.anchor)
+        trainer = anchored_trainer(self.config(objective), self.anchor)
         tic = time.perf_counter()
         history = trainer.train()
         self.log(f"  {objective}: {len(history)} iterations in {time.perf_counter() - tic:.0f} s, "

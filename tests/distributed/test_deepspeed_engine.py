@@ -67,8 +67,8 @@ def test_zero3_checkpoint_does_not_resume_on_zero2(tmp_path):
     """The stage is checked before DeepSpeed reads its shards (it fails on ZeRO-3 shards with a bare assert)."""
     step = tmp_path / "step-000001"
     step.mkdir()
-    (step / "state.json").write_text(json.dumps({"step": 1, "data": {}, "adapter_mode": "lora", "world_size": 1,
-                                                 "zero_stage": 3}))
+    zero3 = load_config("tiny-cpu", [f"train.output_dir={tmp_path}", "train.resume=null", "deepspeed.stage=3", *COMMON])
+    (step / "state.json").write_text(json.dumps({"step": 1, "data": {}, "world_size": 1, "config": zero3.to_dict()}))
     trainer = tiny_trainer(tmp_path, "deepspeed.stage=2", *COMMON)
-    with pytest.raises(CheckpointError, match="written with deepspeed.stage=3, but this run has 2"):
+    with pytest.raises(CheckpointError, match="another experiment \\(deepspeed.stage: 3 -> 2\\)"):
         trainer.load(step)

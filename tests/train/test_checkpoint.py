@@ -12,6 +12,7 @@ from safetensors.torch import load_file, save_file
 
 import dopsd_fast.train.checkpoint as ckpt
 from dopsd_fast.cli import main
+from dopsd_fast.train.config import Config, load_config
 from dopsd_fast.train.checkpoint import (CheckpointError, list_checkpoints, load_optimizer, load_tensors,
                                          optimizer_tensors, read_state, save_checkpoint)
 
@@ -369,8 +370,55 @@ def test_resume_from_state_json_without_required_keys(run, capsys):
     assert snapshot(run) == before
 
 
-def test_resume_with_another_adapter_mode_names_it(run, capsys):
+@pytest.mark.parametrize("changes, named", [
+    (["adapter.mode=full"], ['adapter.mode: "lora" -> "full"']),
+    (["method.objective=sft"], ['method.objective: "dopsd" -> "sft"']),
+    (["method.loss=velocity", "optim.lr=1e-3"], ['method.loss: "x0" -> "velocity"', "optim.lr: 0.002 -> 0.001"]),
+    (["data.num_pairs=2", "model.arch.n_layers=1"], ["data.num_pairs: 4 -> 2", "model.arch.n_layers: 2 -> 1"]),
+])
+def test_resume_of_another_experiment_is_refused_naming_the_keys(run, capsys, changes, named):
     before = snapshot(run)
-    assert _train(run, 2, "--set", "adapter.mode=full") == 2
-    assert "adapter.mode='lora'" in capsys.readouterr().err
+    capsys.readouterr()
+    assert _train(run, 2, *[a for c in changes for a in ("--set", c)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"dopsd: error: {run / 'checkpoints' / 'step-000001'}: written by another experiment")
+    assert all(n in err for n in named), err
+    assert "train.steps" not in err                                    # allowed, so not among the refused
+    assert "--set train.output_dir=NEW_DIR" in err and "--set train.resume=null" in err
     assert snapshot(run) == before
+
+
+def test_resume_that_extends_the_run_says_what_changed(run, capsys):
+    capsys.readouterr()
+    assert _train(run, 2, "--set", "train.log_every=2", "--set", "train.keep_last=5") == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("resumed from"))
+    assert line.startswith(f"resumed from {run / 'checkpoints' / 'step-000001'} at step 1; changed since: ")
+    assert "train.steps: 1 -> 2" in line and "train.log_every: 10 -> 2" in line and "train.keep_last: 3 -> 5" in line
+    assert "nothing left" not in line
+    assert steps_of(run / "checkpoints") == [1, 2]
+
+
+def test_resume_of_a_finished_run_says_nothing_is_left(run, capsys):
+    capsys.readouterr()
+    metrics = (run / "metrics.jsonl").read_text()
+    assert _train(run, 1) == 0
+    out = capsys.readouterr().out
+    assert f"resumed from {run / 'checkpoints' / 'step-000001'} at step 1" in out
+    assert "nothing left to train (train.steps=1): raise train.steps to train on" in out
+    assert (run / "metrics.jsonl").read_text() == metrics and steps_of(run / "checkpoints") == [1]
+
+
+def test_every_resumable_key_is_a_config_key():
+    keys = ckpt._flat(Config().to_dict())
+    for name in ckpt.RESUMABLE:
+        assert any(k == name or k.startswith(name + ".") for k in keys), f"RESUMABLE names {name!r}: no such key"
+
+
+def test_a_key_the_checkpoint_predates_takes_its_default(tmp_path):
+    cfg = load_config("tiny-cpu")
+    saved = cfg.to_dict()
+    del saved["validation"], saved["method"]["packed_forward"]       # written before these keys existed
+    assert ckpt.resume_changes(tmp_path, saved, cfg) == []
+    saved["method"]["objective"] = "sft"
+    with pytest.raises(CheckpointError, match='method.objective: "sft" -> "dopsd"'):
+        ckpt.resume_changes(tmp_path, saved, cfg)

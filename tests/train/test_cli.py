@@ -120,7 +120,7 @@ def test_train_two_steps_writes_run_files(tmp_path, capsys):
     for name in ("student", "teacher", "optimizer", "rng"):
         assert (ckpt / f"{name}.safetensors").stat().st_size > 0
     state = json.loads((ckpt / "state.json").read_text())
-    assert state["step"] == 2 and state["adapter_mode"] == "lora"
+    assert state["step"] == 2 and state["config"] == saved.to_dict()
     assert (out / "checkpoints" / "step-000001" / "state.json").is_file()      # checkpoint_every=1
     assert not list((out / "checkpoints").glob("*.tmp"))
     assert not (out / "samples.png").exists()                                  # --no-samples
@@ -166,6 +166,28 @@ def test_sample_explicit_checkpoint_two_prompts(trained_run, tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["checkpoint"] == str(ckpt)
     with Image.open(png) as im:
         assert im.size == grid_size(rows=2, cols=1)
+
+
+def test_sample_checkpoint_by_name(trained_run, tmp_path, capsys):
+    assert main(["sample", str(trained_run), "--checkpoint", "step-000001", "--out", str(tmp_path / "x.png"),
+                 "--steps", "1", "--prompt", "a"]) == 0
+    assert json.loads(capsys.readouterr().out)["checkpoint"] == str(trained_run / "checkpoints" / "step-000001")
+
+
+@pytest.mark.parametrize("name", ["step-999", "step-000999"])
+def test_sample_missing_checkpoint_says_it_does_not_exist(trained_run, tmp_path, capsys, name):
+    assert main(["sample", str(trained_run), "--checkpoint", name, "--out", str(tmp_path / "x.png")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"dopsd: error: {name}: no such checkpoint directory")
+    assert "complete checkpoints there: step-000001" in err and "incomplete" not in err
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_sample_incomplete_checkpoint_says_so(trained_run, tmp_path, capsys):
+    half = tmp_path / "step-000002"
+    half.mkdir()
+    assert main(["sample", str(trained_run), "--checkpoint", str(half), "--out", str(tmp_path / "x.png")]) == 2
+    assert "no state.json, so this is not a complete checkpoint directory" in capsys.readouterr().err
 
 
 def test_sample_without_config_exit_2(tmp_path, capsys):

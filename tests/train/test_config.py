@@ -73,10 +73,19 @@ def test_explicit_yaml_path(tmp_path):
     assert cfg.optim.lr == Config().optim.lr            # unspecified sections keep their defaults
 
 
-def test_invalid_yaml_file(tmp_path):
+def test_yaml_syntax_error_names_the_place_not_the_encoding(tmp_path):
     f = tmp_path / "bad.yaml"
-    f.write_text("train: {steps: [1,\n")
-    with pytest.raises(ConfigError, match="not valid UTF-8 YAML"):
+    f.write_text("train:\n  steps: 5\n   lr: x\n")          # ASCII; line 3 is indented under a scalar
+    with pytest.raises(ConfigError) as e:
+        load_config(str(f))
+    msg = str(e.value)
+    assert str(f) in msg and "not valid YAML" in msg and "line 3, column 6" in msg and "UTF-8" not in msg
+
+
+def test_non_utf8_file_says_so(tmp_path):
+    f = tmp_path / "latin1.yaml"
+    f.write_bytes("train: {output_dir: caf\u00e9}\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match="latin1.yaml: not UTF-8 text .*save it as UTF-8"):
         load_config(str(f))
 
 
