@@ -1,5 +1,4 @@
-"""One D-OPSD iteration (K=4, tiny Z-Image, CPU): per-step backward (ours) vs holding K graphs (released loop),
-and per-step backward with teacher + student in one packed forward (method.packed_forward) vs two forwards.
+"""One D-OPSD iteration (K=4, tiny Z-Image, CPU): per-step backward (ours) vs holding K graphs (released loop).
 
 Both variants run in the same session and group, so pytest-benchmark's table gives the time ratio; the
 activation-memory peak of each (bytes saved for backward, see dopsd_fast.train.memory) goes to extra_info and
@@ -11,8 +10,7 @@ from dopsd_fast.train.memory import ActivationMeter
 from dopsd_fast.testing import randomize_adapters, tiny_trainer
 
 VARIANTS = {"per_step_backward": ["method.per_step_backward=true"],
-            "hold_all_graphs": ["method.per_step_backward=false"],
-            "packed_forward": ["method.per_step_backward=true", "method.packed_forward=true"]}
+            "hold_all_graphs": ["method.per_step_backward=false"]}
 _peaks: dict[str, int] = {}
 
 

@@ -7,8 +7,8 @@ from dopsd_fast.train.config import load_config
 from dopsd_fast.train.trainer import make_trainer
 
 
-def tiny_trainer(tmp_path, *overrides: str, preset: str = "tiny-cpu"):
-    cfg = load_config(preset, [f"train.output_dir={tmp_path}", "train.resume=null", *overrides])
+def tiny_trainer(tmp_path, *overrides: str):
+    cfg = load_config("tiny-cpu", [f"train.output_dir={tmp_path}", "train.resume=null", *overrides])
     return make_trainer(cfg, progress=False)
 
 

@@ -6,9 +6,6 @@ EMA of the student, run without autograd. ``LoRARoles`` keeps one frozen base wi
 
 Trainable weights are fp32 whatever ``model.dtype`` is: LoRA adapters are fp32 themselves (nn/lora_linear.py); a
 low-precision model trained in full keeps fp32 masters (``master_weights.py``) unless DeepSpeed's optimizer does.
-
-``teacher_and_student`` runs both roles at one roll-out state; with ``packed=True`` (LoRA roles only) the teacher
-and student samples go through ONE forward of the shared base (see ``LoRARoles.teacher_and_student``).
 """
 from __future__ import annotations
 
@@ -47,14 +44,6 @@ class Roles:
     def student(self, x: list[Tensor], t: Tensor, ctx) -> list[Tensor]:
         return self.use("student")(x, t, context=ctx)
 
-    def teacher_and_student(self, x: list[Tensor], t: Tensor, ctx_t, ctx_s,
-                            packed: bool = False) -> tuple[list[Tensor], list[Tensor]]:
-        """(teacher outputs without autograd, student outputs) on the same states x."""
-        if packed:
-            raise ValueError("method.packed_forward=true needs LoRA roles (adapter.mode=lora): full-weight roles "
-                             "keep two weight copies, so there is no shared base for one forward to read")
-        return self.teacher(x, t, ctx_t), self.student(x, t, ctx_s)
-
     def trainable_changed(self) -> None:
         """After the optimizer step or a checkpoint load changed ``trainable``: the forwards read it from now on."""
 
@@ -82,31 +71,6 @@ class LoRARoles(Roles):
     def use(self, role: str) -> nn.Module:
         set_active_adapter(self.model, role)
         return self.model
-
-    def teacher_and_student(self, x, t, ctx_t, ctx_s, packed=False):
-        """``packed``: one forward over 2B samples, teacher samples first (x with c_t, teacher adapter) then
-        student samples (x with c_s, student adapter); every LoRALinear picks the adapter per sample's rows.
-
-        Equal to the two forwards (tests/models/test_{z_image,flux2_klein}_packed.py, method/test_packed_forward.py):
-        samples never mix (per-sample attention, per-row linears), the teacher outputs are detached and the teacher
-        adapter requires no grad. The trade: the base weights are read once and every op launches once for both
-        roles, but the teacher rows now sit in the student's autograd graph. Their activations are saved (twice the
-        live activations of a step; under gradient checkpointing they are recomputed too), and the backward
-        computes input gradients through them: zero, but the frozen-base backward (dX GEMMs, attention backward)
-        runs on 2B samples instead of B. With a frozen base that backward costs about one forward plus the
-        attention again, so a roll-out step does roughly 4 forwards' work instead of 3 (6 instead of 4 with
-        checkpointing). Worth it only where a step is bound by launches or weight reads (small batches, short
-        sequences), hence method.packed_forward defaults to false.
-        """
-        if not packed:
-            return super().teacher_and_student(x, t, ctx_t, ctx_s)
-        if not getattr(self.model, "supports_sample_adapters", False):
-            raise ValueError(f"method.packed_forward=true: {type(self.model).__name__} has no packed multi-adapter "
-                             "forward (sample_adapters=); set method.packed_forward=false")
-        b = len(x)
-        out = self.model(x + x, torch.cat([t, t]), context=type(ctx_s).cat([ctx_t, ctx_s]),
-                         sample_adapters=["teacher"] * b + ["student"] * b)
-        return [o.detach() for o in out[:b]], out[b:]
 
 
 class FullRoles(Roles):

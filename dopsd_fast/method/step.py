@@ -30,7 +30,7 @@ def dopsd_step(roles: Roles, flow: FlowConvention, c_s: list[Tensor], c_t: list[
                latent_shapes: list[tuple[int, ...]], sigmas: list[float],
                loss_kind: Literal["x0", "velocity"] = "x0", per_step_backward: bool = True,
                generator: torch.Generator | None = None, dtype: torch.dtype = torch.float32,
-               backward: Callable[[Tensor], object] = Tensor.backward, packed_forward: bool = False) -> StepOutput:
+               backward: Callable[[Tensor], object] = Tensor.backward) -> StepOutput:
     """Roll the student out for K = len(sigmas) - 1 steps and accumulate grad of mean_k loss_k.
 
     ``per_step_backward`` backpropagates loss_k / K right after step k, holding one student graph instead of K;
@@ -38,7 +38,6 @@ def dopsd_step(roles: Roles, flow: FlowConvention, c_s: list[Tensor], c_t: list[
     then run forward once and backward once: its output is a leaf that collects gradient over the K steps.
     ``backward`` runs every backward of the iteration on a scalar (a DeepSpeed engine passes ``engine.backward``:
     the K + 1 calls accumulate, and the engine's one ``step()`` afterwards reduces and updates).
-    ``packed_forward`` runs teacher and student in one forward of the shared base (LoRA roles; roles.py says the cost).
     """
     K = len(sigmas) - 1
     ctx_t = roles.context("teacher", c_t)
@@ -50,7 +49,8 @@ def dopsd_step(roles: Roles, flow: FlowConvention, c_s: list[Tensor], c_t: list[
     for k in range(K):
         sigma, sigma_next = sigmas[k], sigmas[k + 1]
         t = flow.time(torch.full((len(x),), sigma, dtype=torch.float32, device=device))
-        out_t, out_s = roles.teacher_and_student(x, t, ctx_t, ctx_s, packed_forward)
+        out_t = roles.teacher(x, t, ctx_t)
+        out_s = roles.student(x, t, ctx_s)
         loss_k, x = rollout_update(flow, x, out_s, out_t, sigma, sigma_next, loss_kind)   # x: next state, detached
         if per_step_backward:
             backward(loss_k / K)

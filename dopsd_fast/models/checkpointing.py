@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
-from ..ops import lora_linear, packed_attention  # noqa: F401  (defines the dopsd:: ops named below)
+from ..ops import packed_attention  # noqa: F401  (defines the dopsd:: op named below)
 
 Mode = Literal["full", "selective", "none", "auto"]
 MODES: tuple[str, ...] = typing.get_args(Mode)
@@ -35,11 +35,11 @@ _aten = torch.ops.aten
 # The policy sees ops below autograd: a linear is mm / addmm there (the position of mat1, mat2 follows), and the
 # dopsd:: ops, dispatcher ops too, come whole.
 GEMMS = {_aten.mm.default: 0, _aten.addmm.default: 1, _aten.bmm.default: 0}
-# Always kept: every attention (SDPA's backends, ours) and the fused LoRA linear (base + adapters in one output).
+# Always kept: every attention (SDPA's backends, ours).
 KEPT = {
     _aten._scaled_dot_product_flash_attention.default, _aten._scaled_dot_product_flash_attention_for_cpu.default,
     _aten._scaled_dot_product_efficient_attention.default, _aten._scaled_dot_product_cudnn_attention.default,
-    torch.ops.dopsd.packed_attention.default, torch.ops.dopsd.lora_linear.default,
+    torch.ops.dopsd.packed_attention.default,
 }
 # A GEMM whose inner dimension K is under 1/16 of its output width N is low rank (a LoRA up-projection): kept, its
 # output would be a second (T, N) copy of the linear's (selective then held as much as no checkpointing on a LoRA

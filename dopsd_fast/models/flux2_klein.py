@@ -18,14 +18,12 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from dopsd_fast.nn.lora_linear import SampleAdapters, packed_adapters
 from dopsd_fast.ops.epilogues import modulated_layer_norm, qk_norm_rope
 from dopsd_fast.ops.packed_attention import packed_attention
 
@@ -133,18 +131,6 @@ class Stream:
     sample_index: Tensor  # int64 (T,)
     rope_cos: Tensor  # fp32 (T, head_dim/2)
     rope_sin: Tensor
-    adapters: SampleAdapters | None = None  # per-sample LoRA adapters of a packed multi-adapter forward
-
-    @classmethod
-    def cat(cls, streams: Sequence["Stream"]) -> "Stream":
-        """The samples of all ``streams``, in order."""
-        lengths = [n for s in streams for n in s.lengths]
-        device = streams[0].rope_cos.device
-        return cls(lengths, sample_index_of(lengths, device), torch.cat([s.rope_cos for s in streams]),
-                   torch.cat([s.rope_sin for s in streams]))
-
-    def with_adapters(self, plan: SampleAdapters | None) -> "Stream":
-        return self if plan is None else dataclasses.replace(self, adapters=plan.stage(self.lengths))
 
 
 @dataclass
@@ -159,7 +145,6 @@ class JointLayout:
     sample_index: Tensor
     rope_cos: Tensor
     rope_sin: Tensor
-    adapters: SampleAdapters | None = None  # per-sample LoRA adapters, on the joint rows
 
     @classmethod
     def build(cls, text: Stream, image: Stream) -> "JointLayout":
@@ -169,16 +154,15 @@ class JointLayout:
         cu = bounds.to(torch.int32).to(device)
         sample_index = sample_index_of(lengths, device)
         cos, sin = torch.cat([text.rope_cos, image.rope_cos]), torch.cat([text.rope_sin, image.rope_sin])
-        adapters = None if text.adapters is None else text.adapters.stage(lengths)
         if len(lengths) == 1:
-            return cls(cu, lengths[0], None, None, None, sample_index, cos, sin, adapters)
+            return cls(cu, lengths[0], None, None, None, sample_index, cos, sin)
         text_rows = torch.cat([torch.arange(s, s + n) for s, n in zip(bounds[:-1].tolist(), text.lengths)])
         image_rows = torch.cat([torch.arange(s + a, s + a + n)
                                 for s, a, n in zip(bounds[:-1].tolist(), text.lengths, image.lengths)])
         order = torch.empty(int(bounds[-1]), dtype=torch.int64)
         order[torch.cat([text_rows, image_rows])] = torch.arange(int(bounds[-1]))
         order, text_rows, image_rows = order.to(device), text_rows.to(device), image_rows.to(device)
-        return cls(cu, max(lengths), order, text_rows, image_rows, sample_index, cos[order], sin[order], adapters)
+        return cls(cu, max(lengths), order, text_rows, image_rows, sample_index, cos[order], sin[order])
 
     def join(self, text: Tensor, image: Tensor) -> Tensor:
         both = torch.cat([text, image])
@@ -247,8 +231,7 @@ class DoubleStreamAttention(nn.Module):
         self.norm_added_q, self.norm_added_k = RMSNorm(head_dim, eps), RMSNorm(head_dim, eps)
 
     def _qkv(self, x: Tensor, projs, norm_q: RMSNorm, norm_k: RMSNorm, s: Stream):
-        with packed_adapters(s.adapters):
-            q, k, v = (p(x).unflatten(-1, (self.heads, -1)) for p in projs)  # (T, H, Dh) each
+        q, k, v = (p(x).unflatten(-1, (self.heads, -1)) for p in projs)  # (T, H, Dh) each
         q, k = qk_norm_rope(q, k, norm_q.weight, norm_k.weight, s.rope_cos, s.rope_sin, self.eps)
         return q, k, v
 
@@ -259,10 +242,7 @@ class DoubleStreamAttention(nn.Module):
         q, k, v = joint.join(qt, qi), joint.join(kt, ki), joint.join(vt, vi)
         out = packed_attention(q, k, v, joint.cu_seqlens, joint.max_seqlen).flatten(1)
         o_txt, o_img = joint.split(out, txt.shape[0])
-        with packed_adapters(image.adapters):
-            o_img = self.to_out[0](o_img)
-        with packed_adapters(text.adapters):
-            return o_img, self.to_add_out(o_txt)
+        return self.to_out[0](o_img), self.to_add_out(o_txt)
 
 
 class DoubleStreamBlock(nn.Module):
@@ -284,10 +264,8 @@ class DoubleStreamBlock(nn.Module):
         txt = txt + per_token(mt[2], text.sample_index) * a_txt
         h_img = modulated_layer_norm(img, mi[3], mi[4], image.sample_index, self.eps)
         h_txt = modulated_layer_norm(txt, mt[3], mt[4], text.sample_index, self.eps)
-        with packed_adapters(image.adapters):
-            img = img + per_token(mi[5], image.sample_index) * self.ff(h_img)
-        with packed_adapters(text.adapters):
-            txt = txt + per_token(mt[5], text.sample_index) * self.ff_context(h_txt)
+        img = img + per_token(mi[5], image.sample_index) * self.ff(h_img)
+        txt = txt + per_token(mt[5], text.sample_index) * self.ff_context(h_txt)
         return img, txt
 
 
@@ -319,8 +297,7 @@ class SingleStreamBlock(nn.Module):
     def forward(self, x: Tensor, mod: Tensor, joint: JointLayout) -> Tensor:
         shift, scale, gate = mod.chunk(3, dim=-1)  # (B, D) each
         h = modulated_layer_norm(x, shift, scale, joint.sample_index, self.eps)
-        with packed_adapters(joint.adapters):
-            return x + per_token(gate, joint.sample_index) * self.attn(h, joint)
+        return x + per_token(gate, joint.sample_index) * self.attn(h, joint)
 
 
 class NormOut(nn.Module):
@@ -345,12 +322,6 @@ class KleinContext:
     ref_tokens: Tensor  # (sum R_i, D) x_embedder output of the clean reference latents (R_i may be 0)
     refs: Stream
 
-    @classmethod
-    def cat(cls, contexts: Sequence["KleinContext"]) -> "KleinContext":
-        """One context for the samples of all ``contexts``, in order (e.g. teacher then student)."""
-        return cls(torch.cat([c.tokens for c in contexts]), Stream.cat([c.text for c in contexts]),
-                   torch.cat([c.ref_tokens for c in contexts]), Stream.cat([c.refs for c in contexts]))
-
 
 @dataclass
 class ReferenceCondition:
@@ -369,8 +340,6 @@ class ReferenceCondition:
 
 class Flux2KleinTransformer(nn.Module):
     """FLUX.2 [klein] DiT; `state_dict()` keys equal the diffusers checkpoint keys."""
-
-    supports_sample_adapters = True  # forward(..., sample_adapters=): one LoRA adapter per sample in one call
 
     def __init__(self, config: Flux2KleinConfig | None = None):
         super().__init__()
@@ -422,18 +391,11 @@ class Flux2KleinTransformer(nn.Module):
 
     # ---- full forward -----------------------------------------------------------------------------------
     def forward(self, x: list[Tensor], t: Tensor, cap_feats: list[Tensor | ReferenceCondition] | None = None,
-                context: KleinContext | None = None, sample_adapters: Sequence[str | None] | None = None) -> list[Tensor]:
+                context: KleinContext | None = None) -> list[Tensor]:
         """x[i]: (C, H_i, W_i) packed latents; t: (B,) model time = sigma in [0, 1] (x1000 here); exactly one of
-        cap_feats / context. Returns [(C_out, H_i, W_i)] predictions (eps - x0) of the target tokens only.
-
-        sample_adapters: B LoRA adapter names (None entries: base only): sample i runs adapter sample_adapters[i]
-        in every LoRALinear, whatever the active adapter (the packed teacher + student forward of
-        method/roles.py). Needs ``context``: each role's context is encoded with its own adapter. Each stream's
-        plan rides on its Stream / JointLayout, which the blocks enter around that stream's linears."""
+        cap_feats / context. Returns [(C_out, H_i, W_i)] predictions (eps - x0) of the target tokens only."""
         if (cap_feats is None) == (context is None):
             raise ValueError("pass exactly one of cap_feats / context")
-        if sample_adapters is not None and context is None:
-            raise ValueError("sample_adapters needs context= (encode_context per adapter), not cap_feats")
         if context is None:
             context = self.encode_context(cap_feats)
         batch = len(x)
@@ -442,13 +404,6 @@ class Flux2KleinTransformer(nn.Module):
         t = t.reshape(-1).expand(batch) if t.numel() == 1 else t
         if t.shape != (batch,):
             raise ValueError(f"t must have shape ({batch},), got {tuple(t.shape)}")
-        if sample_adapters is not None and len(sample_adapters) != batch:
-            raise ValueError(f"{batch} latents but {len(sample_adapters)} sample_adapters")
-        plan = None if sample_adapters is None else SampleAdapters(sample_adapters, x[0].device)
-        with packed_adapters(plan):     # one row per sample: time embedding, modulations (were they LoRA targets)
-            return self._forward(x, t, context, plan)
-
-    def _forward(self, x: list[Tensor], t: Tensor, context: KleinContext, plan: SampleAdapters | None) -> list[Tensor]:
         dtype = self.x_embedder.weight.dtype
         feats = timestep_features(t.float() * 1000.0, self.config.timestep_guidance_channels)
         temb = self.time_guidance_embed.timestep_embedder(feats.to(dtype))  # (B, D)
@@ -457,8 +412,7 @@ class Flux2KleinTransformer(nn.Module):
         mod_single = self.single_stream_modulation(temb)
 
         target_lengths = [xi.shape[-2] * xi.shape[-1] for xi in x]
-        with packed_adapters(None if plan is None else plan.stage(target_lengths)):
-            target = self.x_embedder(torch.cat([to_tokens(xi) for xi in x]).to(dtype))
+        target = self.x_embedder(torch.cat([to_tokens(xi) for xi in x]).to(dtype))
         device = target.device
         # image stream per sample: [target_i, refs_i]
         ref_parts = context.ref_tokens.to(dtype).split(context.refs.lengths)
@@ -470,8 +424,8 @@ class Flux2KleinTransformer(nn.Module):
         img_sin = torch.cat([p for pair in zip(target_stream.rope_sin.split(target_lengths),
                                                context.refs.rope_sin.split(context.refs.lengths)) for p in pair])
         img_lengths = [n + r for n, r in zip(target_lengths, context.refs.lengths)]
-        image = Stream(img_lengths, sample_index_of(img_lengths, device), img_cos, img_sin).with_adapters(plan)
-        text = context.text.with_adapters(plan)
+        image = Stream(img_lengths, sample_index_of(img_lengths, device), img_cos, img_sin)
+        text = context.text
         joint = JointLayout.build(text, image)
 
         txt = context.tokens.to(dtype)
@@ -485,6 +439,5 @@ class Flux2KleinTransformer(nn.Module):
         _, img = joint.split(h, txt.shape[0])
         pieces = img.split([n for pair in zip(target_lengths, context.refs.lengths) for n in pair])[0::2]
         out_tokens = torch.cat(pieces)
-        with packed_adapters(None if plan is None else plan.stage(target_lengths)):
-            out = self.proj_out(self.norm_out(out_tokens, temb, target_stream.sample_index, self.config.eps))
+        out = self.proj_out(self.norm_out(out_tokens, temb, target_stream.sample_index, self.config.eps))
         return [o.transpose(0, 1).reshape(-1, *xi.shape[-2:]) for o, xi in zip(out.split(target_lengths), x)]

@@ -16,14 +16,12 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from dopsd_fast.nn.lora_linear import SampleAdapters, packed_adapters
 from dopsd_fast.ops.epilogues import gated_residual, modulated_layer_norm, modulated_rms_norm, qk_norm_rope
 from dopsd_fast.ops.packed_attention import packed_attention
 
@@ -101,18 +99,15 @@ class PackedSequence:
     sample_index: Tensor  # int64 (T,): sample id of each token, to expand per-sample modulation
     rope_cos: Tensor  # fp32 (T, head_dim/2)
     rope_sin: Tensor  # fp32 (T, head_dim/2)
-    adapters: SampleAdapters | None = None  # per-sample LoRA adapters of a packed multi-adapter forward
 
     @classmethod
-    def build(cls, lengths: list[int], rope_cos: Tensor, rope_sin: Tensor,
-              adapters: SampleAdapters | None = None) -> "PackedSequence":
+    def build(cls, lengths: list[int], rope_cos: Tensor, rope_sin: Tensor) -> "PackedSequence":
         device = rope_cos.device
         bounds = [0]
         for n in lengths:
             bounds.append(bounds[-1] + n)
         cu = torch.tensor(bounds, dtype=torch.int32, device=device)
-        return cls(lengths, cu, max(lengths), sample_index_of(lengths, device), rope_cos, rope_sin,
-                   None if adapters is None else adapters.stage(lengths))
+        return cls(lengths, cu, max(lengths), sample_index_of(lengths, device), rope_cos, rope_sin)
 
 
 def sample_index_of(lengths: list[int], device: torch.device) -> Tensor:
@@ -169,12 +164,6 @@ class FeedForward(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
-
-
-def adapted_block(block: nn.Module, x: Tensor, seq: PackedSequence, t_emb: Tensor | None) -> Tensor:
-    # The adapter plan is entered here, inside what checkpoint() recomputes, so the recompute uses it too.
-    with packed_adapters(seq.adapters):
-        return block(x, seq, t_emb)
 
 
 class ZImageBlock(nn.Module):
@@ -272,17 +261,9 @@ class CaptionContext:
     rope_cos: Tensor  # fp32 (sum_i Lc32_i, head_dim/2)
     rope_sin: Tensor
 
-    @classmethod
-    def cat(cls, contexts: Sequence["CaptionContext"]) -> "CaptionContext":
-        """One context for the samples of all ``contexts``, in order (e.g. teacher then student)."""
-        return cls(torch.cat([c.tokens for c in contexts]), [n for c in contexts for n in c.lengths],
-                   torch.cat([c.rope_cos for c in contexts]), torch.cat([c.rope_sin for c in contexts]))
-
 
 class ZImageTransformer(nn.Module):
     """Z-Image S3-DiT; `state_dict()` keys equal the official / diffusers text-to-image checkpoint keys."""
-
-    supports_sample_adapters = True  # forward(..., sample_adapters=): one LoRA adapter per sample in one call
 
     def __init__(self, config: ZImageConfig | None = None):
         super().__init__()
@@ -343,7 +324,7 @@ class ZImageTransformer(nn.Module):
         cos, sin = self._rope(positions.to(tokens.device))
         seq = PackedSequence.build(padded, cos, sin)
         for i, block in enumerate(self.context_refiner):   # numbered in call order: context, noise refiners, layers
-            tokens = run_block(self.checkpointing, i, adapted_block, block, tokens, seq, None)
+            tokens = run_block(self.checkpointing, i, block, tokens, seq, None)
         return CaptionContext(tokens, padded, cos, sin)
 
     # ---- full forward ----------------------------------------------------------------------------------
@@ -353,18 +334,11 @@ class ZImageTransformer(nn.Module):
         t: Tensor,
         cap_feats: list[Tensor] | None = None,
         context: CaptionContext | None = None,
-        sample_adapters: Sequence[str | None] | None = None,
     ) -> list[Tensor]:
         """x[i]: (C, F, H, W) latents; t: (B,) model time in [0, 1] (Z-Image: t = 1 - sigma), scaled by t_scale
-        here; exactly one of cap_feats / context. Returns [(C, F, H, W)] predictions (x0 - eps), in x's order.
-
-        sample_adapters: B LoRA adapter names (None entries: base only): sample i runs adapter sample_adapters[i]
-        in every LoRALinear, whatever the active adapter (the packed teacher + student forward of
-        method/roles.py). Needs ``context``: each role's caption path is encoded with its own adapter."""
+        here; exactly one of cap_feats / context. Returns [(C, F, H, W)] predictions (x0 - eps), in x's order."""
         if (cap_feats is None) == (context is None):
             raise ValueError("pass exactly one of cap_feats / context")
-        if sample_adapters is not None and context is None:
-            raise ValueError("sample_adapters needs context= (encode_context per adapter), not cap_feats")
         if context is None:
             context = self.encode_context(cap_feats)
         batch = len(x)
@@ -373,13 +347,6 @@ class ZImageTransformer(nn.Module):
         t = t.reshape(-1).expand(batch) if t.numel() == 1 else t
         if t.shape != (batch,):
             raise ValueError(f"t must have shape ({batch},), got {tuple(t.shape)}")
-        if sample_adapters is not None and len(sample_adapters) != batch:
-            raise ValueError(f"{batch} latents but {len(sample_adapters)} sample_adapters")
-        plan = None if sample_adapters is None else SampleAdapters(sample_adapters, x[0].device)
-        with packed_adapters(plan):     # one row per sample: t_embedder, adaLN (were they LoRA targets)
-            return self._forward(x, t, context, plan)
-
-    def _forward(self, x: list[Tensor], t: Tensor, context: CaptionContext, plan: SampleAdapters | None) -> list[Tensor]:
         key = f"{self.patch_size}-{self.f_patch_size}"
         embedder = self.all_x_embedder[key]
         t_emb = self.t_embedder(t.float() * self.config.t_scale).to(embedder.weight.dtype)  # (B, adaln_dim)
@@ -389,8 +356,7 @@ class ZImageTransformer(nn.Module):
         real = [g[0] * g[1] * g[2] for g in grids]
         padded = [round_up(n) for n in real]
 
-        with packed_adapters(None if plan is None else plan.stage(real)):
-            emb = embedder(torch.cat(patches, dim=0).to(embedder.weight.dtype))  # (sum N_i, dim)
+        emb = embedder(torch.cat(patches, dim=0).to(embedder.weight.dtype))  # (sum N_i, dim)
         pad = self.x_pad_token.to(emb.dtype)
         img = self._interleave(list(emb.split(real)), [pad.expand(q - n, -1) for n, q in zip(real, padded)])
 
@@ -401,9 +367,9 @@ class ZImageTransformer(nn.Module):
         positions = torch.cat([image_positions(g, q, lc) for g, q, lc in zip(grids, padded, context.lengths)])
         img_cos, img_sin = self._rope(positions.to(device))  # built on the host, one copy
 
-        img_seq = PackedSequence.build(padded, img_cos, img_sin, plan)
+        img_seq = PackedSequence.build(padded, img_cos, img_sin)
         for i, block in enumerate(self.noise_refiner, start=len(self.context_refiner)):
-            img = run_block(self.checkpointing, i, adapted_block, block, img, img_seq, t_emb)
+            img = run_block(self.checkpointing, i, block, img, img_seq, t_emb)
 
         # Unified sequence per sample: [image tokens, caption tokens].
         uni_lengths = [q + lc for q, lc in zip(padded, context.lengths)]
@@ -411,14 +377,13 @@ class ZImageTransformer(nn.Module):
         uni = self._interleave(list(img.split(padded)), list(context.tokens.to(img.dtype).split(cap_split)))
         uni_cos = self._interleave(list(img_cos.split(padded)), list(context.rope_cos.split(cap_split)))
         uni_sin = self._interleave(list(img_sin.split(padded)), list(context.rope_sin.split(cap_split)))
-        uni_seq = PackedSequence.build(uni_lengths, uni_cos, uni_sin, plan)
+        uni_seq = PackedSequence.build(uni_lengths, uni_cos, uni_sin)
         for i, block in enumerate(self.layers, start=2 * len(self.context_refiner)):
-            uni = run_block(self.checkpointing, i, adapted_block, block, uni, uni_seq, t_emb)
+            uni = run_block(self.checkpointing, i, block, uni, uni_seq, t_emb)
 
         # Final layer is per token, so run it on the real image tokens only.
         pieces = uni.split([n for pair in zip(padded, context.lengths) for n in pair])[0::2]
         out_tokens = torch.cat([piece[:n] for piece, n in zip(pieces, real)], dim=0)  # (sum N_i, dim)
-        with packed_adapters(None if plan is None else plan.stage(real)):
-            out = self.all_final_layer[key](out_tokens, sample_index_of(real, device), t_emb)  # (sum N_i, pF*pH*pW*C)
+        out = self.all_final_layer[key](out_tokens, sample_index_of(real, device), t_emb)  # (sum N_i, pF*pH*pW*C)
 
         return [unpatchify(tokens, grid, p, fp) for tokens, grid in zip(out.split(real), grids)]

@@ -10,17 +10,12 @@ bf16 adapter would round most AdamW updates at lr 1e-4 away. Each forward reads 
 compute stays in ``model.dtype`` and the gradient reaching the fp32 adapter is the one of that copy.
 
 ``forward`` runs the one active adapter (plain torch, what the trainer uses); ``forward_segments`` runs packed
-rows whose segments use different adapters (teacher and student rows of a roll-out step) in one call of the
-fused op ``dopsd_fast.ops.lora_linear.lora_linear``: one base GEMM, a LoRA term per segment.
-
-Inside ``packed_adapters(plan)`` every LoRALinear takes that path with the plan's segments, so a packed model
-forward can mix adapters per sample without passing anything to its linear layers (see ``SampleAdapters``).
+rows whose segments use different adapters in one call of the fused op ``dopsd_fast.ops.lora_linear.lora_linear``:
+one base GEMM, a LoRA term per segment.
 """
 from __future__ import annotations
 
-import contextlib
-from contextvars import ContextVar
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -47,10 +42,6 @@ class LoRALinear(nn.Module):
         self.active_adapter: str | None = adapters[0]
 
     def forward(self, x: Tensor) -> Tensor:
-        plan = _PACKED.get()
-        if plan is not None:
-            offsets, adapters = plan.segments(x.shape[:-1].numel(), self.adapter_names)
-            return self.forward_segments(x, offsets, adapters)
         y = F.linear(x, self.weight, self.bias)
         if self.active_adapter is None:
             return y
@@ -84,73 +75,6 @@ class LoRALinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, rank={self.rank}, alpha={self.alpha}, "
                 f"adapters={list(self.lora_A.keys())}, active={self.active_adapter}")
-
-
-class SampleAdapters:
-    """Which adapter the rows of each sample of a packed batch use, for one stage of a packed model forward.
-
-    A packed model keeps every sample's rows contiguous in every stage, but the per-sample row counts change from
-    stage to stage (image tokens, image + caption tokens, real image tokens only). So the model, not the caller,
-    turns per-sample adapter names into row segments: ``stage(lengths)`` once per stage, entered with
-    ``packed_adapters`` around the code of that stage. A LoRALinear with T input rows then uses the stage's
-    segments when T = sum(lengths), and one row per sample when T is the batch size (adaLN / time-embedding
-    linears, were they LoRA targets); any other T is an error, never a silent fall back to the active adapter.
-    Runs of samples with the same adapter merge into one segment (teacher samples first: two segments).
-    """
-
-    def __init__(self, adapters: Sequence[str | None], device: torch.device, lengths: Sequence[int] | None = None):
-        self.adapters = list(adapters)
-        self.device = device
-        self.lengths = [1] * len(self.adapters) if lengths is None else list(lengths)
-        if len(self.lengths) != len(self.adapters):
-            raise ValueError(f"{len(self.lengths)} row counts for {len(self.adapters)} samples")
-        self._cache: dict[tuple, tuple[Tensor, Tensor]] = {}
-
-    def stage(self, lengths: Sequence[int]) -> "SampleAdapters":
-        return SampleAdapters(self.adapters, self.device, lengths)
-
-    def segments(self, rows: int, adapter_names: list[str]) -> tuple[Tensor, Tensor]:
-        """int32 (S+1,) row offsets and int32 (S,) indices into ``adapter_names`` (-1: none) for ``rows`` rows."""
-        if rows == sum(self.lengths):
-            lengths = self.lengths
-        elif rows == len(self.adapters):
-            lengths = [1] * rows
-        else:
-            raise ValueError(f"a LoRA layer got {rows} rows in a packed multi-adapter forward whose current stage has "
-                             f"{sum(self.lengths)} rows over {len(self.adapters)} samples: this LoRA target runs "
-                             "outside the stages the model declares (use the per-role forwards: "
-                             "method.packed_forward=false)")
-        key = (rows, tuple(adapter_names))
-        if key not in self._cache:      # one host-to-device copy per stage and adapter list, not per layer
-            bounds, names = [0], []
-            for n, name in zip(lengths, self.adapters):
-                if names and names[-1] == name:
-                    bounds[-1] += n
-                else:
-                    names.append(name)
-                    bounds.append(bounds[-1] + n)
-            index = [-1 if n is None else adapter_names.index(n) for n in names]
-            self._cache[key] = (torch.tensor(bounds, dtype=torch.int32).to(self.device),
-                                torch.tensor(index, dtype=torch.int32).to(self.device))
-        return self._cache[key]
-
-
-_PACKED: ContextVar[SampleAdapters | None] = ContextVar("dopsd_packed_adapters", default=None)
-
-
-@contextlib.contextmanager
-def packed_adapters(plan: SampleAdapters | None) -> Iterator[None]:
-    """Every LoRALinear called inside runs the plan's per-sample adapters (None: each its active adapter).
-
-    A context rather than an argument, so blocks and plain nn.Linear call sites stay unchanged. A model must enter
-    it inside any function it hands to gradient checkpointing: the recompute runs during backward, after the
-    forward's context has been left.
-    """
-    token = _PACKED.set(plan)
-    try:
-        yield
-    finally:
-        _PACKED.reset(token)
 
 
 def inject_lora(model: nn.Module, targets: list[str], adapters: list[str], rank: int, alpha: float) -> list[str]:

@@ -1,10 +1,12 @@
 """Packed multi-adapter LoRA linear: one base GEMM over all rows, a LoRA term per row segment (tiers 2+3).
 
-The teacher (frozen EMA adapter) and student (trainable adapter) rows of a roll-out step go through one call:
-the base weight is read once. Adapters are passed as *lists* of per-adapter tensors, not one stacked tensor,
-so that each adapter keeps its own ``requires_grad`` (student trainable, teacher frozen) and the backward
-computes dA/dB only for the adapters that need them. The base weight/bias get gradients only when they
-require grad (dW = dY^T X, db = sum dY by torch matmul: unfused, meant for the rare trainable-base case).
+Rows of several adapters over one base (e.g. a frozen EMA teacher's and a trainable student's) go through one
+call: the base weight is read once. The D-OPSD trainer does not use it: its roles run as two forwards, since one
+forward of both would put the teacher rows in the student's autograd graph. Adapters are passed as *lists* of
+per-adapter tensors, not one stacked tensor, so that each adapter keeps its own ``requires_grad`` (student
+trainable, teacher frozen) and the backward computes dA/dB only for the adapters that need them. The base
+weight/bias get gradients only when they require grad (dW = dY^T X, db = sum dY by torch matmul: unfused, meant
+for the rare trainable-base case).
 """
 from __future__ import annotations
 

@@ -41,8 +41,7 @@ class Plan:
                         **({"rank": cfg.adapter.rank, "alpha": cfg.adapter.alpha, "lora_modules": self.lora_modules}
                            if cfg.adapter.mode == "lora" else {})},
             "method": {"objective": m.objective, "loss": m.loss, "K": len(self.sigmas) - 1, "sigmas": self.sigmas,
-                       "ema_decay": m.ema_decay, "per_step_backward": m.per_step_backward,
-                       "packed_forward": m.packed_forward},
+                       "ema_decay": m.ema_decay, "per_step_backward": m.per_step_backward},
             "optim": asdict(cfg.optim),
             "train": asdict(cfg.train),
             "data": asdict(cfg.data),

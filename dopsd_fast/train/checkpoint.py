@@ -179,12 +179,13 @@ RESUMABLE = (
                                                       # training sigmas of method.schedule=model)
     "data.cache_dir",                               # the cache is keyed by content and encoder: same features
     # The same maths executed differently (rounding may differ): another device or kernel implementation,
-    # recomputed activations, per-step or whole-roll-out backward and packed or separate role forwards (same
-    # gradients, tests/method), ZeRO-3's gather schedule; worth changing when a resumed run runs out of memory.
+    # recomputed activations, per-step or whole-roll-out backward (same gradients, tests/method), ZeRO-3's gather
+    # schedule; worth changing when a resumed run runs out of memory.
     "train.device", "model.ops_backend", "model.checkpointing", "train.memory_budget_gb", "method.per_step_backward",
-    "method.packed_forward", "deepspeed.gather_once", "deepspeed.timeout_s",
+    "deepspeed.gather_once", "deepspeed.timeout_s",
 )
-RETIRED = ("model.gradient_checkpointing",)     # keys of older versions that only said how a run executed
+# Keys of older versions that only said how a run executed (a new config naming one fails, config._RETIRED).
+RETIRED = ("model.gradient_checkpointing", "method.packed_forward")
 _ABSENT = object()       # a key one of the two configs lacks
 
 

@@ -114,10 +114,6 @@ class MethodConfig:
     ema_decay: float = 0.9999
     # Backpropagate each step's loss/K at once (one live student graph) instead of K graphs to the end.
     per_step_backward: bool = True
-    # Teacher and student of a roll-out step in ONE forward of the shared base (LoRA roles): the same
-    # results, weights read once, but the backward also runs through the teacher rows (method/roles.py says the
-    # cost), so off unless measured faster (bench/bench_step.py).
-    packed_forward: bool = False
     # SFT baseline: sigma = shift*u / (1 + (shift-1)*u), u ~ U(0, 1).
     sft_shift: float = 3.0
     # fixed: roll out on `sigmas`; model: on the model's own sampler schedule with `steps` steps, per image size
@@ -270,9 +266,15 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
     raise TypeError(f"unsupported config type {tp} at {key}")
 
 
-# Keys of older configs -> what replaced them (a clearer error than "did you mean").
-_RENAMED = {"model.gradient_checkpointing": "model.checkpointing: full | selective | none | auto "
-                                            "(gradient_checkpointing: true is checkpointing: full, false is none)"}
+# Keys of older configs -> what became of them (a clearer error than "did you mean").
+_RETIRED = {
+    "model.gradient_checkpointing": "was replaced by model.checkpointing: full | selective | none | auto "
+                                    "(gradient_checkpointing: true is checkpointing: full, false is none)",
+    # One forward of teacher and student rows put the teacher rows in the student's autograd graph: 1.90x the
+    # time and 1.96x the saved activations of the two forwards (bench/results/2026-11-26-cpu-bench-step-packed.json).
+    "method.packed_forward": "was removed: teacher and student always run as two forwards (the packed one was "
+                             "slower and held twice the activations); delete the key",
+}
 
 
 def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
@@ -281,8 +283,8 @@ def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
     for k in data:
         if k not in names:
             where = f"{prefix}.{k}" if prefix else k
-            if where in _RENAMED:
-                raise ConfigError(f"'{where}' was replaced by {_RENAMED[where]}")
+            if where in _RETIRED:
+                raise ConfigError(f"'{where}' {_RETIRED[where]}")
             near = difflib.get_close_matches(str(k), names, n=1)
             hint = f" (did you mean '{prefix + '.' if prefix else ''}{near[0]}'?)" if near else ""
             raise ConfigError(f"unknown config key '{where}'{hint}; valid keys here: {', '.join(names)}")
@@ -356,8 +358,6 @@ def validate(cfg: Config) -> Config:
     _check(v.every == 0 or v.pairs != 0 and v.pairs != [] or bool(v.prompts), "validation.pairs",
            "validation.every > 0 needs at least one column: pairs > 0 or validation.prompts")
     _check(v.steps is None or v.steps >= 1, "validation.steps", f"must be >= 1 (or null), got {v.steps}")
-    _check(not m.packed_forward or a.mode == "lora", "method.packed_forward",
-           "needs adapter.mode=lora (one base, two adapters): full-weight roles keep two copies of the weights")
     _check(cfg.context.teacher != "reference" or cfg.model.family == "flux2_klein", "context.teacher",
            "reference needs reference-image tokens, which only model.family=flux2_klein has; use vlm")
     return cfg

@@ -3,8 +3,7 @@
 Time breakdown of one iteration (seconds, this rank; on a GPU, device time between CUDA events recorded at each
 section's edges, see StepTimer):
   teacher_s   forwards run without autograd (the teacher role)
-  student_s   forwards run with autograd (the student role; with method.packed_forward the one forward of both
-              roles, so teacher_s stays 0)
+  student_s   forwards run with autograd (the student role)
   backward_s  every backward of the iteration (K per-step ones and the caption path)
   optimizer_s optimizer step, clipping, EMA update (DeepSpeed: gradient reduction of ZeRO 0/1 too)
   rollout_s   the rest of the iteration: contexts, noise, Euler updates and divergences

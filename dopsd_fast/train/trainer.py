@@ -72,7 +72,7 @@ class Trainer:
         sigmas = self._sigmas_for(shapes)
         out = dopsd_step(self.roles, self.flow, self._cast(c_s), self._cast(c_t), shapes, sigmas,
                          self.cfg.method.loss, self.cfg.method.per_step_backward, self.noise, self.dtype,
-                         backward=self.backward, packed_forward=self.cfg.method.packed_forward)
+                         backward=self.backward)
         lora = (self.cfg.adapter.rank, self.roles.targets) if self.cfg.adapter.mode == "lora" else None
         out.flops = sum(self.family.iteration_flops(self.plan.arch, shape, s, t, len(sigmas) - 1, lora)
                         for shape, s, t in zip(shapes, c_s, c_t))

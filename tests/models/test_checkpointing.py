@@ -1,5 +1,5 @@
 """models/checkpointing.py: every mode gives full checkpointing's outputs and gradients bit for bit (fp32, both
-families, full weights and the packed LoRA teacher + student forward), selective reruns no GEMM or attention, and
+families, full weights and LoRA), selective reruns no GEMM or attention, and
 auto measures every block on its first forward and leaves unchecked as many blocks as the budget holds."""
 import collections
 
@@ -46,17 +46,13 @@ def inputs(family: str):
     return x, torch.tensor([0.3, 0.6]), feats
 
 
-def forward_backward(model, roles, family, plan):
-    """Outputs and every gradient after one backward of a fixed non-uniform cotangent under ``plan``."""
+def forward_backward(model, family, plan):
+    """Outputs and every gradient after one backward of a fixed non-uniform cotangent under ``plan`` (LoRA: the
+    student adapter, active after LoRARoles)."""
     model.checkpointing = plan
     model.zero_grad(set_to_none=True)
     x, t, feats = inputs(family)
-    if roles is None:
-        out = model(x, t, cap_feats=feats)
-    else:   # the packed double forward: the student's rows run dopsd::lora_linear, the fused multi-adapter GEMM
-        ctx_t = roles.context("teacher", feats[::-1])   # first, as in method/step.py: a recompute of the student's
-        ctx_s = roles.context("student", feats)         # caption path runs the adapter active in the backward
-        out = roles.teacher_and_student(x, t, ctx_t, ctx_s, packed=True)[1]
+    out = model(x, t, cap_feats=feats)
     sum((o * torch.linspace(-1, 1, o.numel()).view(o.shape)).sum() for o in out).backward()
     grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
     return [o.detach() for o in out], grads
@@ -71,18 +67,18 @@ def assert_bitwise(got, want):
         torch.testing.assert_close(grads[name], g, rtol=0, atol=0, msg=name)
 
 
-@pytest.mark.parametrize("lora", [False, True], ids=["full_weights", "packed_lora"])
+@pytest.mark.parametrize("lora", [False, True], ids=["full_weights", "lora"])
 @pytest.mark.parametrize("family", ["z_image", "flux2_klein"])
 def test_every_mode_equals_full_checkpointing(family, lora):
-    model, roles = build(family, lora)
-    full = forward_backward(model, roles, family, CheckpointPlan("full"))
+    model, _ = build(family, lora)
+    full = forward_backward(model, family, CheckpointPlan("full"))
     for mode in ("none", "selective"):
-        assert_bitwise(forward_backward(model, roles, family, CheckpointPlan(mode)), full)
+        assert_bitwise(forward_backward(model, family, CheckpointPlan(mode)), full)
     auto = CheckpointPlan("auto", budget=2**40)
-    assert_bitwise(forward_backward(model, roles, family, auto), full)        # measuring: fully checkpointed
+    assert_bitwise(forward_backward(model, family, auto), full)        # measuring: fully checkpointed
     every_other = frozenset(range(0, len(auto.blocks), 2))
     half = CheckpointPlan("auto", budget=2**40, checkpointed=every_other, blocks=auto.blocks)
-    assert_bitwise(forward_backward(model, roles, family, half), full)        # every other block checkpointed
+    assert_bitwise(forward_backward(model, family, half), full)        # every other block checkpointed
 
 
 class OpCounter(TorchDispatchMode):
@@ -127,8 +123,8 @@ def test_selective_saves_our_attention_op():
     """Under the Triton ops (interpreter) attention is dopsd::packed_attention: saved by selective, not rerun."""
     model, _ = build("z_image", lora=False)
     with use_backend("triton"):
-        full = forward_backward(model, None, "z_image", CheckpointPlan("full"))
-        assert_bitwise(forward_backward(model, None, "z_image", CheckpointPlan("selective")), full)
+        full = forward_backward(model, "z_image", CheckpointPlan("full"))
+        assert_bitwise(forward_backward(model, "z_image", CheckpointPlan("selective")), full)
         none, selective, full = (backward_calls(model, "z_image", mode) for mode in ("none", "selective", "full"))
     attention = torch.ops.dopsd.packed_attention.default
     assert full[attention] > selective[attention] == none[attention] == 0
@@ -137,20 +133,20 @@ def test_selective_saves_our_attention_op():
 def test_auto_measures_every_block_once():
     model, _ = build("z_image", lora=False)
     plan = CheckpointPlan("auto", budget=2**40)
-    forward_backward(model, None, "z_image", plan)
+    forward_backward(model, "z_image", plan)
     assert plan.measuring and set(plan.blocks) == set(range(5))
     assert all(b.saved > 0 and b.inputs > 0 for b in plan.blocks.values())
     layers = [plan.blocks[i] for i in (2, 3, 4)]       # one stack, one shape: one size
     assert layers[0] == layers[1] == layers[2]
     measured = dict(plan.blocks)
-    forward_backward(model, None, "z_image", plan)     # later forwards do not measure again
+    forward_backward(model, "z_image", plan)     # later forwards do not measure again
     assert plan.blocks == measured
 
 
 def test_fit_keeps_as_many_blocks_as_the_budget_holds():
     model, _ = build("z_image", lora=False)
     plan = CheckpointPlan("auto", budget=1)
-    forward_backward(model, None, "z_image", plan)
+    forward_backward(model, "z_image", plan)
     resident = 10**6
     by_size = sorted(plan.blocks, key=lambda i: (plan.blocks[i].saved, i))
     saved = [plan.blocks[i].saved for i in by_size]

@@ -398,6 +398,20 @@ def test_resume_that_extends_the_run_says_what_changed(run, capsys):
     assert steps_of(run / "checkpoints") == [1, 2]
 
 
+def test_a_checkpoint_with_a_retired_key_resumes(run, capsys):
+    """method.packed_forward (removed) only said how a run executed: a checkpoint that names it resumes."""
+    step1 = run / "checkpoints" / "step-000001"
+    state = read_state(step1)
+    state["config"]["method"]["packed_forward"] = True
+    (step1 / "state.json").write_text(json.dumps(state))
+    capsys.readouterr()
+    assert _train(run, 2) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("resumed from"))
+    assert line.startswith(f"resumed from {step1} at step 1; changed since: train.output_dir: ")   # the copied run
+    assert line.endswith(", train.steps: 1 -> 2") and "packed_forward" not in line
+    assert steps_of(run / "checkpoints") == [1, 2]
+
+
 def test_resume_of_a_finished_run_says_nothing_is_left(run, capsys):
     capsys.readouterr()
     metrics = (run / "metrics.jsonl").read_text()
@@ -417,7 +431,7 @@ def test_every_resumable_key_is_a_config_key():
 def test_a_key_the_checkpoint_predates_takes_its_default(tmp_path):
     cfg = load_config("tiny-cpu")
     saved = cfg.to_dict()
-    del saved["validation"], saved["method"]["packed_forward"]       # written before these keys existed
+    del saved["validation"], saved["train"]["memory_budget_gb"]      # written before these keys existed
     assert ckpt.resume_changes(tmp_path, saved, cfg) == []
     saved["method"]["objective"] = "sft"
     with pytest.raises(CheckpointError, match='method.objective: "sft" -> "dopsd"'):

@@ -120,6 +120,14 @@ def test_unknown_key_in_yaml_file(tmp_path):
     assert "'train.stesp'" in str(e.value) and "did you mean 'train.steps'" in str(e.value)
 
 
+def test_retired_key_says_what_became_of_it(tmp_path):
+    f = tmp_path / "old.yaml"
+    f.write_text("method: {packed_forward: false}\n")
+    with pytest.raises(ConfigError, match=r"'method.packed_forward' was removed: teacher and student always run as "
+                                          r"two forwards .*; delete the key"):
+        load_config(str(f))
+
+
 def test_unknown_key_without_near_match_lists_valid_keys():
     with pytest.raises(ConfigError) as e:
         load_config("tiny-cpu", ["train.zzzzzz=1"])
