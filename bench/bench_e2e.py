@@ -1,36 +1,64 @@
-"""End-to-end D-OPSD iterations: dopsd_fast vs the authors' released loop (bench/baselines/released_loop.py).
+"""End-to-end D-OPSD iterations, dopsd_fast vs the authors' released loop (bench/baselines/released_loop.py), in every
+configuration each side offers its user; per memory budget, the fastest configuration of each side that fits.
 
 Both sides get the same model config, base weights, LoRA weights, contexts and noise seed, and the same recipe
 (LoRA on attention q/k/v/out + feed_forward w1/w2/w3, K = 4, sigma 1, .9, .75, .5 -> 0, x0 loss, AdamW, clip 1.0,
-EMA teacher, gradient checkpointing on; ``-nockpt`` cases run ours without it, the baseline still with it), and the
-same master-weight policy: fp32 trainable LoRA weights and AdamW state, compute in the model's dtype (the baseline as
-DeepSpeed's bf16 optimizer runs the released recipe: fp32 masters of its bf16 PEFT adapter). Ours:
-packed model, caption path once per iteration, per-step backward,
-fused ops on CUDA (the PyTorch reference ops on CPU, bench/conftest.py). Runs alternate, baseline then ours, so
-machine noise hits both; pytest-benchmark times ours, the baseline is timed in the round's setup, and extra_info
-holds it/s, images/s, the per-round speed ratio (min/median/max), memory and MFU of both.
+EMA teacher) and master-weight policy (fp32 trainable LoRA weights and AdamW state, compute in the model's dtype;
+the baseline as DeepSpeed's bf16 optimizer runs the released recipe: fp32 masters of its bf16 PEFT adapter).
 
-Memory is what one iteration needs: ``resident`` = unique bytes of parameters, optimizer state and EMA master held
-between iterations; ``transient`` = the highest bytes allocated during an iteration above what was live at its
-start (activations, gradients, temporaries). CUDA reads the caching allocator (max_memory_allocated); CPU records
-every tensor allocation and free of one iteration with the torch profiler (profile_memory) and takes the running
-peak. ``peak`` = resident + transient, per side (the other side's model is not counted).
+Configurations (``configurations``), all on one model per side, switched between iterations:
+  baseline  gradient checkpointing on (the released recipe) | off (the script's flag: K graphs held until the one
+            backward); on CUDA x SDPA restricted to FLASH | CUDNN | EFFICIENT (torch.nn.attention.sdpa_kernel; on
+            CPU torch's own choice, "sdpa=default")
+  ours      model.checkpointing full | selective | none (auto only chooses among these per budget, which the
+            budget table does too); on CUDA x model.ops_backend auto (each op what the op bench measured fastest:
+            attention = torch SDPA, default dispatch) | triton (every op ours, attention our Triton kernel); on CPU
+            reference (the PyTorch ops; Triton would run under its interpreter)
+A configuration that runs out of memory (torch.OutOfMemoryError; the other side's resident weights are on the
+device too, see ``other_resident_bytes``), or whose SDPA backend has no kernel for the shape ("refused"), is recorded
+as such; any other exception fails the run.
 
+Per size: (1) equivalence: every configuration, from the same snapshot of adapters, EMA teacher, masters and (empty)
+AdamW state and the same noise seed, runs EQUIVALENCE_ITERATIONS iterations; its losses (every roll-out step) and
+grad norms (the clip_grad_norm_ return value, both sides) must match the reference run, the baseline's released
+configuration, within TOLERANCE: a fast configuration that computes something else fails the bench. The first
+iteration is warm-up; on CUDA the others are timed and measured, on CPU the second is measured with the profiler
+(slow) and the rest timed. (2) ``rounds`` round-robin cycles (the pytest-benchmark rounds, once under
+--benchmark-disable): each configuration one timed iteration per cycle, so machine noise hits all alike.
+Timed rounds stop early past DOPSD_BENCH_DEADLINE (unix seconds; scripts/device_check.sh sets it).
+
+Memory per configuration: ``resident`` = unique bytes of the side's parameters, optimizer state and EMA master or
+fp32 masters held between iterations; ``transient`` = the highest bytes allocated during an iteration above what was
+live at its start (CUDA: caching-allocator peak, max over the measured iterations; CPU: every allocation and free of
+one iteration recorded by the torch profiler); ``peak`` = resident + transient (the other side not counted).
+
+Budgets: CUDA 24, 48, 80 GiB and the card's whole memory; CPU multiples CPU_BUDGETS of the reference run's peak
+(the baseline's released configuration at this size), chosen where the two sides' configurations separate.
+
+Output: the tables are printed (pytest -s) and go to extra_info ("runs", "pareto", "pareto_table"); with
+DOPSD_BENCH_OUT=dir each size also writes dir/pareto_<size>.json at once (a later size that times out keeps it).
 Sizes: CPU a small Z-Image (fp32); CUDA the real Z-Image-Turbo 6B architecture with random bf16 weights at 512^2
-and 1024^2, LoRA r64, batch 1. Under --benchmark-disable (CI) each case runs once at a tiny size; DOPSD_BENCH_SMOKE=1
-times that tiny size (scripts/device_check.sh --cpu).
+and 1024^2, LoRA r64, batch 1 (one build serves both). Under --benchmark-disable (CI) each size runs at a tiny size;
+DOPSD_BENCH_SMOKE=1 times that tiny size (scripts/device_check.sh --cpu). DOPSD_BENCH_ROUNDS=N sets the rounds;
+DOPSD_BENCH_SDPA / DOPSD_BENCH_OPS replace the attention lists of ``configurations``.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import gc
+import json
 import math
 import os
 import statistics
 import time
+import warnings
+from pathlib import Path
 
 import pytest
 import torch
 from baselines.released_loop import ReleasedLoop, diffusers_transformer
+from pareto import equivalence, pareto, render
 
 from dopsd_fast.method.roles import LoRARoles
 from dopsd_fast.method.schedule import Z_IMAGE, rollout_sigmas
@@ -38,6 +66,7 @@ from dopsd_fast.method.step import dopsd_step
 from dopsd_fast.metrics.flops import dopsd_iteration, verl_omni_iteration, zimage_layout
 from dopsd_fast.models.checkpointing import CheckpointPlan
 from dopsd_fast.models.z_image import ZImageConfig, ZImageTransformer
+from dopsd_fast.ops._dispatch import use_backend
 from dopsd_fast.train.memory import optimizer_tensors, unique_bytes
 from dopsd_fast.train.telemetry import peak_tflops
 
@@ -49,6 +78,20 @@ TARGETS = ["attention.to_q", "attention.to_k", "attention.to_v", "attention.to_o
 SIGMAS = [1.0, 0.9, 0.75, 0.5]
 OPTIM = dict(lr=1e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
 GRAD_CLIP, EMA_DECAY = 1.0, 0.9999
+EQUIVALENCE_ITERATIONS = 3
+# Relative tolerance (losses, grad norms) vs the reference run over the first EQUIVALENCE_ITERATIONS iterations.
+# fp32 (CPU): the sides differ only in summation order (packed vs padded attention, per-step vs one backward, the
+# caption path once), a few ulps per op; tests/test_baseline_loop.py holds them to 1e-5 over 3 iterations. bf16
+# (CUDA): every forward rounds activations to 8 mantissa bits and attention backends accumulate differently; the
+# first losses of the two sides differed by up to 4.1e-3 on an H200 (bench/results/2026-11-26-h200-run2/bench_e2e.json).
+TOLERANCE = {torch.float32: (1e-4, 1e-4), torch.bfloat16: (5e-2, 5e-2)}
+GiB = 2**30
+# CPU budgets, multiples of the reference run's peak (the baseline checkpointed), set where the configurations
+# separate at cpu-small (bench/results/2026-12-05-cpu-pareto.json: peaks ours full 0.89x, selective 1.30x, none
+# 1.43x, baseline without checkpointing 3.59x): 0.95 holds ours checkpointed but not the baseline, 1.0 the baseline
+# checkpointed, 1.35 ours selective, 1.5 ours without checkpointing (not the baseline without), 4 both without;
+# None: no limit (the machine's memory).
+CPU_BUDGETS = (0.95, 1.0, 1.35, 1.5, 4.0, None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,10 +102,7 @@ class Case:
     caption_tokens: tuple[int, int]       # real tokens of c_s (text) and c_t (text + target image)
     rank: int
     dtype: torch.dtype
-    rounds: int
-    # The baseline always checkpoints (the released recipe: it holds K graphs until one backward). Ours holds one
-    # step's graph, so it can afford to skip checkpointing: the "-nockpt" cases trade memory for the recompute.
-    ours_checkpointing: bool = True
+    rounds: int                           # round-robin timed cycles after the equivalence iterations
 
 
 SMALL = ZImageConfig(dim=256, n_layers=4, n_refiner_layers=1, n_heads=4, n_kv_heads=4, cap_feat_dim=128,
@@ -70,14 +110,54 @@ SMALL = ZImageConfig(dim=256, n_layers=4, n_refiner_layers=1, n_heads=4, n_kv_he
 TINY = ZImageConfig(dim=64, n_layers=2, n_refiner_layers=1, n_heads=2, n_kv_heads=2, cap_feat_dim=32,
                     axes_dims=(8, 12, 12), axes_lens=(256, 64, 64))
 # c_t: the teacher's VLM sees the target resized into [512^2, 768^2] pixels, (H/32)(W/32) image tokens (256 for a
-# 512^2 crop, 576 for 1024^2), plus the prompt's ~128 (method.md section 6)
+# 512^2 crop, 576 for 1024^2), plus the prompt's ~128 (method.md section 6). CUDA rounds: 12 configurations x (3
+# equivalence + rounds) iterations of ~1.3 s (512^2) / ~2.7 s (1024^2) on an H200 fit scripts/device_check.sh's budget.
 CASES = {
-    "cpu-small": Case("cpu", SMALL, (16, 1, 32, 32), (40, 90), 16, torch.float32, 5),
-    "cuda-6b-512": Case("cuda", ZImageConfig(), (16, 1, 64, 64), (128, 384), 64, torch.bfloat16, 5),
-    "cuda-6b-1024": Case("cuda", ZImageConfig(), (16, 1, 128, 128), (128, 704), 64, torch.bfloat16, 3),
+    "cpu-small": Case("cpu", SMALL, (16, 1, 32, 32), (40, 90), 16, torch.float32, 8),
+    "cuda-6b-512": Case("cuda", ZImageConfig(), (16, 1, 64, 64), (128, 384), 64, torch.bfloat16, 1),
+    "cuda-6b-1024": Case("cuda", ZImageConfig(), (16, 1, 128, 128), (128, 704), 64, torch.bfloat16, 1),
 }
-CASES.update({f"{name}-nockpt": dataclasses.replace(case, ours_checkpointing=False) for name, case in list(CASES.items())})
 SMOKE = Case("cpu", TINY, (16, 1, 16, 16), (7, 20), 4, torch.float32, 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    side: str            # "ours" | "baseline"
+    checkpointing: str   # ours: model.checkpointing (full | selective | none); baseline: on | off
+    attention: str       # ours: model.ops_backend; baseline: SDPA backend (default | flash | cudnn | efficient)
+
+    @property
+    def label(self) -> str:
+        knob = "ops" if self.side == "ours" else "sdpa"
+        return f"{self.side} ckpt={self.checkpointing} {knob}={self.attention}"
+
+
+def configurations(device: str) -> list[Config]:
+    """Every legitimate configuration of each side, baseline first (its released configuration is the reference),
+    then the sides interleaved. DOPSD_BENCH_SDPA / DOPSD_BENCH_OPS (space-separated) replace the attention lists
+    (a rerun short of time, or a check of the refusal path on CPU)."""
+    sdpa = ("flash", "cudnn", "efficient") if device == "cuda" else ("default",)
+    ops = ("auto", "triton") if device == "cuda" else ("reference",)
+    sdpa = tuple(os.environ.get("DOPSD_BENCH_SDPA", " ".join(sdpa)).split())
+    ops = tuple(os.environ.get("DOPSD_BENCH_OPS", " ".join(ops)).split())
+    baseline = [Config("baseline", c, a) for c in ("on", "off") for a in sdpa]
+    ours = [Config("ours", c, a) for c in ("full", "selective", "none") for a in ops]
+    order = []
+    for i in range(max(len(baseline), len(ours))):
+        order += baseline[i:i + 1] + ours[i:i + 1]
+    return order
+
+
+SDPA = {"flash": "FLASH_ATTENTION", "cudnn": "CUDNN_ATTENTION", "efficient": "EFFICIENT_ATTENTION"}
+# what SDPA raises when the allowed backends have no kernel for the call (CUDA, CPU)
+SDPA_REFUSALS = ("No available kernel", "No viable backend for scaled_dot_product_attention")
+
+
+def sdpa_only(name: str):
+    if name == "default":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    return sdpa_kernel(getattr(SDPBackend, SDPA[name]))
 
 
 # ---------------------------------------------------------------------------------------------- building
@@ -95,7 +175,28 @@ def randomize_base(model: torch.nn.Module, seed: int) -> None:
             p.copy_(0.1 * noise)
 
 
-class Ours:
+class Side:
+    """One side's model, optimizer and the snapshot every configuration starts from."""
+
+    optimizer: torch.optim.Optimizer
+
+    def trained(self) -> list[torch.Tensor]:
+        """Every tensor an iteration changes (adapters, EMA teacher, masters); AdamW's state is cleared instead."""
+        raise NotImplementedError
+
+    def snapshot(self) -> None:
+        self._saved = [t.detach().clone() for t in self.trained()]
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        for t, s in zip(self.trained(), self._saved, strict=True):
+            t.copy_(s)
+            t.grad = None
+        self.optimizer.state.clear()          # AdamW builds fresh state in its next step, as after construction
+        self.optimizer.zero_grad(set_to_none=True)
+
+
+class Ours(Side):
     """dopsd_fast's iteration, as Trainer.forward_backward_step + optimizer_step run it (device-placed here)."""
 
     def __init__(self, base_state: dict, case: Case):
@@ -103,38 +204,53 @@ class Ours:
             model = ZImageTransformer(case.arch)
         model = model.to(case.dtype).to_empty(device=case.device)
         model.load_state_dict(base_state, strict=True)
-        model.checkpointing = CheckpointPlan("full" if case.ours_checkpointing else "none")
         self.roles = LoRARoles(model, TARGETS, case.rank, 2.0 * case.rank)
         self.optimizer = torch.optim.AdamW(self.roles.trainable.values(), **OPTIM)
-        self.sigmas, self.case = rollout_sigmas(SIGMAS), case
+        self.sigmas, self.dtype = rollout_sigmas(SIGMAS), case.dtype
 
-    def iteration(self, c_s, c_t, generator) -> list[float]:
-        out = dopsd_step(self.roles, Z_IMAGE, c_s, c_t, [self.case.latent], self.sigmas, "x0", True, generator,
-                         self.case.dtype)
-        torch.nn.utils.clip_grad_norm_(list(self.roles.trainable.values()), GRAD_CLIP)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.roles.update_teacher(EMA_DECAY)
-        return out.losses
+    def trained(self):
+        ema = self.roles.ema
+        return list({id(t): t for t in (*self.roles.trainable.values(), *ema.master, *ema.teacher)}.values())
+
+    def iteration(self, config: Config, c_s, c_t, latent, generator) -> tuple[list[float], float]:
+        self.roles.model.checkpointing = CheckpointPlan(config.checkpointing)
+        with use_backend(config.attention):     # model.ops_backend, as the trainer applies it around the step
+            out = dopsd_step(self.roles, Z_IMAGE, c_s, c_t, [latent], self.sigmas, loss_kind="x0",
+                             per_step_backward=True, generator=generator, dtype=self.dtype)
+            norm = torch.nn.utils.clip_grad_norm_(list(self.roles.trainable.values()), GRAD_CLIP)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.roles.update_teacher(EMA_DECAY)
+        return out.losses, float(norm)
 
     def resident(self) -> list[torch.Tensor]:
         return [*self.roles.model.parameters(), *optimizer_tensors(self.optimizer), *self.roles.ema.master]
 
 
-class Baseline:
+class Baseline(Side):
     def __init__(self, model, case: Case):
         self.loop = ReleasedLoop(model, targets=TARGETS, rank=case.rank, alpha=2.0 * case.rank, sigmas=SIGMAS,
                                  grad_clip=GRAD_CLIP, ema_decay=EMA_DECAY, **OPTIM)
-        self.case = case
+        self.optimizer = self.loop.optimizer
+        self.checkpointing = True
 
-    def iteration(self, c_s, c_t, generator) -> list[float]:
-        return self.loop.iteration(c_s, c_t, self.case.latent, 1, generator)
+    def trained(self):
+        return [*self.loop.student.values(), *self.loop.teacher.values(), *(self.loop.masters or [])]
+
+    def iteration(self, config: Config, c_s, c_t, latent, generator) -> tuple[list[float], float]:
+        on = config.checkpointing == "on"
+        if on != self.checkpointing:      # the released script's --gradient_checkpointing flag
+            (self.loop.model.enable_gradient_checkpointing if on else self.loop.model.disable_gradient_checkpointing)()
+            self.checkpointing = on
+        with sdpa_only(config.attention):
+            losses = self.loop.forward_backward(c_s, c_t, latent, 1, generator)
+        return losses, self.loop.optimizer_step()
 
     def resident(self) -> list[torch.Tensor]:
         return [*self.loop.model.parameters(), *(self.loop.masters or []), *optimizer_tensors(self.loop.optimizer)]
 
 
-def build(case: Case):
+def build(case: Case) -> dict[str, Side]:
     torch.manual_seed(0)      # our LoRA init; PEFT's is overwritten with it below
     theirs = diffusers_transformer(case.arch, case.device, case.dtype)
     randomize_base(theirs, seed=0)
@@ -142,10 +258,20 @@ def build(case: Case):
     baseline = Baseline(theirs, case)
     # identical adapters on both sides
     baseline.loop.load_adapters(dict(ours.roles.trainable), dict(zip(ours.roles.ema.names, ours.roles.ema.teacher)))
-    g = torch.Generator().manual_seed(1)
-    c_s, c_t = (torch.randn(n, case.arch.cap_feat_dim, generator=g).to(case.device, case.dtype)
-                for n in case.caption_tokens)
-    return ours, baseline, [c_s], [c_t]
+    for side in (ours, baseline):
+        side.snapshot()
+    return {"ours": ours, "baseline": baseline}
+
+
+@pytest.fixture(scope="module")
+def built():
+    """Built sides by (device, arch, rank, dtype): the two CUDA sizes share one 6B build per side."""
+    cache: dict = {}
+    yield cache
+    cache.clear()
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 # ---------------------------------------------------------------------------------------------- measuring
@@ -154,15 +280,8 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def transient_bytes(run, device: str) -> int:
-    """Highest bytes allocated during ``run()`` above what was live when it started."""
-    if device == "cuda":
-        sync(device)
-        torch.cuda.reset_peak_memory_stats()
-        start = torch.cuda.memory_allocated()
-        run()
-        sync(device)
-        return torch.cuda.max_memory_allocated() - start
+def profiled_transient(run, device: str) -> int:
+    """CPU: highest bytes allocated during ``run()`` above what was live when it started (torch profiler)."""
     from torch._C._profiler import _EventType
     from torch.profiler import ProfilerActivity, profile
 
@@ -172,7 +291,7 @@ def transient_bytes(run, device: str) -> int:
 
     def walk(nodes):
         for n in nodes:
-            if n.tag == _EventType.Allocation and n.extra_fields.device.type == "cpu":
+            if n.tag == _EventType.Allocation and n.extra_fields.device.type == device:
                 events.append((n.start_time_ns, n.extra_fields.alloc_size))   # negative for a free
             walk(n.children)
 
@@ -184,93 +303,206 @@ def transient_bytes(run, device: str) -> int:
     return peak
 
 
+def measured(run, device: str) -> tuple[object, float, float, int | None]:
+    """(run()'s result, wall seconds, process CPU seconds, CUDA transient bytes or None)."""
+    sync(device)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        start = torch.cuda.memory_allocated()
+    wall, cpu = time.perf_counter(), time.process_time()
+    result = run()
+    sync(device)
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    transient = torch.cuda.max_memory_allocated() - start if device == "cuda" else None
+    return result, wall, cpu, transient
+
+
+def failure(err: BaseException, caught: list) -> tuple[str, str]:
+    """(status, why) of a configuration that raised."""
+    text = str(err).splitlines()[0] if str(err) else type(err).__name__
+    if isinstance(err, torch.cuda.OutOfMemoryError) or "can't allocate memory" in str(err):
+        return "out of memory", text[:300]
+    if isinstance(err, RuntimeError) and any(m in str(err) for m in SDPA_REFUSALS):
+        # SDPA says why only in the warnings it emits first
+        why = "; ".join(str(w.message) for w in caught if "sdp" in str(w.message).lower() or "kernel" in str(w.message))
+        return "refused", (why or text)[:600]
+    return "error", f"{type(err).__name__}: {text}"[:600]
+
+
+def release(device: str) -> None:
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+
+
 def peak_flops(device: str) -> tuple[float, str]:
     """(FLOP/s the MFU is relative to, what it is)."""
     if device == "cuda":
         name, peak = torch.cuda.get_device_name(), peak_tflops(None)
         return (peak * 1e12, f"{name} dense bf16 peak") if peak else (float("nan"), f"{name}: no peak on record")
     a = torch.randn(1024, 1024)
-    best = min(_timed(lambda: a @ a, device) for _ in range(5))
+    best = min(measured(lambda: a @ a, device)[1] for _ in range(5))
     return 2 * 1024**3 / best, "measured fp32 1024^3 matmul rate on this CPU"
 
 
-def _timed(fn, device: str) -> float:
-    sync(device)
-    tic = time.perf_counter()
-    fn()
-    sync(device)
-    return time.perf_counter() - tic
+def budgets(case: Case, reference: dict) -> list[tuple[str, int | None]]:
+    if case.device == "cuda":
+        card = torch.cuda.get_device_properties(0).total_memory
+        return [*((f"{n} GiB", n * GiB) for n in (24, 48, 80)), (f"whole card {card / GiB:.1f} GiB", card)]
+    ref = reference["peak_bytes"]
+    return [(f"{m:g}x ref ({m * ref / 2**20:.1f} MiB)", int(m * ref)) if m else ("no limit", None)
+            for m in CPU_BUDGETS]
 
 
 # ---------------------------------------------------------------------------------------------- the bench
 @pytest.mark.benchmark(group="dopsd_e2e")
 @pytest.mark.parametrize("size", list(CASES))
-def test_e2e(benchmark, size):
+def test_pareto(benchmark, built, size):
     case = CASES[size]
     if case.device == "cuda" and not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     if case.device == "cpu" and torch.cuda.is_available():
         pytest.skip("the GPU machine runs the GPU sizes")
-    if benchmark.disabled or os.environ.get("DOPSD_BENCH_SMOKE") == "1":
-        case = dataclasses.replace(SMOKE, ours_checkpointing=case.ours_checkpointing)
-    ours, baseline, c_s, c_t = build(case)
+    smoke = benchmark.disabled or os.environ.get("DOPSD_BENCH_SMOKE") == "1"
+    if smoke:
+        case = SMOKE
+    rounds = int(os.environ.get("DOPSD_BENCH_ROUNDS", case.rounds))
+    deadline = float(os.environ.get("DOPSD_BENCH_DEADLINE", "inf"))
+    load = [os.getloadavg()[0]]
+    key = (case.device, repr(case.arch), case.rank, case.dtype)
+    if key not in built:
+        built.clear()
+        release(case.device)
+        built[key] = build(case)
+    sides = built[key]
+    g = torch.Generator().manual_seed(1)
+    c_s, c_t = ([torch.randn(n, case.arch.cap_feat_dim, generator=g).to(case.device, case.dtype)]
+                for n in case.caption_tokens)
+    device, latent = case.device, case.latent
+    runs = [dict(label=c.label, side=c.side, checkpointing=c.checkpointing, attention=c.attention, status="ok",
+                 why="", seconds=[], cpu_seconds=[], losses=[], grad_norms=[], transient_bytes=0)
+            for c in configurations(device)]
+    configs = dict(zip((r["label"] for r in runs), configurations(device)))
 
-    # same seed, same first roll-out: the losses agree (to bf16 rounding on CUDA)
-    losses = {name: side.iteration(c_s, c_t, torch.Generator().manual_seed(30))
-              for name, side in (("baseline", baseline), ("ours", ours))}
-    gap = max(abs(a - b) / max(abs(b), 1e-12) for a, b in zip(losses["ours"], losses["baseline"]))
-    benchmark.extra_info["first_losses"] = losses
-    benchmark.extra_info["first_losses_max_rel_diff"] = gap
+    def attempt(run: dict, body) -> None:
+        """body() for one configuration; an exception becomes its status (the state is restored before reuse)."""
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                body()
+                return
+            except Exception as err:        # noqa: BLE001 (recorded; "error" fails the bench below)
+                run["status"], run["why"] = failure(err, caught)
+        for side in sides.values():       # an iteration cut short may leave gradients behind
+            side.optimizer.zero_grad(set_to_none=True)
+            for t in side.trained():
+                t.grad = None
+        release(device)
 
-    noise = {"ours": torch.Generator().manual_seed(31), "baseline": torch.Generator().manual_seed(31)}
-    memory = {}
-    for name, side in (("baseline", baseline), ("ours", ours)):
-        transient = transient_bytes(lambda: side.iteration(c_s, c_t, noise[name]), case.device)
-        resident = unique_bytes(side.resident())
-        memory[name] = {"resident_bytes": resident, "transient_bytes": transient, "peak_bytes": resident + transient}
+    def one(run: dict, generator, timed: bool, profile: bool) -> tuple[list[float], float]:
+        side, config = sides[run["side"]], configs[run["label"]]
 
-    base_times: list[float] = []
-    ours_times: list[float] = []
+        def iteration():
+            return side.iteration(config, c_s, c_t, latent, generator)
+        if profile:                               # CPU memory: one profiled iteration, not timed
+            out = None
 
-    def baseline_round():
-        base_times.append(_timed(lambda: baseline.iteration(c_s, c_t, noise["baseline"]), case.device))
+            def keep():
+                nonlocal out
+                out = iteration()
+            run["transient_bytes"] = max(run["transient_bytes"], profiled_transient(keep, device))
+            return out
+        out, wall, cpu, transient = measured(iteration, device)
+        if timed:
+            run["seconds"].append(wall)
+            if device == "cpu":       # on CUDA the host mostly waits in a sync: its CPU time says little
+                run["cpu_seconds"].append(cpu)
+        if transient is not None and timed:
+            run["transient_bytes"] = max(run["transient_bytes"], transient)
+        return out
 
-    def ours_round():
-        ours_times.append(_timed(lambda: ours.iteration(c_s, c_t, noise["ours"]), case.device))
+    # (1) every configuration from the same state and noise: equivalence, memory, first timings
+    for run in runs:
+        side = sides[run["side"]]
 
-    benchmark.pedantic(ours_round, setup=baseline_round, rounds=case.rounds, warmup_rounds=0)
+        def first_iterations(run=run, side=side):
+            side.restore()
+            noise = torch.Generator().manual_seed(30)
+            for i in range(EQUIVALENCE_ITERATIONS):      # 0: warm-up; CPU: 1 profiled for memory
+                profile = device == "cpu" and i == 1
+                losses, norm = one(run, noise, timed=i > 0 and not profile, profile=profile)
+                run["losses"].append(losses)
+                run["grad_norms"].append(norm)
+            run["resident_bytes"] = unique_bytes(side.resident())
+        attempt(run, first_iterations)
+    ok = [r for r in runs if r["status"] == "ok"]
+    for r in runs:
+        r["other_resident_bytes"] = unique_bytes(sides["ours" if r["side"] == "baseline" else "baseline"].resident())
 
-    ratios = [b / o for b, o in zip(base_times, ours_times)]
-    image_tokens = case.latent[-1] // 2 * (case.latent[-2] // 2)
+    # (2) round-robin timed cycles (pytest-benchmark's rounds time a whole cycle)
+    noises = {r["label"]: torch.Generator().manual_seed(31) for r in ok}
+
+    def cycle():
+        if time.time() > deadline:
+            return
+        for run in runs:
+            if run["status"] == "ok":
+                attempt(run, lambda run=run: one(run, noises[run["label"]], timed=True, profile=False))
+
+    benchmark.pedantic(cycle, rounds=rounds, warmup_rounds=0, iterations=1)
+    load.append(os.getloadavg()[0])
+
+    # results
+    image_tokens = latent[-1] // 2 * (latent[-2] // 2)
     student, teacher = (zimage_layout(case.arch, image_tokens, n) for n in case.caption_tokens)
-    adapters = (case.rank, ours.roles.targets)        # the baseline's PEFT adapters sit on the same linears
-    peak, peak_note = peak_flops(case.device)
-    info = {"case": size if case is CASES[size] else f"smoke ({size})", "device": _device_name(case.device),
-            "ours_gradient_checkpointing": case.ours_checkpointing, "baseline_gradient_checkpointing": True,
-            "threads": torch.get_num_threads(), "mfu_reference": peak_note}
-    for name, times in (("baseline", base_times), ("ours", ours_times)):
+    adapters = (case.rank, sides["ours"].roles.targets)     # the baseline's PEFT adapters sit on the same linears
+    peak, peak_note = peak_flops(device)
+    for r in runs:
         # each side's own work: ours runs the caption refiner once per role, the baseline in every forward
-        per_step = name == "baseline"
-        flops = dopsd_iteration(teacher, student, len(SIGMAS), adapters, context_per_step=per_step).total
-        flops_verl = verl_omni_iteration(teacher, student, len(SIGMAS), context_per_step=per_step).total
-        med = statistics.median(times)
-        info[name] = {"it_per_s": 1 / med, "images_per_s": 1 / med, "seconds": times,
-                      "model_flops_per_iteration": flops, "model_flops_per_iteration_verl_omni": flops_verl,
-                      "mfu": flops / med / peak, "mfu_verl_omni": flops_verl / med / peak, **memory[name]}
-    info["speedup_min_median_max"] = [min(ratios), statistics.median(ratios), max(ratios)]
-    info["peak_memory_ratio_ours_over_baseline"] = memory["ours"]["peak_bytes"] / memory["baseline"]["peak_bytes"]
-    info["transient_memory_ratio_ours_over_baseline"] = (memory["ours"]["transient_bytes"]
-                                                         / max(memory["baseline"]["transient_bytes"], 1))
+        per_step = r["side"] == "baseline"
+        r["model_flops_per_iteration"] = dopsd_iteration(teacher, student, len(SIGMAS), adapters,
+                                                         context_per_step=per_step).total
+        r["model_flops_per_iteration_verl_omni"] = verl_omni_iteration(teacher, student, len(SIGMAS),
+                                                                       context_per_step=per_step).total
+        if r["status"] == "ok" and r["seconds"]:
+            med = statistics.median(r["seconds"])
+            r["it_per_s"] = r["images_per_s"] = 1 / med
+            r["mfu"] = r["model_flops_per_iteration"] / med / peak
+            r["mfu_verl_omni"] = r["model_flops_per_iteration_verl_omni"] / med / peak
+            r["peak_bytes"] = r["resident_bytes"] + r["transient_bytes"]
+        else:
+            r["peak_bytes"] = None
+    reference = next((r for r in runs if r["side"] == "baseline" and r["status"] == "ok"), None)
+    assert reference is not None, "no baseline configuration ran: " + "; ".join(f"{r['label']}: {r['why']}"
+                                                                            for r in runs)
+    reference["reference"] = True
+    loss_rel, norm_rel = TOLERANCE[case.dtype]
+    failures = equivalence(runs, reference, loss_rel, norm_rel)
+    rows = pareto(runs, budgets(case, reference))
+    name = f"smoke ({size})" if smoke else size
+    first_timed = EQUIVALENCE_ITERATIONS - 1 - (device == "cpu")    # warm-up and the profiled one untimed
+    header = [f"{name} on {_device_name(device)}, {case.dtype}, {torch.get_num_threads()} thread(s), 1-min load "
+              f"{load[0]:.2f} -> {load[-1]:.2f}; timed iterations per configuration: {first_timed} + {rounds} "
+              f"round(s); MFU vs {peak_note}",
+              f"equivalence: first {EQUIVALENCE_ITERATIONS} iterations from one state and seed vs {reference['label']}: "
+              f"losses rel <= {loss_rel:g}, grad norms rel <= {norm_rel:g}",
+              "ops=auto: each op the fastest measured on CUDA, attention torch SDPA (default dispatch); ops=triton: "
+              "every op ours, attention our Triton kernel; ops=reference: the PyTorch ops; sdpa=X: torch SDPA "
+              "restricted to backend X"]
+    table = render(runs, rows, header)
+    info = {"case": name, "device": _device_name(device), "dtype": str(case.dtype),
+            "threads": torch.get_num_threads(), "load_1min_before_after": load, "mfu_reference": peak_note,
+            "equivalence": {"iterations": EQUIVALENCE_ITERATIONS, "reference": reference["label"],
+                            "loss_rel_tolerance": loss_rel, "grad_norm_rel_tolerance": norm_rel, "failures": failures},
+            "rounds": rounds, "runs": runs, "pareto": rows, "pareto_table": table}
     benchmark.extra_info.update(info)
-    print(f"\n{info['case']} on {info['device']}: ours {info['ours']['it_per_s']:.3f} it/s vs baseline "
-          f"{info['baseline']['it_per_s']:.3f} it/s, speedup min/median/max "
-          + "/".join(f"{r:.2f}" for r in info["speedup_min_median_max"])
-          + f"; peak memory ours/baseline {info['peak_memory_ratio_ours_over_baseline']:.2f} "
-          f"(transient {info['transient_memory_ratio_ours_over_baseline']:.2f}); "
-          f"MFU ours {info['ours']['mfu']:.1%} baseline {info['baseline']['mfu']:.1%}; first-loss gap {gap:.1e}")
-    ours = baseline = None      # the rounds' closures hold these cells: free both models before the next size
-    if case.device == "cuda":
-        torch.cuda.empty_cache()
+    print("\n" + "\n".join(table))
+    if os.environ.get("DOPSD_BENCH_OUT"):
+        out = Path(os.environ["DOPSD_BENCH_OUT"], f"pareto_{size}.json")
+        out.write_text(json.dumps({"benchmarks": [{"name": f"test_pareto[{size}]", "extra_info": info}]}, indent=1))
+    if device == "cuda":
+        release(device)
+    assert not failures, "configurations that compute something else or failed:\n" + "\n".join(failures)
 
 
 def _device_name(device: str) -> str:

@@ -4,18 +4,24 @@
 #   wheels    -> pip-installs the carried .device_wheels/*.whl it lacks (scripts/fetch_device_wheels.sh), --no-deps
 #   package   -> pip install -e . against the machine's torch (no deps, no build isolation, no native build), then
 #   extension -> the same install building the CUDA extension csrc/ -> dopsd_fast._C when setup.py provides it
-#   ops, csrc -> GPU tests of every op (tests/ops on the `device` fixture, tests/csrc), JUnit XML
-#   train     -> `dopsd train tiny-cpu` for 3 steps on the device (train.device=auto), checkpoint included
-#   e2e       -> dopsd_fast vs the released loop at Z-Image 6B 512^2 / 1024^2, then bench_ops -> op benches (JSON)
-# and prints the summary table LAST (scripts/summarize_bench.py). Every stage has its own timeout inside one total
-# budget (BUDGET_S, default 470 s); a failed stage is recorded and the next one still runs.
+#   e2e       -> the Pareto bench (bench/bench_e2e.py): every configuration of ours and of the released loop at
+#                Z-Image 6B 512^2 and 1024^2, equivalence asserted, fastest that fits per memory budget
+#   bench_ops -> the op benches but attention; bench_attention -> bench_packed_attention.py at the Z-Image shapes
+#                (its fp32 math oracle and the fwd+bwd "full" pass left out: ATTN_K)
+# and prints the summary table LAST (scripts/summarize_bench.py). Optional stages (STAGES="ops csrc train" or
+# STAGES=all): ops, csrc -> GPU tests of every op (tests/ops on the `device` fixture, tests/csrc), JUnit XML;
+# train -> `dopsd train tiny-cpu` for 3 steps on the device. Every stage has its own timeout inside one total budget
+# (BUDGET_S, default 380 s: with a ~1.5 min machine start, under 8 min of device time); a failed stage is recorded
+# and the next one still runs.
 #
 # Usage: scripts/device_check.sh [--cpu]
 #   --cpu      dry run on a CPU machine: installs nothing (checks the wheels), runs each stage at tiny sizes
 #              (op tests subset under the Triton interpreter, e2e at its smoke size, op benches one round)
-#   OUT=dir    where logs, XML and JSON go (default ./device_check_out; the device tool sets $OUT)
-#   STAGES="ops e2e"   run only these stages (a rerun after a failure)
+#   OUT=dir    where logs, XML and JSON go (default ./device_check_out; the device tool sets $OUT). At most 7 files:
+#              device_check.log stages.tsv bench_e2e.json bench_ops.json summary.txt (+ tests_ops.xml tests_csrc.xml)
+#   STAGES="e2e bench_ops"   run only these stages (a rerun after a failure); STAGES=all adds the optional ones
 #   OPS_TESTS="tests/ops/test_x.py::test_y"   the ops stage runs these instead of all of tests/ops
+#   ATTN_K="expr"  pytest -k of the attention op benches (default "not reference and not full")
 set -uo pipefail
 cd "$(dirname "$0")/.."
 MODE=gpu
@@ -27,9 +33,11 @@ LOG="$OUT/device_check.log"
 PY=${PY:-$(command -v python3)}
 [[ "$MODE" == cpu && -x .venv/bin/python ]] && PY=.venv/bin/python
 WHEELS=${WHEELS:-.device_wheels}
-STAGES=${STAGES:-versions wheels package extension ops csrc train e2e bench_ops}
+DEFAULT_STAGES="versions wheels package extension e2e bench_ops bench_attention"
+STAGES=${STAGES:-$DEFAULT_STAGES}
+[[ "$STAGES" == all ]] && STAGES="$DEFAULT_STAGES ops csrc train"
 START=$(date +%s)
-BUDGET_S=${BUDGET_S:-470}
+BUDGET_S=${BUDGET_S:-380}
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 PYTHONDONTWRITEBYTECODE=1
 if [[ "$MODE" == gpu ]]; then
     export TRITON_INTERPRET=0                      # real kernels (tests/conftest.py defaults to the interpreter)
@@ -38,16 +46,19 @@ if [[ "$MODE" == gpu ]]; then
         elif command -v nvcc >/dev/null; then CUDA_HOME=$(dirname "$(dirname "$(readlink -f "$(command -v nvcc)")")"); fi
     fi
     export CUDA_HOME=${CUDA_HOME:-} DOPSD_CUDA_ARCHS=${DOPSD_CUDA_ARCHS:-90a}
-    OPS_SELECT=() E2E_SIZES=(cuda-6b-512 cuda-6b-1024 cuda-6b-512-nockpt cuda-6b-1024-nockpt) TRAIN_DEVICE=cuda
+    OPS_SELECT=() E2E_SIZES=(cuda-6b-512 cuda-6b-1024) TRAIN_DEVICE=cuda
     # Triton compiles each test's kernels on first use: spread the op tests over processes when pytest-xdist is there
     "$PY" -c "import xdist" 2>/dev/null && OPS_SELECT=(-n 8)
 else
     export TRITON_INTERPRET=1
     export DOPSD_BENCH_SMOKE=1                     # bench_e2e at its tiny size, still timed and written as JSON
+    # ... in the GPU run's kinds of configuration too: ours' Triton ops (interpreted) and a restricted SDPA backend
+    export DOPSD_BENCH_OPS=${DOPSD_BENCH_OPS:-reference triton} DOPSD_BENCH_SDPA=${DOPSD_BENCH_SDPA:-default flash}
     OPS_SELECT=(-k "rollout_step and launcher")    # a few interpreter cases: the stage runs, quickly
-    E2E_SIZES=(cpu-small cpu-small-nockpt)
+    E2E_SIZES=(cpu-small)
     TRAIN_DEVICE=cpu
 fi
+ATTN_K=${ATTN_K:-not reference and not full}
 # -P: the repo root stays off sys.path, so the top-level kernels/ never shadows the hub's `kernels` package
 PYTEST=("$PY" -P -m pytest -q -p no:cacheprovider)
 
@@ -135,10 +146,28 @@ export -f versions wheels package extension
 NOTE="versions"; run_stage versions 30 versions
 NOTE="carried wheels"; run_stage wheels 45 wheels
 NOTE="editable, no native build"; run_stage package 60 package
-NOTE="CUDA extension (csrc/)"; run_stage extension 150 extension
+NOTE="CUDA extension (csrc/)"; run_stage extension 90 extension
+# The headline table first. Both sizes in one pytest (one 6B build per side serves both); each size writes its own
+# pareto_<size>.json as soon as it is done, so a 1024^2 cut off by the stage's timeout keeps the 512^2 table. Past
+# DOPSD_BENCH_DEADLINE no further timed round-robin cycle starts (the equivalence iterations always run).
+E2E_LIMIT=${E2E_LIMIT:-270}
+E2E_NODES=()
+for size in "${E2E_SIZES[@]}"; do E2E_NODES+=("bench/bench_e2e.py::test_pareto[$size]"); done
+E2E_LEFT=$(( BUDGET_S - ($(date +%s) - START) ))
+(( E2E_LIMIT > E2E_LEFT )) && E2E_LIMIT=$E2E_LEFT
+NOTE="Pareto: ours vs released loop, ${E2E_SIZES[*]}"
+run_stage e2e "$E2E_LIMIT" env DOPSD_BENCH_OUT="$OUT" DOPSD_BENCH_DEADLINE=$(( $(date +%s) + E2E_LIMIT - 45 )) \
+    "${PYTEST[@]}" -s "${E2E_NODES[@]}" --benchmark-json="$OUT/bench_e2e_pytest.json"
+NOTE="op benches but attention, pytest-benchmark JSON"
+run_stage bench_ops 45 "${PYTEST[@]}" bench/ops --ignore=bench/ops/bench_packed_attention.py \
+    --benchmark-json="$OUT/bench_ops_rest.json"
+NOTE="attention op benches, -k '$ATTN_K'"
+run_stage bench_attention 45 "${PYTEST[@]}" bench/ops/bench_packed_attention.py -k "$ATTN_K" \
+    --benchmark-json="$OUT/bench_ops_attention.json"
+# Optional stages (STAGES=all or named), after the benches: the headline numbers get the budget first.
 NOTE="tests/ops on the device fixture"
 run_stage ops 90 "${PYTEST[@]}" ${OPS_TESTS:-tests/ops} "${OPS_SELECT[@]}" --junitxml="$OUT/tests_ops.xml"
-if [[ -f tests/csrc/test_cuda_ops.py ]]; then      # the GPU part of tests/csrc (CPU twins and nvcc run in CI)
+if [[ -f tests/csrc/test_cuda_ops.py || " $STAGES " != *" csrc "* ]]; then  # tests/csrc's GPU part (CPU twins: CI)
     NOTE="CUDA C++ vs Triton vs reference"
     run_stage csrc 45 "${PYTEST[@]}" tests/csrc/test_cuda_ops.py --junitxml="$OUT/tests_csrc.xml"
 else
@@ -146,29 +175,42 @@ else
 fi
 # The trainer itself on the device (train.device=auto picks the GPU): 3 D-OPSD steps, checkpoint, resume path.
 NOTE="dopsd train tiny-cpu on the device, 3 steps"
-# (TRITON_INTERPRET=0: on --cpu the trainer's own CPU path, the reference ops, not the interpreter)
+# (TRITON_INTERPRET=0: on --cpu the trainer's own CPU path, the reference ops, not the interpreter.) Its run folder
+# stays outside $OUT: the device tool returns at most 8 files.
+TRAIN_DIR=$(mktemp -d)
 run_stage train 60 env TRITON_INTERPRET=0 "$PY" -P -m dopsd_fast.cli train tiny-cpu --no-samples --no-progress \
-    --set train.steps=3 --set train.device=$TRAIN_DEVICE --set train.output_dir="$OUT/train_run" --set train.tensorboard=false
-# Before the op benches: the headline numbers get the budget first. One pytest per size, so a size cut off by its
-# timeout loses only its own JSON (pytest-benchmark writes the file at the end of the session).
-for size in "${E2E_SIZES[@]}"; do
-    NOTE="ours vs released loop, $size"
-    run_stage e2e 110 "${PYTEST[@]}" -s "bench/bench_e2e.py::test_e2e[$size]" --benchmark-json="$OUT/bench_e2e_$size.json"
-done
-# one bench_e2e.json holding every size's benchmark (the device tool returns at most 8 files)
+    --set train.steps=3 --set train.device=$TRAIN_DEVICE --set train.output_dir="$TRAIN_DIR/run" --set train.tensorboard=false
+rm -rf "$TRAIN_DIR"
+# One bench_e2e.json and one bench_ops.json (the device tool returns at most 8 files): pytest-benchmark's file where
+# it was written, plus the bench's own per-size records of sizes it lacks (a timed-out pytest writes none).
 "$PY" - "$OUT" <<'PYEOF'
 import json, pathlib, sys
 out = pathlib.Path(sys.argv[1])
-parts = sorted(out.glob("bench_e2e_*.json"))
-runs = [json.loads(p.read_text()) for p in parts]
-if runs:
-    merged = {**runs[0], "benchmarks": [b for r in runs for b in r["benchmarks"]]}
-    (out / "bench_e2e.json").write_text(json.dumps(merged, indent=1))
+
+
+def load(path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        print(f"{path.name}: unreadable ({err})")
+        return None
+
+
+def merge(parts, target):
+    runs = [r for r in map(load, parts) if r]
+    if runs:
+        merged = {**runs[0], "benchmarks": []}
+        for r in runs:
+            names = {b["name"] for b in merged["benchmarks"]}
+            merged["benchmarks"] += [b for b in r.get("benchmarks", []) if b["name"] not in names]
+        (out / target).write_text(json.dumps(merged, indent=1))
     for p in parts:
         p.unlink()
+
+
+merge([p for p in [out / "bench_e2e_pytest.json", *sorted(out.glob("pareto_*.json"))] if p.is_file()], "bench_e2e.json")
+merge([p for p in (out / "bench_ops_rest.json", out / "bench_ops_attention.json") if p.is_file()], "bench_ops.json")
 PYEOF
-NOTE="pytest-benchmark JSON"
-run_stage bench_ops 60 "${PYTEST[@]}" bench/ops --benchmark-json="$OUT/bench_ops.json"
 
 echo "=== total $(( $(date +%s) - START ))s; files in $OUT" | tee -a "$LOG"
 "$PY" scripts/summarize_bench.py "$OUT"

@@ -2,9 +2,11 @@
 """Summarise a scripts/device_check.sh output folder: `python scripts/summarize_bench.py OUT_DIR`.
 
 Reads OUT_DIR/stages.tsv (stage, exit code, seconds, note), the pytest JUnit files tests_*.xml, and the
-pytest-benchmark files bench_ops.json and bench_e2e*.json (one per size); prints one table per kind, the e2e one
-last, and writes the same text to OUT_DIR/summary.txt. Missing files are reported as missing, never fatal: the
-summary is what a failed run still has to show.
+pytest-benchmark files bench_ops.json and bench_e2e*.json; prints one table per kind, the e2e one last, and writes
+the same text to OUT_DIR/summary.txt. An e2e record of bench/bench_e2e.py's Pareto bench prints the bench's own
+tables (every configuration, then the fastest of each side that fits each memory budget); an older one-pair record
+(before 2026-12) prints one line. Missing files are reported as missing, never fatal: the summary is what a failed
+run still has to show.
 """
 from __future__ import annotations
 
@@ -18,17 +20,20 @@ def stage_lines(out: Path) -> list[str]:
     path = out / "stages.tsv"
     if not path.is_file():
         return ["(no stages.tsv)"]
-    lines = [f"{'stage':<10} {'rc':>4} {'seconds':>8}  note"]
+    lines = [f"{'stage':<16} {'rc':>4} {'seconds':>8}  note"]
     for row in path.read_text().splitlines():
         name, rc, sec, *note = row.split("\t") + [""]
         flag = "" if rc in ("0", "skip") else "  FAILED" if rc != "124" else "  TIMED OUT"
-        lines.append(f"{name:<10} {rc:>4} {sec:>8}  {note[0]}{flag}")
+        lines.append(f"{name:<16} {rc:>4} {sec:>8}  {note[0]}{flag}")
     return lines
 
 
 def test_lines(out: Path) -> list[str]:
+    paths = sorted(out.glob("tests_*.xml"))
+    if not paths:
+        return ["(no tests_*.xml: the optional ops / csrc stages did not run)"]
     lines = [f"{'tests':<14} {'passed':>7} {'failed':>7} {'errors':>7} {'skipped':>8}"]
-    for path in sorted(out.glob("tests_*.xml")):
+    for path in paths:
         try:
             root = ET.parse(path).getroot()
         except ET.ParseError as err:
@@ -55,9 +60,25 @@ def e2e_lines(out: Path) -> list[str]:
     paths = sorted(out.glob("bench_e2e*.json"))
     if not paths:
         return ["(no bench_e2e*.json)"]
+    tables, pairs = [], []
+    for b in (b for path in paths for b in _load(path)):
+        e = b.get("extra_info", {})
+        if "pareto_table" in e:
+            failures = e.get("equivalence", {}).get("failures") or []
+            tables.append([*e["pareto_table"], *(f"EQUIVALENCE FAILED {f}" for f in failures)])
+        else:
+            pairs.append(b)
+    lines = _pair_lines(pairs) if pairs else []
+    for table in tables:
+        lines += [""] * bool(lines) + table
+    return lines
+
+
+def _pair_lines(benchmarks: list[dict]) -> list[str]:
+    """Records of the older one-pair bench (ours vs the baseline, one configuration each)."""
     lines = [f"{'case':<20} {'device':<22} {'ours it/s':>9} {'base it/s':>9} {'speedup min/med/max':>20} "
              f"{'peak MiB ours/base':>19} {'mem ratio':>9} {'MFU ours/base':>14}"]
-    for b in (b for path in paths for b in _load(path)):
+    for b in benchmarks:
         e = b.get("extra_info", {})
         if "ours" not in e:
             lines.append(f"{b.get('name', '?')}: no measurements")
