@@ -42,20 +42,25 @@ def matched_pair(tmp_path, randomized: bool, dtype: str = "fp32"):
     return tr, loop
 
 
-@pytest.mark.parametrize("randomized", [False, True], ids=["init_adapters", "random_adapters"])
-def test_first_losses_equal_ours(tmp_path, randomized):
-    tr, loop = matched_pair(tmp_path, randomized)
+def side_by_side(tr, loop, iterations: int = 3):
+    """(ours, theirs) losses of each iteration: the same batches, contexts and noise stream on both sides."""
     noise = torch.Generator().manual_seed(tr.cfg.train.seed)     # the trainer's noise stream, seeded alike
-    for _ in range(3):
+    for _ in range(iterations):
         batch = next(tr.stream)
         c_s, c_t = tr.text_encoder(batch.prompts), tr.mm_encoder(batch.prompts, batch.images)
         shape = tr.codec.latent_shape(*batch.images[0].shape[-2:])
         ours = tr.forward_backward_step(batch)
         tr.optimizer_step()
-        theirs = loop.iteration(c_s, c_t, shape, len(batch.images), noise)
+        yield ours.losses, loop.iteration(tr._cast(c_s), tr._cast(c_t), shape, len(batch.images), noise)
+
+
+@pytest.mark.parametrize("randomized", [False, True], ids=["init_adapters", "random_adapters"])
+def test_first_losses_equal_ours(tmp_path, randomized):
+    tr, loop = matched_pair(tmp_path, randomized)
+    for ours, theirs in side_by_side(tr, loop):
         # fp32: the two differ only in summation order (packed vs padded attention, per-step vs one backward,
         # EMA as lerp vs mul-add), a few ulps per op
-        assert ours.losses == pytest.approx(theirs, rel=1e-5, abs=1e-8)
+        assert ours == pytest.approx(theirs, rel=1e-5, abs=1e-8)
     # Adam divides by sqrt(v): where a gradient is ~0 a few-ulp difference can move one weight by up to ~lr, so the
     # weights are compared per tensor in norm (observed worst 2e-4)
     teacher = dict(zip(tr.roles.ema.names, tr.roles.ema.teacher))
@@ -73,15 +78,8 @@ def test_bf16_both_sides_train_fp32_masters(tmp_path):
     tr, loop = matched_pair(tmp_path, randomized=True, dtype="bf16")
     assert {p.dtype for p in loop.student.values()} == {torch.bfloat16}       # the module computes in bf16
     assert {m.dtype for m in loop.masters} == {p.dtype for p in tr.roles.trainable.values()} == {torch.float32}
-    noise = torch.Generator().manual_seed(tr.cfg.train.seed)
-    for _ in range(3):
-        batch = next(tr.stream)
-        c_s, c_t = tr.text_encoder(batch.prompts), tr.mm_encoder(batch.prompts, batch.images)
-        shape = tr.codec.latent_shape(*batch.images[0].shape[-2:])
-        ours = tr.forward_backward_step(batch)
-        tr.optimizer_step()
-        theirs = loop.iteration(tr._cast(c_s), tr._cast(c_t), shape, len(batch.images), noise)
-        assert ours.losses == pytest.approx(theirs, rel=5e-2)      # bf16 forwards in a different op order
+    for ours, theirs in side_by_side(tr, loop):
+        assert ours == pytest.approx(theirs, rel=5e-2)      # bf16 forwards in a different op order
     for k, p in tr.roles.trainable.items():     # each side's masters moved by AdamW alike
         m = loop.masters[list(loop.student).index(load_baseline().peft_name(k, "student"))]
         assert float((p - m).detach().norm() / m.detach().norm()) < 5e-2, k
