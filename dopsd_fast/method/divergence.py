@@ -1,6 +1,7 @@
 """Per-step divergence between student and (stopped) teacher predictions at the student's state."""
 from __future__ import annotations
 
+import functools
 import itertools
 from typing import Literal
 
@@ -30,12 +31,19 @@ def rollout_loss(flow: FlowConvention, x: list[Tensor], out_s: list[Tensor], out
     return F.mse_loss(s, t)
 
 
+@functools.lru_cache(maxsize=16)
+def packed_offsets(sizes: tuple[int, ...], device: torch.device) -> Tensor:
+    """int32 (B+1,) offsets of samples of ``sizes`` elements in one flat buffer, on ``device``: the same for every
+    step of a roll-out, so built (one host->device copy, which waits for the device) once per set of sizes."""
+    return torch.tensor([0, *itertools.accumulate(sizes)], dtype=torch.int32, device=device)
+
+
 def rollout_update(flow: FlowConvention, x: list[Tensor], out_s: list[Tensor], out_t: list[Tensor], sigma: float,
                    sigma_next: float, kind: Literal["x0", "velocity"]) -> tuple[Tensor, list[Tensor]]:
     """One roll-out step in one pass (``ops.rollout_step``): the divergence of :func:`rollout_loss` and the
     student's Euler step ``flow.euler(x, out_s, sigma, sigma_next)``; returns (loss, next states)."""
     sizes = [xi.numel() for xi in x]
-    cu = torch.tensor([0, *itertools.accumulate(sizes)], dtype=torch.int32, device=x[0].device)
+    cu = packed_offsets(tuple(sizes), x[0].device)
     step_coef, loss_coef = rollout_coefs(flow.sign, sigma, sigma_next, kind, len(x), x[0].device)
     x_next, sq_sum = rollout_step(flat(x), flat(out_s), flat(out_t).detach(), cu, step_coef, loss_coef)
     return sq_sum.sum() / sum(sizes), [xn.view(xi.shape) for xn, xi in zip(x_next.split(sizes), x)]

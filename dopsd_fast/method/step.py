@@ -76,4 +76,5 @@ def sft_step(roles: Roles, flow: FlowConvention, c_s: list[Tensor], x0: list[Ten
     target = [flow.target(xi, e) for xi, e in zip(x0, eps)]
     loss = torch.nn.functional.mse_loss(flat(out), flat(target))
     loss.backward()
-    return StepOutput(loss=loss.item(), losses=[loss.item()])
+    value = loss.item()     # the one device sync of the step
+    return StepOutput(loss=value, losses=[value])

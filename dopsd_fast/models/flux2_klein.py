@@ -16,6 +16,7 @@ The time embedding and the three modulations are computed once per forward and s
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -28,6 +29,7 @@ from dopsd_fast.ops.epilogues import modulated_layer_norm, qk_norm_rope
 from dopsd_fast.ops.packed_attention import packed_attention
 
 from .checkpointing import CheckpointPlan, run_block
+from .layout_cache import LayoutCache
 from .z_image import RMSNorm, sample_index_of
 
 REFERENCE_TIME_ID = 10  # RoPE time id of reference k: 10 + 10 k (BFL encode_image_refs, diffusers _prepare_image_ids)
@@ -150,17 +152,17 @@ class JointLayout:
     def build(cls, text: Stream, image: Stream) -> "JointLayout":
         device = text.rope_cos.device
         lengths = [a + b for a, b in zip(text.lengths, image.lengths)]
-        bounds = torch.tensor([0, *lengths], dtype=torch.int64).cumsum(0)
-        cu = bounds.to(torch.int32).to(device)
+        bounds = list(itertools.accumulate(lengths, initial=0))     # host ints: no tensor read back
+        cu = torch.tensor(bounds, dtype=torch.int32).to(device)
         sample_index = sample_index_of(lengths, device)
         cos, sin = torch.cat([text.rope_cos, image.rope_cos]), torch.cat([text.rope_sin, image.rope_sin])
         if len(lengths) == 1:
             return cls(cu, lengths[0], None, None, None, sample_index, cos, sin)
-        text_rows = torch.cat([torch.arange(s, s + n) for s, n in zip(bounds[:-1].tolist(), text.lengths)])
+        text_rows = torch.cat([torch.arange(s, s + n) for s, n in zip(bounds[:-1], text.lengths)])
         image_rows = torch.cat([torch.arange(s + a, s + a + n)
-                                for s, a, n in zip(bounds[:-1].tolist(), text.lengths, image.lengths)])
-        order = torch.empty(int(bounds[-1]), dtype=torch.int64)
-        order[torch.cat([text_rows, image_rows])] = torch.arange(int(bounds[-1]))
+                                for s, a, n in zip(bounds[:-1], text.lengths, image.lengths)])
+        order = torch.empty(bounds[-1], dtype=torch.int64)
+        order[torch.cat([text_rows, image_rows])] = torch.arange(bounds[-1])
         order, text_rows, image_rows = order.to(device), text_rows.to(device), image_rows.to(device)
         return cls(cu, max(lengths), order, text_rows, image_rows, sample_index, cos[order], sin[order])
 
@@ -321,6 +323,18 @@ class KleinContext:
     text: Stream
     ref_tokens: Tensor  # (sum R_i, D) x_embedder output of the clean reference latents (R_i may be 0)
     refs: Stream
+    # what the two streams' layouts are a function of (encode_context's layout key: text lengths, reference sizes):
+    # forwards with equal keys and target sizes reuse one layout; None (a hand-made context) builds it every time
+    layout_key: tuple | None = None
+
+
+@dataclass
+class KleinLayout:
+    """What a forward derives from the target sizes and its context's layout alone (cached: models/layout_cache.py)."""
+
+    target: Stream  # the target tokens (final layer)
+    image: Stream  # [target_i, refs_i] per sample
+    joint: JointLayout
 
 
 @dataclass
@@ -341,6 +355,8 @@ class ReferenceCondition:
 class Flux2KleinTransformer(nn.Module):
     """FLUX.2 [klein] DiT; `state_dict()` keys equal the diffusers checkpoint keys."""
 
+    repeated_blocks = (DoubleStreamBlock, SingleStreamBlock)    # what model.compile=blocks compiles (models/compile.py)
+
     def __init__(self, config: Flux2KleinConfig | None = None):
         super().__init__()
         cfg = config or Flux2KleinConfig()
@@ -351,6 +367,7 @@ class Flux2KleinTransformer(nn.Module):
             raise ValueError(f"axes_dims_rope {cfg.axes_dims_rope} must be 4 axes summing to head dim {cfg.attention_head_dim}")
         self.config, d = cfg, cfg.dim
         self.checkpointing = CheckpointPlan()
+        self.layouts = LayoutCache()     # packed layouts and RoPE tables by shapes (context and forward keys)
         self.x_embedder = nn.Linear(cfg.in_channels, d, bias=False)
         self.context_embedder = nn.Linear(cfg.joint_attention_dim, d, bias=False)
         self.time_guidance_embed = TimeGuidanceEmbed(cfg.timestep_guidance_channels, d)
@@ -376,18 +393,24 @@ class Flux2KleinTransformer(nn.Module):
             raise ValueError("every prompt needs at least one text token")
         dtype = self.context_embedder.weight.dtype
         tokens = self.context_embedder(torch.cat(texts).to(dtype))
-        device = tokens.device
-        text = self._stream(lengths, torch.cat([text_positions(n) for n in lengths]), device)
-        ref_lengths = [sum(r.shape[-2] * r.shape[-1] for r in rs) for rs in refs]
         flat = [r for rs in refs for r in rs]
         if flat:
             ref_tokens = self.x_embedder(torch.cat([to_tokens(r) for r in flat]).to(dtype))
-            ids = [grid_positions(r.shape[-2], r.shape[-1], REFERENCE_TIME_ID * (k + 1))
-                   for rs in refs for k, r in enumerate(rs)]
-            positions = torch.cat(ids)
         else:
-            ref_tokens, positions = tokens.new_zeros(0, tokens.shape[1]), torch.zeros(0, 4, dtype=torch.int64)
-        return KleinContext(tokens, text, ref_tokens, self._stream(ref_lengths, positions, device))
+            ref_tokens = tokens.new_zeros(0, tokens.shape[1])
+        ref_sizes = tuple(tuple((r.shape[-2], r.shape[-1]) for r in rs) for rs in refs)
+        key = ("context", tuple(lengths), ref_sizes, tokens.device)
+        text, ref_stream = self.layouts.get(key, lambda: self._context_layout(lengths, ref_sizes, tokens.device))
+        return KleinContext(tokens, text, ref_tokens, ref_stream, key)
+
+    def _context_layout(self, lengths: list[int], ref_sizes: tuple[tuple[tuple[int, int], ...], ...],
+                        device: torch.device) -> tuple[Stream, Stream]:
+        text = self._stream(lengths, torch.cat([text_positions(n) for n in lengths]), device)
+        ref_lengths = [sum(h * w for h, w in sizes) for sizes in ref_sizes]
+        ids = [grid_positions(h, w, REFERENCE_TIME_ID * (k + 1))
+               for sizes in ref_sizes for k, (h, w) in enumerate(sizes)]
+        positions = torch.cat(ids) if ids else torch.zeros(0, 4, dtype=torch.int64)
+        return text, self._stream(ref_lengths, positions, device)
 
     # ---- full forward -----------------------------------------------------------------------------------
     def forward(self, x: list[Tensor], t: Tensor, cap_feats: list[Tensor | ReferenceCondition] | None = None,
@@ -413,20 +436,14 @@ class Flux2KleinTransformer(nn.Module):
 
         target_lengths = [xi.shape[-2] * xi.shape[-1] for xi in x]
         target = self.x_embedder(torch.cat([to_tokens(xi) for xi in x]).to(dtype))
-        device = target.device
         # image stream per sample: [target_i, refs_i]
         ref_parts = context.ref_tokens.to(dtype).split(context.refs.lengths)
         img = torch.cat([p for pair in zip(target.split(target_lengths), ref_parts) for p in pair])
-        positions = torch.cat([grid_positions(xi.shape[-2], xi.shape[-1]) for xi in x])
-        target_stream = self._stream(target_lengths, positions, device)
-        img_cos = torch.cat([p for pair in zip(target_stream.rope_cos.split(target_lengths),
-                                               context.refs.rope_cos.split(context.refs.lengths)) for p in pair])
-        img_sin = torch.cat([p for pair in zip(target_stream.rope_sin.split(target_lengths),
-                                               context.refs.rope_sin.split(context.refs.lengths)) for p in pair])
-        img_lengths = [n + r for n, r in zip(target_lengths, context.refs.lengths)]
-        image = Stream(img_lengths, sample_index_of(img_lengths, device), img_cos, img_sin)
-        text = context.text
-        joint = JointLayout.build(text, image)
+        # the same for all K steps and both roles of an iteration: built once per shapes, kept on the device
+        sizes = tuple((xi.shape[-2], xi.shape[-1]) for xi in x)
+        layout_key = None if context.layout_key is None else ("target", sizes, context.layout_key)
+        layout = self.layouts.get(layout_key, lambda: self._target_layout(sizes, context, target.device))
+        image, text, joint, target_stream = layout.image, context.text, layout.joint, layout.target
 
         txt = context.tokens.to(dtype)
         for i, block in enumerate(self.transformer_blocks):
@@ -441,3 +458,17 @@ class Flux2KleinTransformer(nn.Module):
         out_tokens = torch.cat(pieces)
         out = self.proj_out(self.norm_out(out_tokens, temb, target_stream.sample_index, self.config.eps))
         return [o.transpose(0, 1).reshape(-1, *xi.shape[-2:]) for o, xi in zip(out.split(target_lengths), x)]
+
+    def _target_layout(self, sizes: tuple[tuple[int, int], ...], context: KleinContext,
+                       device: torch.device) -> KleinLayout:
+        target_lengths = [h * w for h, w in sizes]
+        positions = torch.cat([grid_positions(h, w) for h, w in sizes])
+        target = self._stream(target_lengths, positions, device)
+        refs = context.refs
+        img_cos = torch.cat([p for pair in zip(target.rope_cos.split(target_lengths), refs.rope_cos.split(refs.lengths))
+                             for p in pair])
+        img_sin = torch.cat([p for pair in zip(target.rope_sin.split(target_lengths), refs.rope_sin.split(refs.lengths))
+                             for p in pair])
+        img_lengths = [n + r for n, r in zip(target_lengths, refs.lengths)]
+        image = Stream(img_lengths, sample_index_of(img_lengths, device), img_cos, img_sin)
+        return KleinLayout(target, image, JointLayout.build(context.text, image))

@@ -26,6 +26,7 @@ from dopsd_fast.ops.epilogues import gated_residual, modulated_layer_norm, modul
 from dopsd_fast.ops.packed_attention import packed_attention
 
 from .checkpointing import CheckpointPlan, run_block
+from .layout_cache import LayoutCache
 from dopsd_fast.ops.reference import rms_norm_ref, rope_ref
 
 SEQ_MULTIPLE = 32  # caption and image token lists are each padded to a multiple of this
@@ -260,10 +261,24 @@ class CaptionContext:
     lengths: list[int]  # Lc32_i per sample (multiple of 32)
     rope_cos: Tensor  # fp32 (sum_i Lc32_i, head_dim/2)
     rope_sin: Tensor
+    # what the RoPE tables are a function of (encode_context's layout key): forwards with equal keys and image
+    # shapes reuse one layout; None (a hand-made context) builds the forward's layout afresh every time
+    layout_key: tuple | None = None
+
+
+@dataclass
+class ImageLayout:
+    """What a forward derives from the image grids and caption lengths alone (cached: models/layout_cache.py)."""
+
+    img: PackedSequence  # noise refiner: [patches, pads] per sample, RoPE of the image ids
+    uni: PackedSequence  # main layers: [image, caption] per sample
+    out_index: Tensor  # int64 (sum N_i,): sample id of every real image token (final layer)
 
 
 class ZImageTransformer(nn.Module):
     """Z-Image S3-DiT; `state_dict()` keys equal the official / diffusers text-to-image checkpoint keys."""
+
+    repeated_blocks = (ZImageBlock,)     # what model.compile=blocks compiles (models/compile.py)
 
     def __init__(self, config: ZImageConfig | None = None):
         super().__init__()
@@ -277,6 +292,7 @@ class ZImageTransformer(nn.Module):
             raise ValueError("all_patch_size and all_f_patch_size must have the same length")
         self.config = cfg
         self.checkpointing = CheckpointPlan()
+        self.layouts = LayoutCache()     # packed layouts and RoPE tables by shapes (context and forward keys)
         c = cfg.in_channels
         patches = list(zip(cfg.all_patch_size, cfg.all_f_patch_size))
         self.all_x_embedder = nn.ModuleDict({f"{p}-{fp}": nn.Linear(fp * p * p * c, cfg.dim) for p, fp in patches})
@@ -319,13 +335,17 @@ class ZImageTransformer(nn.Module):
         pads = [pad.expand(p - n, -1) for n, p in zip(real, padded)]
         tokens = self._interleave(list(emb.split(real)), pads)  # (sum Lc32_i, dim)
 
-        positions = torch.zeros(sum(padded), 3, dtype=torch.int64)
-        positions[:, 0] = torch.cat([torch.arange(1, p + 1) for p in padded])  # (1+j, 0, 0), pads included
-        cos, sin = self._rope(positions.to(tokens.device))
-        seq = PackedSequence.build(padded, cos, sin)
+        key = ("caption", tuple(padded), tokens.device)
+        seq = self.layouts.get(key, lambda: self._caption_layout(padded, tokens.device))
         for i, block in enumerate(self.context_refiner):   # numbered in call order: context, noise refiners, layers
             tokens = run_block(self.checkpointing, i, block, tokens, seq, None)
-        return CaptionContext(tokens, padded, cos, sin)
+        return CaptionContext(tokens, padded, seq.rope_cos, seq.rope_sin, key)
+
+    def _caption_layout(self, padded: list[int], device: torch.device) -> PackedSequence:
+        positions = torch.zeros(sum(padded), 3, dtype=torch.int64)
+        positions[:, 0] = torch.cat([torch.arange(1, p + 1) for p in padded])  # (1+j, 0, 0), pads included
+        cos, sin = self._rope(positions.to(device))
+        return PackedSequence.build(padded, cos, sin)
 
     # ---- full forward ----------------------------------------------------------------------------------
     def forward(
@@ -360,30 +380,35 @@ class ZImageTransformer(nn.Module):
         pad = self.x_pad_token.to(emb.dtype)
         img = self._interleave(list(emb.split(real)), [pad.expand(q - n, -1) for n, q in zip(real, padded)])
 
-        # Image RoPE ids: (Lc32 + 1 + f, h, w) for patches, (0, 0, 0) for pads.
-        device = img.device
-        for (gf, gh, gw), lc in zip(grids, context.lengths):
-            self._check_positions((lc + gf, gh - 1, gw - 1))
-        positions = torch.cat([image_positions(g, q, lc) for g, q, lc in zip(grids, padded, context.lengths)])
-        img_cos, img_sin = self._rope(positions.to(device))  # built on the host, one copy
-
-        img_seq = PackedSequence.build(padded, img_cos, img_sin)
+        # the same for all K steps and both roles of an iteration: built once per shapes, kept on the device
+        layout_key = None if context.layout_key is None else ("image", grids, context.layout_key)
+        layout = self.layouts.get(layout_key, lambda: self._image_layout(grids, padded, context, img.device))
         for i, block in enumerate(self.noise_refiner, start=len(self.context_refiner)):
-            img = run_block(self.checkpointing, i, block, img, img_seq, t_emb)
+            img = run_block(self.checkpointing, i, block, img, layout.img, t_emb)
 
         # Unified sequence per sample: [image tokens, caption tokens].
-        uni_lengths = [q + lc for q, lc in zip(padded, context.lengths)]
-        cap_split = context.lengths
-        uni = self._interleave(list(img.split(padded)), list(context.tokens.to(img.dtype).split(cap_split)))
-        uni_cos = self._interleave(list(img_cos.split(padded)), list(context.rope_cos.split(cap_split)))
-        uni_sin = self._interleave(list(img_sin.split(padded)), list(context.rope_sin.split(cap_split)))
-        uni_seq = PackedSequence.build(uni_lengths, uni_cos, uni_sin)
+        uni = self._interleave(list(img.split(padded)), list(context.tokens.to(img.dtype).split(context.lengths)))
         for i, block in enumerate(self.layers, start=2 * len(self.context_refiner)):
-            uni = run_block(self.checkpointing, i, block, uni, uni_seq, t_emb)
+            uni = run_block(self.checkpointing, i, block, uni, layout.uni, t_emb)
 
         # Final layer is per token, so run it on the real image tokens only.
         pieces = uni.split([n for pair in zip(padded, context.lengths) for n in pair])[0::2]
         out_tokens = torch.cat([piece[:n] for piece, n in zip(pieces, real)], dim=0)  # (sum N_i, dim)
-        out = self.all_final_layer[key](out_tokens, sample_index_of(real, device), t_emb)  # (sum N_i, pF*pH*pW*C)
+        out = self.all_final_layer[key](out_tokens, layout.out_index, t_emb)  # (sum N_i, pF*pH*pW*C)
 
         return [unpatchify(tokens, grid, p, fp) for tokens, grid in zip(out.split(real), grids)]
+
+    def _image_layout(self, grids: tuple[tuple[int, int, int], ...], padded: list[int], context: CaptionContext,
+                      device: torch.device) -> ImageLayout:
+        # Image RoPE ids: (Lc32 + 1 + f, h, w) for patches, (0, 0, 0) for pads.
+        for (gf, gh, gw), lc in zip(grids, context.lengths):
+            self._check_positions((lc + gf, gh - 1, gw - 1))
+        positions = torch.cat([image_positions(g, q, lc) for g, q, lc in zip(grids, padded, context.lengths)])
+        img_cos, img_sin = self._rope(positions.to(device))  # built on the host, one copy
+        uni_lengths = [q + lc for q, lc in zip(padded, context.lengths)]
+        cap_split = context.lengths
+        uni_cos = self._interleave(list(img_cos.split(padded)), list(context.rope_cos.split(cap_split)))
+        uni_sin = self._interleave(list(img_sin.split(padded)), list(context.rope_sin.split(cap_split)))
+        real = [g[0] * g[1] * g[2] for g in grids]
+        return ImageLayout(PackedSequence.build(padded, img_cos, img_sin),
+                           PackedSequence.build(uni_lengths, uni_cos, uni_sin), sample_index_of(real, device))

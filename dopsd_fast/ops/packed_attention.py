@@ -162,10 +162,18 @@ def packed_attention(
     if backend_for("packed_attention", q, k, v, cu_seqlens) == "triton":
         return packed_attention_with_lse(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, softmax_scale)[0]
     varlen_attn = _varlen_impl(q)
-    if varlen_attn is None or equal_segments(q.shape[0], cu_seqlens, max_seqlen):
-        return packed_attention_ref(q, k, v, cu_seqlens, max_seqlen, softmax_scale)
+    if equal_segments(q.shape[0], cu_seqlens, max_seqlen):
+        return packed_attention_ref(q, k, v, cu_seqlens, max_seqlen, softmax_scale)    # one batched SDPA
+    if varlen_attn is None:
+        return _segment_loop(q, k, v, cu_seqlens, max_seqlen, softmax_scale)
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))  # the kernel's only layout demand
     return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, scale=softmax_scale)
+
+
+# The reference's loop over unequal segments reads cu_seqlens on the host: under torch.compile (model.compile=blocks)
+# it runs eagerly, a graph break, instead of being traced with data-dependent bounds (which Inductor miscompiled:
+# NameError on a size symbol, torch 2.13).
+_segment_loop = torch.compiler.disable(packed_attention_ref)
 
 
 class PrefixPlan:

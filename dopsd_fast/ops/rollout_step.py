@@ -6,6 +6,7 @@ style); the autograd backward only scales that buffer by the incoming gradient o
 """
 from __future__ import annotations
 
+import functools
 from typing import Literal
 
 import torch
@@ -118,6 +119,11 @@ def rollout_coefs(sign: int, sigma: Tensor | float, sigma_next: Tensor | float, 
     """(step_coef, loss_coef), fp32 (B,), for a FlowConvention ``sign`` and per-sample or shared sigmas."""
     if kind not in ("x0", "velocity"):
         raise ValueError(f"loss kind {kind!r}: expected x0 or velocity")
+    if isinstance(sigma, (int, float)) and isinstance(sigma_next, (int, float)):
+        # shared sigmas: the same fp64 maths on the host, rounded once to fp32 by the fill; a fill takes its value
+        # as a kernel argument, where a tensor built from host numbers is a host->device copy that waits for the device
+        full = functools.partial(torch.full, (batch,), dtype=torch.float32, device=device)
+        return full(sign * (float(sigma) - float(sigma_next))), full(sign * float(sigma) if kind == "x0" else 1.0)
     sig = torch.as_tensor(sigma, dtype=torch.float64, device=device).expand(batch)
     nxt = torch.as_tensor(sigma_next, dtype=torch.float64, device=device).expand(batch)
     step = (sign * (sig - nxt)).float()

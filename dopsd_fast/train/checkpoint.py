@@ -181,7 +181,8 @@ RESUMABLE = (
     # The same maths executed differently (rounding may differ): another device or kernel implementation,
     # recomputed activations, per-step or whole-roll-out backward (same gradients, tests/method), ZeRO-3's gather
     # schedule; worth changing when a resumed run runs out of memory.
-    "train.device", "model.ops_backend", "model.checkpointing", "train.memory_budget_gb", "method.per_step_backward",
+    "train.device", "model.ops_backend", "model.checkpointing", "model.compile", "train.memory_budget_gb",
+    "method.per_step_backward",
     "deepspeed.gather_once", "deepspeed.timeout_s",
 )
 # Keys of older versions that only said how a run executed (a new config naming one fails, config._RETIRED).

@@ -48,6 +48,10 @@ class ModelConfig:
     # ops/_dispatch.py CUDA_AUTO), the PyTorch reference elsewhere; cpp forces the csrc/ extension where an op has
     # one (DOPSD_BACKEND too).
     ops_backend: Literal["auto", "cpp", "triton", "reference"] = "auto"
+    # blocks = torch.compile each transformer block (models/compile.py: regional, dynamic shapes; Inductor's fused
+    # kernels cut the per-launch host overhead that dominates small images; equal to none up to fp32 rounding; the
+    # first iterations compile, ~5 variants per block class); none = eager.
+    compile: Literal["none", "blocks"] = "none"
 
 
 @dataclass
@@ -348,6 +352,8 @@ def validate(cfg: Config) -> Config:
     _check(ds.stage is None or cfg.model.checkpointing != "auto", "model.checkpointing",
            "auto sizes its plan from the tensors this process holds, which a DeepSpeed engine partitions and owns: "
            "use full, selective or none with deepspeed.stage")
+    _check(ds.stage != 3 or cfg.model.compile == "none", "model.compile",
+           "blocks is untested under ZeRO-3's parameter gathering hooks: use model.compile=none with deepspeed.stage=3")
     _check(ds.stage is None or m.objective == "dopsd", "deepspeed.stage",
            "the DeepSpeed engine trains method.objective=dopsd; run the SFT baseline without deepspeed.stage")
     _check(m.steps >= 1, "method.steps", "must be >= 1")

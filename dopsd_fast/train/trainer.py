@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 from ..data.loader import Batch
 from ..ops._dispatch import use_backend
 from ..models.adapter import model_family
+from ..models.compile import compile_blocks
 from ..method.step import StepOutput, dopsd_step, sft_step
 from ..sample import sample, save_grid, square_crop
 from . import checkpoint as ckpt
@@ -50,6 +51,8 @@ class Trainer:
         self.model.checkpointing = checkpoint_plan(cfg, self.device)
         self.base_state = {k: v.clone() for k, v in self.model.state_dict().items()} if cfg.model.pretrained is None else None
         self.roles = build_roles(cfg, self.model)
+        for model in dict.fromkeys((self.roles.student_model, self.roles.teacher_model)):    # after LoRA injection
+            compile_blocks(model, cfg.model.compile)
         o = cfg.optim
         self.optimizer = torch.optim.AdamW(self.roles.trainable.values(), lr=o.lr, betas=tuple(o.betas), eps=o.eps,
                                            weight_decay=o.weight_decay)

@@ -111,7 +111,7 @@ class Validation:
         """The untouched model's row: from its file, else sampled (and saved); blank when there is no base left."""
         tr = self.trainer
         cfg = tr.cfg.to_dict()
-        model = {k: v for k, v in cfg["model"].items() if k not in ("checkpointing", "ops_backend")}
+        model = {k: v for k, v in cfg["model"].items() if k not in ("checkpointing", "ops_backend", "compile")}
         what = {"model": model, "context": cfg["context"], "size": cfg["data"]["image_size"], "prompts": self.prompts,
                 "sigmas": self.sigmas, "seed": self.seed}      # what the row depends on, not how it is computed
         key = hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
