@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
@@ -40,14 +41,29 @@ def nearest_bucket(height: int, width: int, buckets: list[tuple[int, int]]) -> i
     return min(range(len(buckets)), key=lambda i: abs(math.log(buckets[i][1] / buckets[i][0]) - r))
 
 
-def resize_center_crop(img: Image.Image, height: int, width: int) -> Tensor:
+def cover_size(img_height: int, img_width: int, height: int, width: int) -> tuple[int, int]:
+    """(width, height) an image is resized to so it covers a (height, width) bucket; the centre crop keeps
+    height * width of it."""
+    scale = max(height / img_height, width / img_width)
+    return max(width, round(img_width * scale)), max(height, round(img_height * scale))
+
+
+def resize_center_crop(img: Image.Image | np.ndarray, height: int, width: int) -> Tensor:
     """Scale so the image covers (height, width) (the shorter side relative to the bucket fits), crop the centre;
-    returns (3, height, width) in [-1, 1]."""
-    scale = max(height / img.height, width / img.width)
-    size = (max(width, round(img.width * scale)), max(height, round(img.height * scale)))
-    img = img.convert("RGB").resize(size, Image.Resampling.LANCZOS)
+    returns (3, height, width) in [-1, 1].
+
+    ``img``: an 8-bit PIL image (converted to RGB), or an (H, W, 3) float32 array in [0, 1] (a 16-bit source,
+    resized per channel in Pillow's float mode so none of its depth is rounded away; Lanczos overshoot is clipped
+    to [0, 1] as the 8-bit path clips it to 0..255)."""
+    h0, w0 = img.shape[:2] if isinstance(img, np.ndarray) else (img.height, img.width)
+    size = cover_size(h0, w0, height, width)
     left, top = (size[0] - width) // 2, (size[1] - height) // 2
-    img = img.crop((left, top, left + width, top + height))
+    box = (left, top, left + width, top + height)
+    if isinstance(img, np.ndarray):
+        planes = [Image.fromarray(np.ascontiguousarray(img[..., c], dtype=np.float32))        # mode "F"
+                  .resize(size, Image.Resampling.LANCZOS).crop(box) for c in range(3)]
+        return torch.from_numpy(np.stack([np.asarray(p) for p in planes])).clamp(0.0, 1.0) * 2.0 - 1.0
+    img = img.convert("RGB").resize(size, Image.Resampling.LANCZOS).crop(box)
     x = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(height, width, 3)
     return x.permute(2, 0, 1).float() / 127.5 - 1.0
 
