@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import sys
 import time
@@ -14,9 +15,12 @@ from .data.folder import DataError
 from .models.loading import WeightsError
 from .sample import save_grid
 from .train.build import check_buildable, resolve_plan
-from .train.checkpoint import CheckpointError
+from .train.checkpoint import CheckpointError, check_writable, describe_os_error
 from .train.config import ConfigError, load_config
-from .train.distributed import destroy_process_group
+from .train.distributed import destroy_process_group, rank
+from .train.finite import EXIT_DIVERGED, TrainingDiverged
+from .train.run_dir import OutputDirBusy
+from .train.stop import EXIT_STOPPED, TrainingStopped
 from .train.trainer import load_for_sampling, make_trainer
 
 
@@ -31,6 +35,7 @@ def _train(args: argparse.Namespace) -> int:
         except ConfigError as err:
             print(f"config is valid, but this version cannot train it yet: {err}")
         return 0
+    check_writable(Path(cfg.train.output_dir))     # a read-only or full disk fails before any weights load
     trainer = make_trainer(cfg, progress=not args.no_progress)
     plan = trainer.plan
     say = print if trainer.is_main else (lambda *a, **k: None)     # one report per run, not one per rank
@@ -161,9 +166,24 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         return {"train": _train, "sample": _sample, "demo": _demo, "cache": _cache, "export": _export}[args.command](args)
-    except (ConfigError, CheckpointError, WeightsError, DataError, MissingExtra) as err:
+    except (ConfigError, CheckpointError, WeightsError, DataError, MissingExtra, OutputDirBusy) as err:
         print(f"dopsd: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:          # the disk filled up or turned read-only mid-run (checkpoints: CheckpointError)
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM):
+            raise
+        print(f"dopsd: error: {err.filename or 'writing'}: {describe_os_error(err)}", file=sys.stderr)
+        return 2
+    except TrainingStopped as stopped:          # every rank stopped at the same step (train/stop.py)
+        if rank() == 0:
+            print(f"dopsd: {stopped}", file=sys.stderr)
+        destroy_process_group()
+        return EXIT_STOPPED
+    except TrainingDiverged as err:         # every rank saw the same bad steps (train/finite.py)
+        if rank() == 0:
+            print(f"dopsd: error: {err}", file=sys.stderr)
+        destroy_process_group()
+        return EXIT_DIVERGED
 
 
 if __name__ == "__main__":

@@ -1,5 +1,13 @@
-"""Builders for tests and benchmarks: the tiny preset in a temporary directory, seeded adapter weights."""
+"""Builders for tests and benchmarks: the tiny preset in a temporary directory, seeded adapter weights, a
+`dopsd train` child process to signal, and its metrics.jsonl."""
 from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import torch
 
@@ -20,3 +28,30 @@ def randomize_adapters(trainer, seed: int = 0, scale: float = 0.05) -> None:
         p.copy_(torch.randn(p.shape, generator=g) * scale)
     trainer.roles.trainable_changed()
     trainer.roles.ema.load_state_dict({k: t.clone() for k, t in zip(trainer.roles.ema.names, trainer.roles.ema.teacher)})
+
+
+def train_process(out: Path, *overrides: str) -> subprocess.Popen:
+    """`dopsd train tiny-cpu` into ``out`` (resume auto) as a child process to signal: one thread, the PyTorch
+    reference ops, no sample grids; stdout and stderr piped together."""
+    sets = [f"train.output_dir={json.dumps(str(out))}", "train.resume=auto", *overrides]
+    cmd = [str(Path(sys.executable).with_name("dopsd")), "train", "tiny-cpu", "--no-samples", "--no-progress",
+           *[a for o in sets for a in ("--set", o)]]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "DOPSD_BACKEND": "reference"}
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def metrics_rows(out: Path) -> list[dict]:
+    """The rows of ``<out>/metrics.jsonl`` in file order."""
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def wait_for_rows(out: Path, n: int, proc: subprocess.Popen, timeout: float = 600) -> None:
+    """Until ``proc`` (alive throughout, else the assert shows its output) has logged ``n`` rows in ``out``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        path = out / "metrics.jsonl"
+        if path.is_file() and len(path.read_text().splitlines()) >= n:
+            return
+        assert proc.poll() is None, proc.communicate()[0][-4000:]
+        time.sleep(0.05)
+    raise TimeoutError(f"{out}: fewer than {n} logged steps after {timeout} s")

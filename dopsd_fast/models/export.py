@@ -11,6 +11,7 @@ the family adapter.
   down = [A_q; A_k; A_v], up = blockdiag(B_q, B_k, B_v), alpha x 3, which is exactly the three updates stacked.
 - ``save_full_weights``: base + scale * B A merged (or the fully fine-tuned weights), sharded safetensors with an
   index, ``config.json`` for the family's diffusers transformer class.
+Each refuses a tensor holding NaN or Inf by name before writing anything (``refuse_nonfinite``).
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from torch import Tensor, nn
 
 from ..nn.lora_linear import LoRALinear
 from .adapter import model_family
+from .loading import WeightsError, first_nonfinite
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 
@@ -37,6 +39,15 @@ def lora_modules(model: nn.Module, adapter: str = "student") -> dict[str, LoRALi
 
 def _contiguous(t: Tensor, dtype: torch.dtype | None) -> Tensor:
     return t.detach().to(dtype or t.dtype).contiguous().cpu()
+
+
+def refuse_nonfinite(path: Path, tensors: dict[str, Tensor]) -> None:
+    """WeightsError naming the first tensor holding NaN or Inf (after the cast to the export dtype), before
+    anything of ``path`` is written: an export never carries a non-finite weight."""
+    bad = first_nonfinite(tensors)
+    if bad is not None:
+        raise WeightsError(f"{path}: not written: tensor {bad!r} holds NaN or Inf values; export a checkpoint written "
+                           "before the run diverged (--checkpoint step-XXXXXX)")
 
 
 def save_diffusers_lora(model: nn.Module, out_dir: str | Path, adapter: str = "student",
@@ -53,6 +64,7 @@ def save_diffusers_lora(model: nn.Module, out_dir: str | Path, adapter: str = "s
               "bias": "none", "init_lora_weights": "gaussian"}
     meta = {"format": "pt", "lora_adapter_metadata": json.dumps({f"transformer.{k}": v for k, v in config.items()})}
     out = Path(out_dir)
+    refuse_nonfinite(out / LORA_FILE, tensors)
     out.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out / LORA_FILE), metadata=meta)
     return out / LORA_FILE
@@ -80,6 +92,7 @@ def save_comfyui_lora(model: nn.Module, path: str | Path, adapter: str = "studen
         tensors[f"{key}.lora_up.weight"] = _contiguous(torch.block_diag(*ups), dtype)
         tensors[f"{key}.alpha"] = torch.tensor(float(len(slots) * alpha))   # ComfyUI scales by alpha / (parts r)
     path = Path(path)
+    refuse_nonfinite(path, tensors)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(path), metadata={"format": "pt"})
     return path
@@ -106,6 +119,7 @@ def save_full_weights(model: nn.Module, out_dir: str | Path, adapter: str | None
     from .loading import WEIGHTS
 
     state = merged_state_dict(model, adapter, dtype)
+    refuse_nonfinite(Path(out_dir), state)
     shards: list[dict[str, Tensor]] = [{}]
     size = 0
     for name, t in state.items():

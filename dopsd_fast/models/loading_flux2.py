@@ -9,7 +9,6 @@ header before any tensor is read. ``diffusers_to_bfl`` runs the same table backw
 """
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Callable
@@ -19,7 +18,9 @@ from torch import Tensor
 
 from .._extras import require
 from .flux2_klein import Flux2KleinConfig, Flux2KleinTransformer
-from .loading import WEIGHTS, WeightsError, _open, describe_mismatch, load_checked, load_vae
+from .loading import (WEIGHTS, WeightsError, _open, build_on_meta, config_from_json, describe_mismatch,
+                      first_nonfinite, load_checked, load_vae, nonfinite_weights, read_json_object,
+                      refuse_integer_weights)
 
 COMFY_PREFIX = "model.diffusion_model."
 
@@ -135,10 +136,7 @@ def read_flux2_config(folder: Path) -> Flux2KleinConfig:
     path = folder / "config.json"
     if not path.is_file():
         raise WeightsError(f"{path}: missing; a diffusers transformer folder has config.json beside its weights")
-    try:
-        return Flux2KleinConfig.from_dict(json.loads(path.read_text()))
-    except (json.JSONDecodeError, UnicodeDecodeError, TypeError, ValueError) as err:
-        raise WeightsError(f"{path}: not a FLUX.2 [klein] transformer config ({err})") from None
+    return config_from_json(path, Flux2KleinConfig, read_json_object(path))
 
 
 def _bfl_header(path: Path) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
@@ -166,10 +164,14 @@ def _load_bfl_file(path: Path, dtype: torch.dtype, device: str | torch.device) -
     mismatch = describe_mismatch({k: v[1] for k, v in plan.items()}, expected)
     if mismatch:
         raise WeightsError(f"{path}: weights do not match the FLUX.2 transformer of its shapes ({config}): {mismatch}")
+    refuse_integer_weights({k: path for k in file_keys.values()}, [file_keys[old] for old, _, _ in plan.values()])
     state = {}
     with _open(path) as f:
         for new, (old, _, fn) in plan.items():
             state[new] = fn(f.get_tensor(file_keys[old])).to(device=device, dtype=dtype)
+    bad = first_nonfinite(state)
+    if bad is not None:
+        raise nonfinite_weights(path, file_keys[plan[bad][0]])
     model.load_state_dict(state, assign=True)
     return model
 
@@ -185,8 +187,7 @@ def load_flux2_klein_transformer(path: str | Path, dtype: torch.dtype = torch.fl
         raise WeightsError(f"{path}: not found; set model.pretrained to a diffusers transformer/ folder or a BFL "
                            "flux-2-klein-*.safetensors file")
     config = read_flux2_config(path)
-    with torch.device("meta"):
-        model = Flux2KleinTransformer(config)
+    model = build_on_meta(Flux2KleinTransformer, config, path)
     try:
         return load_checked(model, path, WEIGHTS, dtype, device)
     except WeightsError as err:

@@ -11,16 +11,20 @@ optimizer.safetensors, and one ``rng-rankNNNNN.safetensors`` per rank instead of
 
 A checkpoint is written into ``step-XXXXXX.tmp`` and renamed when complete, so a crash mid-write never
 leaves a directory that looks complete and never touches the previous checkpoints.
+A tensor holding NaN or Inf is refused by name on both sides: nothing of a checkpoint is written when one
+would be (``refuse_nonfinite_save``), and ``load_tensors`` never returns one (train/finite.py).
 
 Resuming compares the run's config with the one in ``state.json`` (``resume_changes``): a run may be extended
 or watched differently, but a checkpoint of another experiment is refused rather than silently trained on.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +33,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from ..models.loading import describe_mismatch
-from .config import Config
+from ..models.loading import describe_mismatch, first_nonfinite
+from .config import Config, ConfigError
 
 
 class CheckpointError(RuntimeError):
@@ -55,7 +59,33 @@ def load_tensors(path: Path, expected: dict[str, Tensor] | None = None) -> dict[
         if mismatch:
             raise CheckpointError(f"{path}: keys do not match the model: {mismatch}. Was it written with another "
                                   "model/adapter config (model.arch, adapter.rank, adapter.targets)?")
+        odd = next((k for k, v in expected.items() if v.is_floating_point() != tensors[k].is_floating_point()), None)
+        if odd is not None:
+            raise CheckpointError(f"{path}: tensor {odd!r} is {tensors[odd].dtype}, but the run holds "
+                                  f"{expected[odd].dtype} there; the file was not written by this run's `dopsd train`: "
+                                  "resume from an earlier checkpoint")
+    refuse_nonfinite_load(path, tensors)
     return tensors
+
+
+def refuse_nonfinite_load(path: Path, tensors: dict[str, Tensor]) -> None:
+    """CheckpointError naming the first tensor of ``path`` that holds NaN or Inf: never train on from one."""
+    bad = first_nonfinite(tensors)
+    if bad is not None:
+        raise CheckpointError(f"{path}: tensor {bad!r} holds NaN or Inf values (written by a diverged run, or the file "
+                              "is corrupt); resume from an earlier checkpoint (--set train.resume=PATH) or start over "
+                              "(--set train.resume=null)")
+
+
+def refuse_nonfinite_save(final: Path, parts: dict[str, dict[str, Tensor]]) -> None:
+    """CheckpointError naming the first part and tensor that holds NaN or Inf, raised before ``final`` is
+    written: a checkpoint never holds a non-finite tensor, and the previous ones stay as they are."""
+    flat = {(name, k): v for name, tensors in parts.items() for k, v in tensors.items()}     # one pass, one sync
+    bad = first_nonfinite(flat)
+    if bad is not None:
+        raise CheckpointError(f"{final}: not written: {bad[0]} tensor {bad[1]!r} holds NaN or Inf values; the "
+                              f"previous checkpoints in {final.parent} are kept. Resume from the newest of them with "
+                              "a lower optim.lr")
 
 
 def optimizer_tensors(optimizer: torch.optim.Optimizer, names: list[str]) -> tuple[dict[str, Tensor], list[dict[str, Any]]]:
@@ -66,26 +96,129 @@ def optimizer_tensors(optimizer: torch.optim.Optimizer, names: list[str]) -> tup
     return tensors, groups
 
 
-def load_optimizer(optimizer: torch.optim.Optimizer, names: list[str], tensors: dict[str, Tensor], groups: list[dict]) -> None:
+def load_optimizer(optimizer: torch.optim.Optimizer, names: list[str], tensors: dict[str, Tensor], groups: list[dict],
+                   where: Path | None = None) -> None:
+    """Restore ``optimizer`` from its tensors (optimizer.safetensors) and param groups (state.json) in checkpoint
+    ``where``, after checking them: torch's ``load_state_dict`` takes a moment of the wrong shape, a missing one or a
+    string learning rate without a word, and the run then fails at its first step, after writing its run files."""
+    tensor_file = where / "optimizer.safetensors" if where else "optimizer state"
+    state_file = where / "state.json" if where else "optimizer param_groups"
     index = {n: i for i, n in enumerate(names)}
     state: dict[int, dict[str, Tensor]] = {}
     for key, v in tensors.items():
         name, _, field = key.rpartition("::")
         if name not in index:
-            raise CheckpointError(f"optimizer state names parameter {name!r}, which the model does not have")
+            raise CheckpointError(f"{tensor_file}: optimizer state names parameter {name!r}, which the model does not "
+                                  "have; resume from a checkpoint of this run")
         state.setdefault(index[name], {})[field] = v
+    problem = _optimizer_state_problem(optimizer, names, state) or _param_groups_problem(optimizer, groups)
+    if problem:
+        where_ = state_file if problem.startswith("param_groups") else tensor_file
+        raise CheckpointError(f"{where_}: {problem}; the file was edited or not written by this run's `dopsd train`: "
+                              "resume from an earlier checkpoint (--set train.resume=PATH) or start over "
+                              "(--set train.resume=null)")
     groups = [{k: (tuple(v) if k == "betas" else v) for k, v in g.items()} for g in groups]
     try:
         optimizer.load_state_dict({"state": state, "param_groups": groups})
     except (ValueError, KeyError) as err:
-        raise CheckpointError(f"optimizer state does not fit this run's optimizer ({err})") from None
+        raise CheckpointError(f"{state_file}: optimizer state does not fit this run's optimizer ({err})") from None
+
+
+def _optimizer_state_problem(optimizer: torch.optim.Optimizer, names: list[str],
+                             state: dict[int, dict[str, Tensor]]) -> str | None:
+    """A parameter's state lacking a field (Adam: step, exp_avg, exp_avg_sq) or a moment not of its parameter's
+    shape, named; None when it fits. A parameter without any state is allowed: it never had a gradient."""
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    need = set().union(*(s.keys() for s in state.values()))          # a field one parameter has, every one needs
+    if isinstance(optimizer, torch.optim.Adam):                        # AdamW too
+        need |= {"step", "exp_avg", "exp_avg_sq"}
+        need |= {"max_exp_avg_sq"} if any(g.get("amsgrad") for g in optimizer.param_groups) else set()
+    for i, fields in sorted(state.items()):
+        missing = sorted(need - fields.keys())
+        if missing:
+            return f"{names[i]}::{missing[0]} is missing ({len(missing)} of its fields)"
+        for field, t in sorted(fields.items()):
+            want = () if field == "step" else tuple(params[i].shape)
+            if tuple(t.shape) != want and not (field == "step" and t.numel() == 1):
+                return f"{names[i]}::{field} has shape {tuple(t.shape)}, the parameter needs {want}"
+            if not t.is_floating_point():
+                return f"{names[i]}::{field} is {t.dtype}, expected a floating-point tensor"
+    return None
+
+
+def _param_groups_problem(optimizer: torch.optim.Optimizer, groups: Any) -> str | None:
+    """A saved param group value whose type differs from what this run's optimizer holds (``"lr": "x"``), named."""
+    if not isinstance(groups, list) or not all(isinstance(g, dict) for g in groups):
+        return "param_groups is not a list of mappings"
+    for n, (saved, ours) in enumerate(zip(groups, optimizer.param_groups)):
+        for k, v in saved.items():
+            have = ours.get(k)
+            if k == "params":
+                ok = isinstance(v, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in v)
+            elif have is None:
+                ok = True
+            elif isinstance(have, bool):
+                ok = isinstance(v, bool)
+            elif isinstance(have, (int, float)):
+                ok = isinstance(v, (int, float)) and not isinstance(v, bool)
+            elif isinstance(have, (tuple, list)):
+                ok = isinstance(v, list) and len(v) == len(have) and all(
+                    isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)
+            else:
+                ok = isinstance(v, type(have))
+            if not ok:
+                return f"param_groups[{n}].{k} is {json.dumps(v)}, but this run's optimizer holds {have!r} there"
+    return None
 
 
 def save_checkpoint(root: Path, step: int, parts: dict[str, dict[str, Tensor]], state: dict[str, Any], keep_last: int) -> Path:
-    tmp = begin_checkpoint(root, step)
-    for name, tensors in parts.items():
-        save_tensors(tmp / f"{name}.safetensors", tensors)
-    return publish_checkpoint(root, step, state, keep_last)
+    refuse_nonfinite_save(root / f"step-{step:06d}", parts)
+    try:
+        tmp = begin_checkpoint(root, step)
+        for name, tensors in parts.items():
+            save_tensors(tmp / f"{name}.safetensors", tensors)
+        return publish_checkpoint(root, step, state, keep_last)
+    except (OSError, SafetensorError) as err:     # safetensors reports a full disk as SafetensorError, not OSError
+        shutil.rmtree(pending_dir(root, step), ignore_errors=True)
+        raise CheckpointError(f"{root / f'step-{step:06d}'}: not written: {describe_os_error(err)}; the complete "
+                              f"checkpoints in {root} are kept (resume from the newest)") from None
+
+
+def describe_os_error(err: Exception) -> str:
+    """What an OS error while writing means and what to do: a full disk, a read-only or forbidden folder, other."""
+    text = err.strerror if isinstance(err, OSError) and err.strerror else " ".join(str(err).split())
+    code = getattr(err, "errno", None)
+    if code is None:                            # SafetensorError: "... No space left on device (os error 28) ..."
+        m = re.search(r"os error (\d+)", text)
+        code = int(m[1]) if m else None
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        return f"{text}: the disk is full; free space there or set train.output_dir on another disk"
+    if code in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return f"{text}: the folder is not writable; fix its permissions or set train.output_dir elsewhere"
+    return text
+
+
+def check_writable(folder: Path) -> None:
+    """ConfigError naming ``folder`` (train.output_dir) when this process cannot write there (read-only, full, a
+    file in the way), raised before a run writes anything: a 4 KiB probe file is written, synced and removed in
+    ``folder``, or, before it exists, in its nearest existing parent; no folder is created."""
+    probe_dir = folder
+    while not probe_dir.exists() and probe_dir != probe_dir.parent:
+        probe_dir = probe_dir.parent
+    if not probe_dir.is_dir():
+        below = "" if probe_dir == folder else f", so {folder} cannot be created"
+        raise ConfigError(f"train.output_dir: {probe_dir} is a file, not a folder{below}; set train.output_dir to a "
+                          "folder path")
+    try:
+        fd, name = tempfile.mkstemp(prefix=".dopsd-write-probe-", dir=probe_dir)
+        try:
+            os.write(fd, bytes(4096))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+            os.unlink(name)
+    except OSError as err:
+        raise ConfigError(f"train.output_dir: cannot write into {probe_dir} ({describe_os_error(err)})") from None
 
 
 def begin_checkpoint(root: Path, step: int) -> Path:
@@ -148,7 +281,35 @@ def read_state(ckpt: Path, required: tuple[str, ...] = ()) -> dict[str, Any]:
     if missing:
         raise CheckpointError(f"{path}: lacks {', '.join(missing)}; not written by this version of `dopsd train`, "
                               "resume from another checkpoint")
+    for key, (ok, want) in STATE_TYPES.items():
+        head, _, leaf = key.partition(".")
+        parent = state if not leaf else state.get(head)
+        if leaf and not isinstance(parent, dict):
+            continue                            # the section itself is checked (or absent, and not required)
+        name = leaf or head
+        if leaf and name not in parent and head in required:
+            raise CheckpointError(f"{path}: lacks {key}; resume from another checkpoint")
+        if name in parent and not ok(parent[name]):
+            raise CheckpointError(f"{path}: {key} is {json.dumps(parent[name])}, expected {want}; the file was edited "
+                                  "or not written by `dopsd train`: resume from another checkpoint")
     return state
+
+
+def _count(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+# What each state.json key must hold when present: a hand-edited or foreign file is refused on read, naming the
+# key, instead of failing mid-resume (int("abc")) or after the run files are rewritten.
+STATE_TYPES = {
+    "step": (_count, "an integer >= 0"),
+    "world_size": (lambda v: _count(v) and v >= 1, "an integer >= 1"),
+    "data": (lambda v: isinstance(v, dict), "a mapping (the data stream's position)"),
+    "data.epoch": (_count, "an integer >= 0"),
+    "data.position": (_count, "an integer >= 0"),
+    "param_groups": (lambda v: isinstance(v, list) and all(isinstance(g, dict) for g in v), "a list of mappings"),
+    "config": (lambda v: isinstance(v, dict), "a mapping (the run's config)"),
+}
 
 
 def find_checkpoint(root: Path, name: str) -> Path:
@@ -174,6 +335,7 @@ RESUMABLE = (
     "train.output_dir", "train.resume",             # where the run is found: its folder may have been moved
     "train.log_every", "train.tensorboard", "train.peak_tflops", "deepspeed.comm_timing",   # logging, MFU
     "train.checkpoint_every", "train.keep_last",
+    "train.max_bad_steps",                          # when to give up on non-finite steps (skipped either way)
     "validation",                                   # grids only: no training RNG drawn (tests/train/test_validation.py)
     "sample.steps", "sample.prompts", "sample.seed",  # the grid after training (sample.shift also sets the
                                                       # training sigmas of method.schedule=model)

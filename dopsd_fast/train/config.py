@@ -147,6 +147,12 @@ class TrainConfig:
     keep_last: int = 3
     # "auto": continue from the newest checkpoint in output_dir if there is one; or a checkpoint path; or null.
     resume: str | None = "auto"
+    # A step whose loss or gradient norm is NaN/Inf updates nothing (AdamW, EMA; the step still counts, its batch
+    # and noise are used up) and is logged "skipped": true; this many such steps IN A ROW end the run with
+    # TrainingDiverged, `dopsd train` exit code 3 (train/finite.py), before that step's checkpoint is written.
+    # Consecutive, not total: an isolated bad batch is survivable, a diverged model never recovers by itself and
+    # three steps tell it from noise. The run's total is in metrics.jsonl ("bad_steps") and the checkpoints.
+    max_bad_steps: int = 3
     # TensorBoard event files in <output_dir>/tensorboard beside metrics.jsonl; needs the [telemetry] extra (without
     # it a run warns once and writes metrics.jsonl only: telemetry.open_tensorboard says why).
     tensorboard: bool = True
@@ -322,6 +328,9 @@ def validate(cfg: Config) -> Config:
     _check(t.log_every >= 1, "train.log_every", "must be >= 1")
     _check(t.checkpoint_every >= 1, "train.checkpoint_every", "must be >= 1")
     _check(t.keep_last >= 1, "train.keep_last", "must be >= 1")
+    _check(bool(t.output_dir.strip()), "train.output_dir",
+           "must name a folder (an empty path would write the run into the current directory), e.g. outputs/run")
+    _check(t.max_bad_steps >= 1, "train.max_bad_steps", f"must be >= 1, got {t.max_bad_steps}")
     _check(a.rank >= 1, "adapter.rank", "must be >= 1")
     _check(a.alpha > 0, "adapter.alpha", "must be > 0")
     _check(a.mode == "full" or len(a.targets) > 0, "adapter.targets", "LoRA mode needs at least one target")
@@ -425,9 +434,12 @@ def load_config(name_or_path: str | None = None, overrides: list[str] | tuple[st
         except UnicodeDecodeError as err:
             raise ConfigError(f"{path}: not UTF-8 text ({err}); save it as UTF-8") from None
         try:
-            data = yaml.safe_load(text) or {}
+            data = yaml.safe_load(text)
         except yaml.YAMLError as err:
             raise ConfigError(f"{path}: not valid YAML ({_yaml_problem(err)}); fix the syntax there") from None
+        if data is None or data == {}:      # every default is the 6B Z-Image-Turbo run: never what an empty file meant
+            raise ConfigError(f"{path}: empty config (no sections); start from a preset, e.g. `dopsd train tiny-cpu` "
+                              "or a copy of configs/zimage-turbo-lora.yaml")
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections (model:, train:, ...)")
     return validate(_build(Config, apply_overrides(data, list(overrides)), ""))

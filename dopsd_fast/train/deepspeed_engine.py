@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 
 import torch
 from torch import Tensor
@@ -34,6 +35,7 @@ from ..method.ema import EMATeacher
 from ..method.roles import FullRoles
 from . import checkpoint as ckpt
 from . import distributed as dist
+from . import finite
 from . import zero3
 from .config import Config
 
@@ -137,14 +139,27 @@ class DeepSpeedMixin:
         out.tokens = round(mean[-1] * self.world)
         return out
 
-    def optimizer_step(self) -> float | None:
+    def optimizer_step(self, loss: float = 0.0) -> float | None:
         lr = self.learning_rate()
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        self.engine.step()
-        self.roles.update_teacher(self.cfg.method.ema_decay)
+        # Every rank decides alike: ``loss`` is the mean over ranks (forward_backward_step), DeepSpeed's grad norm
+        # and overflow check are global, and ZeRO-0's reduced gradients are the same on every rank. A skipped
+        # update still runs engine.step() (it drops the accumulated gradients), with AdamW's own step left out.
+        skip = not math.isfinite(loss)
+        with finite.inner_step_guard(self.engine.basic_optimizer, skip, self.cfg.deepspeed.stage == 0) as inner:
+            self.engine.step()
         norm = self.engine.get_global_grad_norm()      # None on ZeRO-0 in fp32: DeepSpeed clips without reporting it
-        return None if norm is None else float(norm)
+        norm = None if norm is None else float(norm)
+        if not inner["ran"] and not skip and (norm is None or math.isfinite(norm)):
+            norm = float("nan")     # dropped for a non-finite gradient (DeepSpeed's overflow check, or ZeRO-0's)
+        if not self.bad_steps.check(loss, norm):
+            if inner["ran"]:        # only where deepspeed.extra turned DeepSpeed's overflow check off
+                raise finite.TrainingDiverged(f"step {self.step + 1}: DeepSpeed applied an update with grad norm "
+                                              f"{norm}; keep bf16.check_grad_overflow on (deepspeed.extra)")
+            return norm
+        self.roles.update_teacher(self.cfg.method.ema_decay)
+        return norm
 
     # ------------------------------------------------------------------ checkpoints
     def _whole_student(self) -> dict[str, Tensor]:
@@ -158,6 +173,9 @@ class DeepSpeedMixin:
 
     def save(self):
         root = self.checkpoint_root
+        student, teacher = self._whole_student(), self.roles.ema.state_dict()     # ZeRO-3: collectives
+        # the same whole tensors on every rank: all ranks refuse together, before any file is written
+        ckpt.refuse_nonfinite_save(root / f"step-{self.step:06d}", {"student": student, "teacher": teacher})
         if self.is_main:
             ckpt.begin_checkpoint(root, self.step)
         dist.barrier()
@@ -165,14 +183,13 @@ class DeepSpeedMixin:
         self.engine.save_checkpoint(str(tmp / "deepspeed"), tag="engine", save_latest=False,
                                     exclude_frozen_parameters=True)
         ckpt.save_tensors(tmp / f"rng-rank{self.rank:05d}.safetensors", self._rng_state())
-        student, teacher = self._whole_student(), self.roles.ema.state_dict()     # ZeRO-3: collectives
         dist.barrier()
         final = root / f"step-{self.step:06d}"
         if self.is_main:
             ckpt.save_tensors(tmp / "student.safetensors", student)
             ckpt.save_tensors(tmp / "teacher.safetensors", teacher)
             state = {"step": self.step, "data": self.stream.state_dict(), "world_size": self.world,
-                     "config": self.cfg.to_dict()}
+                     "config": self.cfg.to_dict(), "bad_steps": self.bad_steps.state_dict()}
             final = ckpt.publish_checkpoint(root, self.step, state, self.cfg.train.keep_last)
         dist.barrier()
         return final
@@ -189,12 +206,14 @@ class DeepSpeedMixin:
                                                 load_lr_scheduler_states=False)
         if loaded is None:
             raise ckpt.CheckpointError(f"{path / 'deepspeed'}: DeepSpeed could not load its shards")
+        ckpt.refuse_nonfinite_load(path / "deepspeed", self._whole_student())        # ZeRO-3: every rank gathers
         self.roles.ema.load_state_dict(ckpt.load_tensors(path / "teacher.safetensors", self.roles.ema.state_dict()))
         rng = ckpt.load_tensors(path / f"rng-rank{self.rank:05d}.safetensors", self._rng_state())
         self.noise.set_state(rng["noise"])
         torch.set_rng_state(rng["torch"])
         self.stream.load_state_dict(state["data"])
         self.step = int(state["step"])
+        self.bad_steps.load_state_dict(state.get("bad_steps"), path / "state.json")
         return changes
 
     def _write_run_files(self) -> None:

@@ -82,6 +82,16 @@ def mean_over_ranks(values: list[float]) -> list[float]:
     return (t / world_size()).tolist()
 
 
+def any_over_ranks(flag: bool) -> bool:
+    """Whether ``flag`` holds on any rank (one all-reduce of one number; on the GPU where NCCL runs them)."""
+    if world_size() == 1:
+        return flag
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    t = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
 class ShardedStream:
     """Rank r's share of a global batch of ``batch_size * world`` pairs: rows [r*B, (r+1)*B).
 

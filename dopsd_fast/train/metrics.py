@@ -7,14 +7,17 @@ from typing import Any
 
 from tqdm import tqdm
 
+from .finite import strict_row
 from .telemetry import open_tensorboard
 
 
 class StepLog:
-    def __init__(self, path: Path | None, K: int, enabled: bool = True, tensorboard: Path | None = None):
+    def __init__(self, path: Path | None, K: int, enabled: bool = True, tensorboard: Path | None = None,
+                 first_step: int = 1):
         """``path``: the JSONL file, or None on ranks that do not write (DeepSpeed ranks other than 0);
-        ``tensorboard``: a log dir for the same rows as TensorBoard scalars."""
-        self.tb = open_tensorboard(tensorboard) if tensorboard is not None else None
+        ``tensorboard``: a log dir for the same rows as TensorBoard scalars, whose events from ``first_step`` on
+        (written before the checkpoint a run resumes from) TensorBoard hides."""
+        self.tb = open_tensorboard(tensorboard, purge_step=first_step) if tensorboard is not None else None
         self.path, self.K = path, K
         self.bar = tqdm(disable=not enabled, unit="it", dynamic_ncols=True, leave=False)
         self.header_done = False
@@ -30,7 +33,7 @@ class StepLog:
     def log(self, row: dict[str, Any], show: bool) -> None:
         if self.path is not None:
             with self.path.open("a") as f:
-                f.write(json.dumps(row) + "\n")
+                f.write(json.dumps(strict_row(row), allow_nan=False) + "\n")     # NaN/Inf: null + "nonfinite"
         if self.tb is not None:
             self.tb.log(row)
         self.bar.update(1)

@@ -162,14 +162,15 @@ def comm_ms_since_last(comms_dict: dict) -> float:
     return delta
 
 
-def open_tensorboard(log_dir) -> TensorBoard | None:
-    """The TensorBoard writer of ``train.tensorboard``, or None when the tensorboard package is missing.
+def open_tensorboard(log_dir, purge_step: int | None = None) -> TensorBoard | None:
+    """The TensorBoard writer of ``train.tensorboard``, or None when the tensorboard package is missing;
+    ``purge_step``: TensorBoard hides this log dir's events from that step on (a resumed run's first step).
 
     train.tensorboard defaults to true, yet tensorboard stays in the [telemetry] extra rather than the
     dependencies: its event files are a view of the rows metrics.jsonl already holds, and it would bring a server
     stack (grpcio, protobuf, werkzeug, tensorboard-data-server: ~60 MB) into every install of a package whose ops
     other trainers import. So without it a run loses no data: it says so in one line and writes metrics.jsonl."""
-    return TensorBoard(log_dir) if _tensorboard_installed() else None
+    return TensorBoard(log_dir, purge_step) if _tensorboard_installed() else None
 
 
 @functools.cache
@@ -186,10 +187,10 @@ def _tensorboard_installed() -> bool:
 class TensorBoard:
     """Every numeric field of a JSONL row as a scalar (lists as ``name/k``)."""
 
-    def __init__(self, log_dir):
+    def __init__(self, log_dir, purge_step: int | None = None):
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(str(log_dir))
+        self.writer = SummaryWriter(str(log_dir), purge_step=purge_step)
 
     def log(self, row: dict) -> None:
         step = row["step"]

@@ -26,8 +26,11 @@ from .build import (DTYPES, build_contexts, build_data, build_model, build_roles
 from .build_qwen import build_codec
 from .config import Config, ConfigError, load_config
 from .distributed import launched_world_size
+from .finite import BadSteps
 from .memory import checkpoint_plan, fit_checkpointing
 from .metrics import StepLog
+from .run_dir import drop_rows_after, lock_output_dir
+from .stop import StopRequest, TrainingStopped
 from .telemetry import Telemetry
 from .validation import Validation
 
@@ -65,6 +68,7 @@ class Trainer:
         self.sample_sigmas = self.sampler_sigmas(cfg.sample.steps)
         self.noise = torch.Generator().manual_seed(cfg.train.seed)
         self.step = 0
+        self.bad_steps = BadSteps(cfg.train.max_bad_steps)     # updates skipped for a NaN/Inf loss or grad norm
         self.progress = progress
 
     # ------------------------------------------------------------------ one iteration
@@ -99,35 +103,50 @@ class Trainer:
         o = self.cfg.optim
         return o.lr * min(1.0, (self.step + 1) / o.warmup_steps) if o.warmup_steps else o.lr
 
-    def optimizer_step(self) -> float:
+    def optimizer_step(self, loss: float = 0.0) -> float:
+        """Clip, step AdamW, update the EMA teacher; returns the grad norm. With a NaN/Inf ``loss`` (the step's, on
+        the host already) or grad norm nothing is updated and the gradients are dropped (``self.bad_steps``)."""
         o = self.cfg.optim
         lr = self.learning_rate()
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         params = list(self.roles.trainable.values())
-        norm = torch.nn.utils.clip_grad_norm_(params, o.grad_clip if o.grad_clip > 0 else float("inf"))
+        # float(): the sync the logged norm always cost, now before AdamW runs, since it decides whether AdamW runs
+        norm = float(torch.nn.utils.clip_grad_norm_(params, o.grad_clip if o.grad_clip > 0 else float("inf")))
+        if not self.bad_steps.check(loss, norm):
+            self.optimizer.zero_grad(set_to_none=True)
+            return norm
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.roles.trainable_changed()
         self.roles.update_teacher(self.cfg.method.ema_decay)
-        return float(norm)
+        return norm
 
     # ------------------------------------------------------------------ the loop
     def train(self) -> list[StepOutput]:
+        """Train to train.steps; raises TrainingStopped (stop.py) after checkpointing if a signal asks to stop."""
         t = self.cfg.train
+        self.resume_point()                     # a missing train.resume path, an unwritable output_dir: refused
+        ckpt.check_writable(self.out)           # before the folder is created or anything is written
         self.out.mkdir(parents=True, exist_ok=True)
-        self.resume()
-        self._write_run_files()
-        main = self.is_main
-        log = StepLog(self.out / "metrics.jsonl" if main else None, len(self.sigmas) - 1, enabled=self.progress,
-                      tensorboard=self.out / "tensorboard" if main and t.tensorboard else None)
-        log.start(self.step, t.steps)
-        with use_backend(self.cfg.model.ops_backend):
-            history = self._loop(log)
-        log.close()
-        return history
+        stop = StopRequest()
+        with lock_output_dir(self.out, holder=self.is_main), stop.installed():
+            self.resume()
+            self._write_run_files()
+            main = self.is_main
+            if main:
+                drop_rows_after(self.step, self.out / "metrics.jsonl", self.out / "validation" / "grids.jsonl")
+            log = StepLog(self.out / "metrics.jsonl" if main else None, len(self.sigmas) - 1, enabled=self.progress,
+                          tensorboard=self.out / "tensorboard" if main and t.tensorboard else None,
+                          first_step=self.step + 1)
+            log.start(self.step, t.steps)
+            try:
+                with use_backend(self.cfg.model.ops_backend):
+                    return self._loop(log, stop)
+            finally:
+                log.close()
 
-    def _loop(self, log: StepLog) -> list[StepOutput]:
+    def _loop(self, log: StepLog, stop: StopRequest) -> list[StepOutput]:
         cfg, t = self.cfg, self.cfg.train
         history: list[StepOutput] = []
         telemetry = Telemetry.of(self)
@@ -138,7 +157,8 @@ class Trainer:
             with telemetry.timer.section("forward_backward"):
                 result = self.forward_backward_step(next(self.stream))
             with telemetry.timer.section("optimizer_s"):
-                grad_norm = self.optimizer_step()
+                grad_norm = self.optimizer_step(result.loss)
+            # a skipped update (self.bad_steps) still counts: its batch and noise were drawn, so a resume stays exact
             self.step += 1
             if self.model.checkpointing.measuring:      # model.checkpointing=auto, after its first iteration
                 self.model.checkpointing = fit_checkpointing(self.model.checkpointing, self.roles, self.optimizer, cfg,
@@ -149,13 +169,16 @@ class Trainer:
             row = {"step": self.step, "loss": result.loss, "losses": result.losses, "grad_norm": grad_norm,
                    "lr": self.optimizer.param_groups[0]["lr"], "ema_decay": cfg.method.ema_decay, "sec": sec,
                    "images_per_s": t.batch_size * self.world / sec, "model_tflop": result.flops / 1e12,
-                   "model_tflops_per_s": result.flops / sec / 1e12, **telemetry.fields(result, sec)}
-            log.log(row, show=self.step % t.log_every == 0 or self.step == t.steps)
+                   "model_tflops_per_s": result.flops / sec / 1e12, **telemetry.fields(result, sec),
+                   **self.bad_steps.fields()}
+            log.log(row, show=self.step % t.log_every == 0 or self.step == t.steps or self.bad_steps.skipped)
+            self.bad_steps.raise_if_diverged(self.step, self.optimizer.param_groups[0]["lr"])   # before this save
             if validation is not None and validation.due(self.step):
                 validation.run(self.step, log)
                 telemetry.timer.take()
-            if self.step % t.checkpoint_every == 0 or self.step == t.steps:
-                self.save()
+            saved = self.save() if self.step % t.checkpoint_every == 0 or self.step == t.steps else None
+            if stop.agreed():       # every rank, once per step: a signal to any of them stops all at this step
+                raise TrainingStopped(stop.reason, self.step, saved or self.save())
         return history
 
     # ------------------------------------------------------------------ checkpoints
@@ -168,7 +191,7 @@ class Trainer:
         opt_tensors, groups = ckpt.optimizer_tensors(self.optimizer, names)
         rng = {"noise": self.noise.get_state(), "torch": torch.get_rng_state()}
         state = {"step": self.step, "data": self.stream.state_dict(), "param_groups": groups,
-                 "config": self.cfg.to_dict()}
+                 "config": self.cfg.to_dict(), "bad_steps": self.bad_steps.state_dict()}
         parts = {"student": dict(self.roles.trainable), "teacher": self.roles.ema.state_dict(),
                  "optimizer": opt_tensors, "rng": rng}
         return ckpt.save_checkpoint(self.checkpoint_root, self.step, parts, state, self.cfg.train.keep_last)
@@ -179,6 +202,9 @@ class Trainer:
         if r == "auto":
             found = ckpt.list_checkpoints(self.checkpoint_root)
             return found[-1] if found else None
+        if r is not None and not Path(r).is_dir():
+            raise ckpt.CheckpointError(f"train.resume: {r}: no such checkpoint directory; pass a step-XXXXXX directory "
+                                       "written by `dopsd train`, auto (the newest in train.output_dir) or null")
         return None if r is None else Path(r)
 
     def resume(self) -> Path | None:
@@ -201,11 +227,12 @@ class Trainer:
                 p.copy_(student[k])
         self.roles.trainable_changed()
         self.roles.ema.load_state_dict(teacher)
-        ckpt.load_optimizer(self.optimizer, list(self.roles.trainable), optim, state["param_groups"])
+        ckpt.load_optimizer(self.optimizer, list(self.roles.trainable), optim, state["param_groups"], path)
         self.noise.set_state(rng["noise"])
         torch.set_rng_state(rng["torch"])
         self.stream.load_state_dict(state["data"])
         self.step = int(state["step"])
+        self.bad_steps.load_state_dict(state.get("bad_steps"), path / "state.json")
         return changes
 
     def _write_run_files(self) -> None:

@@ -1,10 +1,10 @@
 """Helpers for the 2-process CPU tests (gloo): launch `dopsd train` under torchrun or as bare ranks."""
-import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+from dopsd_fast.testing import metrics_rows
 from dopsd_fast.train.distributed import free_port
 
 RUN_CLI = str(Path(__file__).with_name("run_cli.py"))
@@ -29,6 +29,14 @@ def torchrun(out: Path, *sets: str, nproc: int = 2, **popen) -> subprocess.Popen
     return subprocess.Popen(cmd, env=rank_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
 
 
+def bare_ranks(out: Path, *sets: str, world: int = 2) -> list[subprocess.Popen]:
+    """One `dopsd train` process per rank and no launcher: each rank's own pid and exit code (kill the survivors)."""
+    args, port = [sys.executable, RUN_CLI, "train", *train_args(out, *sets)], str(free_port())
+    return [subprocess.Popen(args, env=rank_env(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(world),
+                                                MASTER_ADDR="127.0.0.1", MASTER_PORT=port),
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(world)]
+
+
 def finish(proc: subprocess.Popen, timeout: float = 600) -> str:
     out, _ = proc.communicate(timeout=timeout)
     assert proc.returncode == 0, out[-4000:]
@@ -36,6 +44,8 @@ def finish(proc: subprocess.Popen, timeout: float = 600) -> str:
 
 
 def logged_rows(out: Path) -> dict[int, dict]:
-    """metrics.jsonl by step; a step logged twice (before a kill, then after the resume) keeps its last row."""
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    """metrics.jsonl by step; each step logged once (a resume drops the rows past its checkpoint)."""
+    rows = metrics_rows(out)
+    steps = [r["step"] for r in rows]
+    assert steps == sorted(set(steps)), f"{out / 'metrics.jsonl'}: steps {steps}"
     return {r["step"]: r for r in rows}

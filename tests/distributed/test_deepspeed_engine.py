@@ -1,9 +1,12 @@
 """The DeepSpeed engine path in one process (a world of one, gloo): K + 1 micro-backwards through engine.backward
-and one engine.step() give what one backward of the mean loss gives in the plain trainer, on ZeRO 1, 2 and 3."""
+and one engine.step() give what one backward of the mean loss gives in the plain trainer, on ZeRO 1, 2 and 3; a
+NaN/Inf step updates nothing and drops its gradients as the plain trainer does, on ZeRO 0, 2 and 3."""
 import json
 import sys
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 pytest.importorskip("deepspeed")
 
@@ -12,11 +15,13 @@ import deepspeed.comm  # noqa: E402,F401  (registers deepspeed.comm.torch)
 # gloo does the collectives; skip the CPU shm op DeepSpeed would JIT-build first (~25 s, more on a busy machine)
 sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
 
+from dopsd_fast.models.loading import first_nonfinite  # noqa: E402
 from dopsd_fast.ops._dispatch import use_backend  # noqa: E402
 from dopsd_fast.testing import tiny_trainer  # noqa: E402
-from dopsd_fast.train.checkpoint import CheckpointError  # noqa: E402
+from dopsd_fast.train.checkpoint import CheckpointError, list_checkpoints  # noqa: E402
 from dopsd_fast.train.config import ConfigError, load_config  # noqa: E402
 from dopsd_fast.train.distributed import destroy_process_group  # noqa: E402
+from dopsd_fast.train.finite import TrainingDiverged  # noqa: E402
 
 COMMON = ["train.steps=3", "train.batch_size=2", "optim.warmup_steps=2", "train.checkpoint_every=100",
           "train.tensorboard=false"]
@@ -68,7 +73,69 @@ def test_zero3_checkpoint_does_not_resume_on_zero2(tmp_path):
     step = tmp_path / "step-000001"
     step.mkdir()
     zero3 = load_config("tiny-cpu", [f"train.output_dir={tmp_path}", "train.resume=null", "deepspeed.stage=3", *COMMON])
-    (step / "state.json").write_text(json.dumps({"step": 1, "data": {}, "world_size": 1, "config": zero3.to_dict()}))
+    (step / "state.json").write_text(json.dumps({"step": 1, "data": {"epoch": 0, "position": 1}, "world_size": 1, "config": zero3.to_dict()}))
     trainer = tiny_trainer(tmp_path, "deepspeed.stage=2", *COMMON)
     with pytest.raises(CheckpointError, match="another experiment \\(deepspeed.stage: 3 -> 2\\)"):
         trainer.load(step)
+
+
+# ---------------------------------------------------------------- NaN/Inf (train/finite.py)
+# A bad step runs engine.step() with AdamW's own step left out: nothing is updated and the accumulated gradients
+# (ZeRO partitions included) are dropped. In this module: a second in-process DeepSpeed module cannot create its
+# process group again after this one's teardown.
+
+@pytest.mark.parametrize("stage", [0, 2, 3], ids=["zero0", "zero2", "zero3"])
+def test_lr_1e30_skips_then_stops_and_every_checkpoint_is_finite(tmp_path, stage):
+    tr = tiny_trainer(tmp_path, f"deepspeed.stage={stage}", "optim.lr=1e30", "train.steps=8", "train.batch_size=2",
+                      "train.checkpoint_every=1", "train.keep_last=8", "train.tensorboard=false")
+    with pytest.raises(TrainingDiverged, match="steps 2-4: 3 steps in a row"):
+        tr.train()
+    assert [(r["skipped"], r["bad_steps"]) for r in rows(tmp_path)] == [(False, 0), (True, 1), (True, 2), (True, 3)]
+    root = tmp_path / "checkpoints"
+    assert [p.name for p in list_checkpoints(root)] == ["step-000001", "step-000002", "step-000003"]
+    for ckpt in list_checkpoints(root):
+        for f in ckpt.glob("*.safetensors"):
+            assert first_nonfinite(load_file(str(f))) is None, f
+    first, last = (load_file(str(root / s / "student.safetensors")) for s in ("step-000001", "step-000003"))
+    assert all(torch.equal(first[k], last[k]) for k in first)      # the skipped steps updated nothing
+    assert json.loads((root / "step-000003" / "state.json").read_text())["bad_steps"] == {"total": 2, "streak": 2}
+
+
+def nan_loss_at(trainer, step: int):
+    """The trainer, reporting a NaN loss for step ``step`` while its gradients stay finite: only the loss check
+    can skip that update (DeepSpeed's own overflow check would apply it)."""
+    inner = trainer.forward_backward_step
+
+    def forward_backward_step(batch):
+        out = inner(batch)
+        if trainer.step + 1 == step:
+            out.loss = float("nan")
+        return out
+
+    trainer.forward_backward_step = forward_backward_step
+    return trainer
+
+
+SKIP_RUN = ["train.steps=4", "train.batch_size=2", "train.checkpoint_every=100", "train.tensorboard=false"]
+
+
+@pytest.fixture(scope="module")
+def plain_skip_rows(tmp_path_factory):
+    out = tmp_path_factory.mktemp("plain_skip")
+    with use_backend("reference"):
+        nan_loss_at(tiny_trainer(out, *SKIP_RUN), 2).train()
+    return rows(out)
+
+
+@pytest.mark.parametrize("stage", [0, 2, 3], ids=["zero0", "zero2", "zero3"])
+def test_a_skipped_step_drops_its_gradients_as_the_plain_trainer_does(tmp_path, plain_skip_rows, stage):
+    """Step 2's gradients are finite but its loss is not: steps 3 and 4 match the plain trainer's (which zeroes
+    the gradients). Applying step 2 changes step 3's loss; skipping engine.step() instead leaves step 2's
+    gradients to add into step 3's (its grad norm, step 4's loss)."""
+    nan_loss_at(tiny_trainer(tmp_path, f"deepspeed.stage={stage}", *SKIP_RUN), 2).train()
+    ours = rows(tmp_path)
+    assert [r["skipped"] for r in ours] == [r["skipped"] for r in plain_skip_rows] == [False, True, False, False]
+    for a, b in zip(ours[2:], plain_skip_rows[2:]):
+        assert a["losses"] == pytest.approx(b["losses"], rel=1e-5)
+        if a["grad_norm"] is not None:      # ZeRO-0 in fp32: DeepSpeed reports none
+            assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)

@@ -4,8 +4,6 @@ import json
 import os
 import random
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
@@ -13,25 +11,14 @@ import torch
 
 pytest.importorskip("deepspeed")
 
-from ds_launch import RUN_CLI, finish, logged_rows, rank_env, torchrun, train_args  # noqa: E402
+from ds_launch import bare_ranks, finish, logged_rows, torchrun  # noqa: E402
+from dopsd_fast.testing import wait_for_rows  # noqa: E402
 from dopsd_fast.train.checkpoint import list_checkpoints, load_tensors  # noqa: E402
-from dopsd_fast.train.distributed import free_port  # noqa: E402
 
 STEPS = 4
 RUN = [f"train.steps={STEPS}", "train.checkpoint_every=1", "train.keep_last=2", "deepspeed.stage=2",
        "optim.warmup_steps=3", "train.tensorboard=false",
        "validation.every=2", "validation.pairs=2", "validation.steps=2"]      # grids on rank 0 must not shift a loss
-
-
-def wait_for_rows(out, n: int, proc: subprocess.Popen, timeout: float = 600) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        path = out / "metrics.jsonl"
-        if path.is_file() and len(path.read_text().splitlines()) >= n:
-            return
-        assert proc.poll() is None, proc.communicate()[0][-4000:]
-        time.sleep(0.05)
-    raise TimeoutError(f"{out}: fewer than {n} logged steps after {timeout} s")
 
 
 def test_sigkill_at_random_point_resumes_exactly(tmp_path):
@@ -78,12 +65,9 @@ def assert_zero_to_fp32_matches_student(step_dir) -> None:
 
 def test_dead_rank_fails_the_others(tmp_path):
     """Bare ranks (no launcher to reap them): rank 1 is SIGKILLed mid-run; rank 0 must exit non-zero, not hang."""
-    out, port = tmp_path / "run", str(free_port())
-    args = [sys.executable, RUN_CLI, "train", *train_args(out, "train.steps=50", "deepspeed.stage=2",
-                                                          "deepspeed.timeout_s=30", "train.checkpoint_every=1000")]
-    ranks = [subprocess.Popen(args, env=rank_env(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2",
-                                                 MASTER_ADDR="127.0.0.1", MASTER_PORT=port),
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(2)]
+    out = tmp_path / "run"
+    ranks = bare_ranks(out, "train.steps=50", "deepspeed.stage=2", "deepspeed.timeout_s=30",
+                       "train.checkpoint_every=1000")
     try:
         wait_for_rows(out, 1, ranks[0])
         ranks[1].kill()

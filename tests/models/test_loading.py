@@ -84,3 +84,54 @@ def test_corrupt_file_and_missing_config(saved, tmp_path):
         load_zimage_transformer(saved)
     with pytest.raises(WeightsError, match="not a directory"):
         load_zimage_transformer(tmp_path / "nope")
+
+
+@pytest.mark.parametrize("saved", ["10GB", "200KB"], indirect=True, ids=["single", "sharded"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_non_finite_weight_is_refused_naming_file_and_tensor(saved, bad):
+    index, key = saved / "diffusion_pytorch_model.safetensors.index.json", "layers.0.feed_forward.w2.weight"
+    path = saved / (json.loads(index.read_text())["weight_map"][key] if index.exists() else
+                    "diffusion_pytorch_model.safetensors")
+    tensors = load_file(str(path))
+    tensors[key].view(-1)[5] = bad
+    save_file(tensors, str(path))
+    with pytest.raises(WeightsError, match=f"{path}: tensor '{key}' holds NaN or Inf"):
+        load_zimage_transformer(saved)
+
+
+@pytest.mark.parametrize("edit, fragment", [
+    (lambda raw: "{not json", "config.json: not valid JSON"),
+    (lambda raw: b"\xff\xfe{}", "config.json: not valid JSON"),
+    (lambda raw: "[1, 2]", "config.json: expected a JSON object of config keys, got a list"),
+    (lambda raw: json.dumps({**raw, "dim": "big"}), 'config.json: dim is "big", expected int'),
+    (lambda raw: json.dumps({**raw, "axes_dims": [8, "12", 12]}), 'config.json: axes_dims is [8, "12", 12], expected tuple'),
+    (lambda raw: json.dumps({**raw, "qk_norm": 1}), "config.json: qk_norm is 1, expected bool"),
+    (lambda raw: json.dumps({**raw, "n_heads": 0}), "config.json: describes no buildable ZImageTransformer"),
+], ids=["not-json", "not-utf8", "a-list", "string-dim", "string-in-list", "int-for-bool", "zero-heads"])
+def test_bad_config_json_is_named_not_a_traceback(saved, edit, fragment):
+    path = saved / "config.json"
+    text = edit(json.loads(path.read_text()))
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    with pytest.raises(WeightsError) as e:
+        load_zimage_transformer(saved)
+    assert f"{saved}/{fragment}" in str(e.value)
+
+
+@pytest.mark.parametrize("dtype, code", [(torch.int32, "I32"), (torch.uint8, "U8"), (torch.bool, "BOOL")])
+def test_integer_weights_are_refused_naming_the_tensor_and_dtype(saved, dtype, code):
+    _rewrite_single(saved, lambda t: t.__setitem__("layers.0.feed_forward.w1.weight",
+                                                   t["layers.0.feed_forward.w1.weight"].to(dtype)))
+    with pytest.raises(WeightsError, match=f"diffusion_pytorch_model.safetensors: tensor "
+                                           f"'layers.0.feed_forward.w1.weight' is stored as {code}"):
+        load_zimage_transformer(saved)
+
+
+def test_component_config_that_is_not_an_object_or_has_wrong_types(tmp_path):
+    from dopsd_fast.models.loading import load_qwen3_text_encoder, read_component_config
+
+    (tmp_path / "config.json").write_text('"a string"')
+    with pytest.raises(WeightsError, match="config.json: expected a JSON object of config keys, got a str"):
+        read_component_config(tmp_path, "vae/")
+    (tmp_path / "config.json").write_text(json.dumps({"hidden_size": "wide", "num_hidden_layers": 1}))
+    with pytest.raises(WeightsError, match="config.json: not a Qwen3 text-encoder config .*hidden_size"):
+        load_qwen3_text_encoder(tmp_path)

@@ -1,4 +1,6 @@
 """FLUX.2 [klein] weights: diffusers folders and BFL single files load into our transformer."""
+import json
+
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -109,3 +111,31 @@ def test_broken_weights_fail_naming_the_problem(theirs, tmp_path):
     (tmp_path / "folder").mkdir()
     with pytest.raises(WeightsError, match="config.json: missing"):
         load_flux2_klein_transformer(tmp_path / "folder")
+
+
+@pytest.mark.parametrize("prefix", ["", "model.diffusion_model."], ids=["bfl", "comfy_prefix"])
+def test_non_finite_bfl_tensor_is_refused_by_its_name_in_the_file(theirs, tmp_path, prefix):
+    bfl = to_bfl(theirs.state_dict())
+    bfl["double_blocks.0.img_attn.qkv.weight"][0, 0] = float("nan")     # one fused tensor -> to_q, to_k, to_v
+    path = tmp_path / "flux-2-klein-tiny.safetensors"
+    save_file({prefix + k: v for k, v in bfl.items()}, str(path))
+    with pytest.raises(WeightsError, match=f"{path}: tensor '{prefix}double_blocks.0.img_attn.qkv.weight' holds NaN"):
+        load_flux2_klein_transformer(path)
+
+
+def test_integer_bfl_tensor_and_wrong_config_types_are_refused(theirs, tmp_path):
+    bfl = to_bfl(theirs.state_dict())
+    bfl["img_in.weight"] = bfl["img_in.weight"].to(torch.int32)          # a cast would load garbage silently
+    path = tmp_path / "flux-2-klein-tiny.safetensors"
+    save_file(bfl, str(path))
+    with pytest.raises(WeightsError, match=f"{path}: tensor 'img_in.weight' is stored as I32"):
+        load_flux2_klein_transformer(path)
+    folder = tmp_path / "transformer"
+    theirs.save_pretrained(folder)
+    config = folder / "config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "num_layers": "one"}))
+    with pytest.raises(WeightsError, match=f'{config}: num_layers is "one", expected int'):
+        load_flux2_klein_transformer(folder)
+    config.write_text("[]")
+    with pytest.raises(WeightsError, match=f"{config}: expected a JSON object"):
+        load_flux2_klein_transformer(folder)

@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 import dopsd_fast.train.checkpoint as ckpt
 from dopsd_fast.cli import main
 from dopsd_fast.train.config import Config, load_config
+from dopsd_fast.train.run_dir import LOCK_NAME
 from dopsd_fast.train.checkpoint import (CheckpointError, list_checkpoints, load_optimizer, load_tensors,
                                          optimizer_tensors, read_state, save_checkpoint)
 
@@ -30,9 +31,10 @@ def steps_of(root: Path) -> list[int]:
 
 
 def snapshot(folder: Path) -> dict[str, tuple[bytes, int]]:
-    """Bytes and mtime of every file below ``folder``."""
+    """Bytes and mtime of every file below ``folder`` but the lock, where each run that takes it writes its pid
+    (train/run_dir.py)."""
     return {str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mtime_ns)
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != LOCK_NAME}
 
 
 # ---------------------------------------------------------------- save / list
@@ -128,12 +130,12 @@ def test_crash_while_resaving_leaves_the_old_copy(tmp_path, monkeypatch):
         return real_save_file(tensors, filename, *args, **kwargs)
 
     monkeypatch.setattr(ckpt, "save_file", crash_on_second_file)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(CheckpointError, match="step-000003: not written: disk full"):
         save_checkpoint(tmp_path, 3, parts_for(2.0), {"step": 3, "v": 2}, keep_last=3)
-    # The complete checkpoint is untouched; the half-written copy is only a .tmp folder, which is ignored.
+    # The complete checkpoint is untouched; the half-written .tmp copy is removed.
     assert snapshot(tmp_path / "step-000003") == before
     assert list_checkpoints(tmp_path) == [tmp_path / "step-000003"]
-    assert (tmp_path / "step-000003.tmp").is_dir()
+    assert not (tmp_path / "step-000003.tmp").exists()
 
     monkeypatch.setattr(ckpt, "save_file", real_save_file)
     save_checkpoint(tmp_path, 3, parts_for(2.0), {"step": 3, "v": 2}, keep_last=3)
@@ -436,3 +438,97 @@ def test_a_key_the_checkpoint_predates_takes_its_default(tmp_path):
     saved["method"]["objective"] = "sft"
     with pytest.raises(CheckpointError, match='method.objective: "sft" -> "dopsd"'):
         ckpt.resume_changes(tmp_path, saved, cfg)
+
+
+# ---------------------------------------------------------------- hand-edited or foreign checkpoints, a full disk
+
+@pytest.mark.parametrize("edit, named", [
+    (lambda s: s.update(step="abc"), 'step is "abc", expected an integer >= 0'),
+    (lambda s: s.update(step=-1), "step is -1, expected an integer >= 0"),
+    (lambda s: s.update(step=1.5), "step is 1.5, expected an integer >= 0"),
+    (lambda s: s.update(data=[1]), "data is [1], expected a mapping"),
+    (lambda s: s["data"].update(epoch="0"), 'data.epoch is "0", expected an integer >= 0'),
+    (lambda s: s["data"].pop("position"), "lacks data.position"),
+    (lambda s: s.update(param_groups={"lr": 1}), 'param_groups is {"lr": 1}, expected a list of mappings'),
+    (lambda s: s.update(config="tiny-cpu"), 'config is "tiny-cpu", expected a mapping'),
+    (lambda s: s["param_groups"][0].update(lr="fast"), 'param_groups[0].lr is "fast", but this run\'s optimizer holds'),
+    (lambda s: s["param_groups"][0].update(betas=[0.9]), "param_groups[0].betas is [0.9]"),
+    (lambda s: s["param_groups"][0].update(amsgrad="no"), 'param_groups[0].amsgrad is "no"'),
+], ids=["step-str", "step-negative", "step-float", "data-list", "epoch-str", "no-position", "groups-dict", "config-str",
+        "lr-str", "betas-short", "amsgrad-str"])
+def test_state_json_with_wrong_types_names_the_key(run, capsys, edit, named):
+    path = run / "checkpoints" / "step-000001" / "state.json"
+    state = json.loads(path.read_text())
+    edit(state)
+    path.write_text(json.dumps(state))
+    before = snapshot(run)
+    capsys.readouterr()
+    assert _train(run, 2) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"dopsd: error: {path}: ") and named in err and "Traceback" not in err, err
+    assert "resume from" in err
+    assert snapshot(run) == before                                      # config.yaml included: not rewritten
+
+
+def _edit_optimizer(run: Path, edit) -> Path:
+    path = run / "checkpoints" / "step-000001" / "optimizer.safetensors"
+    tensors = load_file(str(path))
+    edit(tensors, sorted({k.rpartition("::")[0] for k in tensors})[0])
+    save_file(tensors, str(path))
+    return path
+
+
+@pytest.mark.parametrize("edit, named", [
+    (lambda t, p: t.__setitem__(f"{p}::exp_avg", torch.zeros(1)), "::exp_avg has shape (1,), the parameter needs"),
+    (lambda t, p: t.__setitem__(f"{p}::exp_avg_sq", t[f"{p}::exp_avg_sq"].t().contiguous()), "::exp_avg_sq has shape"),
+    (lambda t, p: t.pop(f"{p}::exp_avg_sq"), "::exp_avg_sq is missing"),
+    (lambda t, p: t.__setitem__(f"{p}::step", torch.ones(3)), "::step has shape (3,), the parameter needs ()"),
+    (lambda t, p: t.__setitem__(f"{p}::exp_avg", t[f"{p}::exp_avg"].to(torch.int32)), "::exp_avg is torch.int32"),
+], ids=["exp_avg-shape", "exp_avg_sq-transposed", "exp_avg_sq-missing", "step-shape", "exp_avg-int"])
+def test_optimizer_tensors_of_the_wrong_shape_or_missing_are_refused_at_load(run, capsys, edit, named):
+    """Without the check they load and the run fails at its first step, after rewriting config.yaml."""
+    path = _edit_optimizer(run, edit)
+    before = snapshot(run)
+    capsys.readouterr()
+    assert _train(run, 2) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"dopsd: error: {path}: ") and named in err and "Traceback" not in err, err
+    assert snapshot(run) == before
+
+
+def test_a_full_disk_during_a_checkpoint_keeps_the_previous_ones(run, capsys, monkeypatch):
+    """safetensors reports ENOSPC as a SafetensorError (not an OSError): the message names the checkpoint, the
+    half-written .tmp goes, the checkpoints already complete stay."""
+    from safetensors import SafetensorError
+
+    step1 = snapshot(run / "checkpoints" / "step-000001")
+
+    def full_disk(tensors, filename, *args, **kwargs):
+        raise SafetensorError(f'Error while serializing: I/O error: No space left on device (os error 28) at path '
+                              f'"{filename}"')
+
+    monkeypatch.setattr(ckpt, "save_file", full_disk)
+    capsys.readouterr()
+    assert _train(run, 2) == 2
+    err = capsys.readouterr().err
+    step2 = run / "checkpoints" / "step-000002"
+    assert err.startswith(f"dopsd: error: {step2}: not written: ") and "No space left on device" in err
+    assert "the disk is full; free space there or set train.output_dir on another disk" in err
+    assert f"the complete checkpoints in {run / 'checkpoints'} are kept" in err and "Traceback" not in err
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000001"]      # no .tmp left
+    assert snapshot(run / "checkpoints" / "step-000001") == step1
+
+
+def test_a_read_only_checkpoint_folder_is_named(tmp_path, monkeypatch):
+    import errno
+
+    save_checkpoint(tmp_path, 1, parts_for(1.0), {"step": 1}, keep_last=3)
+
+    def read_only(tensors, filename, *args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system", filename)
+
+    monkeypatch.setattr(ckpt, "save_file", read_only)
+    with pytest.raises(CheckpointError, match="step-000002: not written: Read-only file system: the folder is not "
+                                              "writable; fix its permissions or set train.output_dir elsewhere"):
+        save_checkpoint(tmp_path, 2, parts_for(2.0), {"step": 2}, keep_last=3)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-000001"]

@@ -1,6 +1,7 @@
 """`dopsd train` / `dopsd sample`, called in-process (plus one run of the installed console script)."""
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -233,3 +234,94 @@ def test_console_script_dry_run(tmp_path):
                           capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode == 2
     assert "dopsd: error:" in proc.stderr and "method.lsos" in proc.stderr and "Traceback" not in proc.stderr
+
+
+# ---------------------------------------------------------------- inputs refused before anything is written
+
+def test_empty_config_file_is_refused(tmp_path, capsys):
+    """Every default is the 6B Z-Image-Turbo run: an empty file must not plan (or train) it."""
+    for text in ("", "# only a comment\n", "{}\n"):
+        path = tmp_path / "empty.yaml"
+        path.write_text(text)
+        assert main(["train", str(path), "--dry-run"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"dopsd: error: {path}: empty config") and "tiny-cpu" in err
+
+
+def test_empty_output_dir_is_refused(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for value in ('""', '"  "'):
+        assert main(["train", "--no-progress", "--no-samples", "--set", f"train.output_dir={value}",
+                     "--set", "train.steps=1"]) == 2
+        assert "train.output_dir: must name a folder" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []                    # nothing written into the current directory
+
+
+def test_missing_resume_path_creates_nothing(tmp_path, capsys):
+    out, missing = tmp_path / "run", tmp_path / "old" / "step-000100"
+    assert main(train_args(out, 1, "--no-samples", "--set", f"train.resume={json.dumps(str(missing))}")) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"dopsd: error: train.resume: {missing}: no such checkpoint directory") and "null" in err
+    assert not out.exists()
+
+
+def test_output_dir_below_a_file_is_refused_before_loading(tmp_path, capsys):
+    (tmp_path / "file").write_text("not a folder")
+    out = tmp_path / "file" / "run"
+    assert main(train_args(out, 1, "--no-samples")) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"dopsd: error: train.output_dir: {tmp_path / 'file'} is a file, not a folder")
+    assert "Traceback" not in err and sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+@pytest.mark.parametrize("code, fix", [(errno.EROFS, "the folder is not writable"), (errno.EACCES, "the folder is not writable"),
+                                       (errno.ENOSPC, "the disk is full")], ids=["read-only", "forbidden", "full"])
+def test_unwritable_output_dir_is_refused_before_anything_is_written(tmp_path, capsys, monkeypatch, code, fix):
+    """The probe file is what meets the read-only or full disk (simulated: root writes through chmod)."""
+    import dopsd_fast.train.checkpoint as ckpt
+
+    def refuse(*args, **kwargs):
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(ckpt.tempfile, "mkstemp", refuse)
+    out = tmp_path / "run"
+    assert main(train_args(out, 1, "--no-samples")) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"dopsd: error: train.output_dir: cannot write into {tmp_path} ({os.strerror(code)}: {fix}")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into a read-only folder anyway")
+def test_read_only_output_dir_is_refused(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    out.chmod(0o555)
+    try:
+        assert main(train_args(out, 1, "--no-samples")) == 2
+        assert f"train.output_dir: cannot write into {out}" in capsys.readouterr().err
+        assert list(out.iterdir()) == []
+    finally:
+        out.chmod(0o755)
+
+
+def test_the_write_probe_leaves_nothing_behind(tmp_path):
+    from dopsd_fast.train.checkpoint import check_writable
+
+    check_writable(tmp_path / "a" / "b")                    # probes tmp_path, creates neither a nor b
+    check_writable(tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_disk_that_fills_up_mid_run_exits_2_naming_the_file(tmp_path, capsys, monkeypatch):
+    """Not only checkpoints (test_checkpoint.py): metrics.jsonl meeting a full disk ends the run with its name."""
+    from dopsd_fast.train import metrics
+
+    def full(self, row, show):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self.path))
+
+    monkeypatch.setattr(metrics.StepLog, "log", full)
+    out = tmp_path / "run"
+    assert main(train_args(out, 1, "--no-samples")) == 2
+    err = capsys.readouterr().err
+    assert f"dopsd: error: {out / 'metrics.jsonl'}: No space left on device: the disk is full" in err
+    assert "Traceback" not in err

@@ -44,3 +44,32 @@ def test_dry_run_plans_an_official_preset_before_the_download(capsys):
     assert main(["train", "zimage-turbo-lora", "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "not found yet" in out and "parameters: 6154908736" in out and "trainable_parameters: 158760960" in out
+
+
+@pytest.mark.parametrize("damage, fragment", [
+    (lambda d: (d / "config.json").write_text("{not json"), "config.json: not valid JSON"),
+    (lambda d: (d / "config.json").write_text(json.dumps({**json.loads((d / "config.json").read_text()), "dim": "64"})),
+     'config.json: dim is "64", expected int'),
+])
+def test_bad_config_json_exits_2_before_anything_is_written(tmp_path, capsys, damage, fragment):
+    ZImageTransformer2DModel(**PIXEL_TINY).save_pretrained(tmp_path / "transformer")
+    damage(tmp_path / "transformer")
+    assert _train(tmp_path, "--set", f"model.pretrained={json.dumps(str(tmp_path / 'transformer'))}") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("dopsd: error:") and f"{tmp_path / 'transformer'}/{fragment}" in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_integer_weights_exit_2_before_anything_is_written(tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "transformer"
+    ZImageTransformer2DModel(**PIXEL_TINY).save_pretrained(folder)
+    path = folder / "diffusion_pytorch_model.safetensors"
+    tensors = load_file(str(path))
+    tensors["x_pad_token"] = tensors["x_pad_token"].to(torch.int32)
+    save_file(tensors, str(path))
+    assert _train(tmp_path, "--set", f"model.pretrained={json.dumps(str(folder))}") == 2
+    err = capsys.readouterr().err
+    assert f"{path}: tensor 'x_pad_token' is stored as I32" in err
+    assert not (tmp_path / "run").exists()
