@@ -13,7 +13,9 @@ Configurations (``configurations``), all on one model per side, switched between
   ours      model.checkpointing full | selective | none (auto only chooses among these per budget, which the
             budget table does too); on CUDA x model.ops_backend auto (each op what the op bench measured fastest:
             attention = torch SDPA, default dispatch) | triton (every op ours, attention our Triton kernel); on CPU
-            reference (the PyTorch ops; Triton would run under its interpreter)
+            reference (the PyTorch ops; Triton would run under its interpreter); on CUDA also model.compile=blocks
+            (models/compile.py) x checkpointing full | selective | none with ops=auto, switched on the one model by
+            use_compiled (on CPU Inductor compiles for ~50 s: opt in with DOPSD_BENCH_COMPILE="none blocks")
 A configuration that runs out of memory (torch.OutOfMemoryError; the other side's resident weights are on the
 device too, see ``other_resident_bytes``), or whose SDPA backend has no kernel for the shape ("refused"), is recorded
 as such; any other exception fails the run.
@@ -22,9 +24,11 @@ Per size: (1) equivalence: every configuration, from the same snapshot of adapte
 AdamW state and the same noise seed, runs EQUIVALENCE_ITERATIONS iterations; its losses (every roll-out step) and
 grad norms (the clip_grad_norm_ return value, both sides) must match the reference run, the baseline's released
 configuration, within TOLERANCE: a fast configuration that computes something else fails the bench. The first
-iteration is warm-up; on CUDA the others are timed and measured, on CPU the second is measured with the profiler
-(slow) and the rest timed. (2) ``rounds`` round-robin cycles (the pytest-benchmark rounds, once under
---benchmark-disable): each configuration one timed iteration per cycle, so machine noise hits all alike.
+iteration is warm-up (a compiled configuration compiles its blocks there: each run records the graphs dynamo
+compiled during its timed iterations, ``timed_compilations``, expected 0); on CUDA the others are timed and
+measured, on CPU the second is measured with the profiler (slow) and the rest timed. (2) ``rounds`` round-robin
+cycles (the pytest-benchmark rounds, once under --benchmark-disable): each configuration one timed iteration per
+cycle, so machine noise hits all alike.
 Timed rounds stop early past DOPSD_BENCH_DEADLINE (unix seconds; scripts/device_check.sh sets it).
 
 Memory per configuration: ``resident`` = unique bytes of the side's parameters, optimizer state and EMA master or
@@ -40,7 +44,8 @@ DOPSD_BENCH_OUT=dir each size also writes dir/pareto_<size>.json at once (a late
 Sizes: CPU a small Z-Image (fp32); CUDA the real Z-Image-Turbo 6B architecture with random bf16 weights at 512^2
 and 1024^2, LoRA r64, batch 1 (one build serves both). Under --benchmark-disable (CI) each size runs at a tiny size;
 DOPSD_BENCH_SMOKE=1 times that tiny size (scripts/device_check.sh --cpu). DOPSD_BENCH_ROUNDS=N sets the rounds;
-DOPSD_BENCH_SDPA / DOPSD_BENCH_OPS replace the attention lists of ``configurations``.
+DOPSD_BENCH_SDPA / DOPSD_BENCH_OPS replace the attention lists of ``configurations``, DOPSD_BENCH_COMPILE its list
+of model.compile modes.
 """
 from __future__ import annotations
 
@@ -65,6 +70,7 @@ from dopsd_fast.method.schedule import Z_IMAGE, rollout_sigmas
 from dopsd_fast.method.step import dopsd_step
 from dopsd_fast.metrics.flops import dopsd_iteration, verl_omni_iteration, zimage_layout
 from dopsd_fast.models.checkpointing import CheckpointPlan
+from dopsd_fast.models.compile import compile_blocks, use_compiled
 from dopsd_fast.models.z_image import ZImageConfig, ZImageTransformer
 from dopsd_fast.ops._dispatch import use_backend
 from dopsd_fast.train.memory import optimizer_tensors, unique_bytes
@@ -125,23 +131,31 @@ class Config:
     side: str            # "ours" | "baseline"
     checkpointing: str   # ours: model.checkpointing (full | selective | none); baseline: on | off
     attention: str       # ours: model.ops_backend; baseline: SDPA backend (default | flash | cudnn | efficient)
+    compile: str = "none"  # ours: model.compile (none | blocks); baseline: none
 
     @property
     def label(self) -> str:
+        """compile=none is left out of the label: the labels of earlier result files stay comparable."""
         knob = "ops" if self.side == "ours" else "sdpa"
-        return f"{self.side} ckpt={self.checkpointing} {knob}={self.attention}"
+        return f"{self.side} ckpt={self.checkpointing} {knob}={self.attention}" + (
+            f" compile={self.compile}" if self.compile != "none" else "")
 
 
 def configurations(device: str) -> list[Config]:
     """Every legitimate configuration of each side, baseline first (its released configuration is the reference),
-    then the sides interleaved. DOPSD_BENCH_SDPA / DOPSD_BENCH_OPS (space-separated) replace the attention lists
-    (a rerun short of time, or a check of the refusal path on CPU)."""
+    then the sides interleaved. DOPSD_BENCH_SDPA / DOPSD_BENCH_OPS / DOPSD_BENCH_COMPILE (space-separated) replace
+    the attention lists and the model.compile modes (a rerun short of time, a check of the refusal path on CPU, or
+    compile on CPU: "none blocks", ~50 s of Inductor). Compiled modes run with the first ops entry only (auto on
+    CUDA): compile is a lever of its own, not crossed with every backend."""
     sdpa = ("flash", "cudnn", "efficient") if device == "cuda" else ("default",)
     ops = ("auto", "triton") if device == "cuda" else ("reference",)
+    compile_modes = ("none", "blocks") if device == "cuda" else ("none",)
     sdpa = tuple(os.environ.get("DOPSD_BENCH_SDPA", " ".join(sdpa)).split())
     ops = tuple(os.environ.get("DOPSD_BENCH_OPS", " ".join(ops)).split())
+    compile_modes = tuple(os.environ.get("DOPSD_BENCH_COMPILE", " ".join(compile_modes)).split())
     baseline = [Config("baseline", c, a) for c in ("on", "off") for a in sdpa]
-    ours = [Config("ours", c, a) for c in ("full", "selective", "none") for a in ops]
+    ours = [Config("ours", c, a, m) for m in compile_modes for c in ("full", "selective", "none")
+            for a in (ops if m == "none" else ops[:1])]
     order = []
     for i in range(max(len(baseline), len(ours))):
         order += baseline[i:i + 1] + ours[i:i + 1]
@@ -207,13 +221,19 @@ class Ours(Side):
         self.roles = LoRARoles(model, TARGETS, case.rank, 2.0 * case.rank)
         self.optimizer = torch.optim.AdamW(self.roles.trainable.values(), **OPTIM)
         self.sigmas, self.dtype = rollout_sigmas(SIGMAS), case.dtype
+        self.compiled = False         # blocks wrapped by compile_blocks (lazily, at the first compiled configuration)
 
     def trained(self):
         ema = self.roles.ema
         return list({id(t): t for t in (*self.roles.trainable.values(), *ema.master, *ema.teacher)}.values())
 
     def iteration(self, config: Config, c_s, c_t, latent, generator) -> tuple[list[float], float]:
-        self.roles.model.checkpointing = CheckpointPlan(config.checkpointing)
+        model = self.roles.model
+        model.checkpointing = CheckpointPlan(config.checkpointing)
+        if config.compile != "none" and not self.compiled:
+            self.compiled = compile_blocks(model, config.compile) > 0     # traces in this (warm-up) iteration
+        if self.compiled:             # model.compile: the kept compiled blocks on or off, no recompilation
+            use_compiled(model, config.compile != "none")
         with use_backend(config.attention):     # model.ops_backend, as the trainer applies it around the step
             out = dopsd_step(self.roles, Z_IMAGE, c_s, c_t, [latent], self.sigmas, loss_kind="x0",
                              per_step_backward=True, generator=generator, dtype=self.dtype)
@@ -317,6 +337,12 @@ def measured(run, device: str) -> tuple[object, float, float, int | None]:
     return result, wall, cpu, transient
 
 
+def compiled_graphs() -> int:
+    """Graphs dynamo has compiled in this process so far (a compiled configuration's first iterations add some)."""
+    from torch._dynamo.utils import counters
+    return counters["stats"]["unique_graphs"]
+
+
 def failure(err: BaseException, caught: list) -> tuple[str, str]:
     """(status, why) of a configuration that raised."""
     text = str(err).splitlines()[0] if str(err) else type(err).__name__
@@ -379,8 +405,9 @@ def test_pareto(benchmark, built, size):
     c_s, c_t = ([torch.randn(n, case.arch.cap_feat_dim, generator=g).to(case.device, case.dtype)]
                 for n in case.caption_tokens)
     device, latent = case.device, case.latent
-    runs = [dict(label=c.label, side=c.side, checkpointing=c.checkpointing, attention=c.attention, status="ok",
-                 why="", seconds=[], cpu_seconds=[], losses=[], grad_norms=[], transient_bytes=0)
+    runs = [dict(label=c.label, side=c.side, checkpointing=c.checkpointing, attention=c.attention, compile=c.compile,
+                 status="ok", why="", seconds=[], cpu_seconds=[], losses=[], grad_norms=[], transient_bytes=0,
+                 timed_compilations=0)
             for c in configurations(device)]
     configs = dict(zip((r["label"] for r in runs), configurations(device)))
 
@@ -412,8 +439,10 @@ def test_pareto(benchmark, built, size):
                 out = iteration()
             run["transient_bytes"] = max(run["transient_bytes"], profiled_transient(keep, device))
             return out
+        graphs = compiled_graphs()
         out, wall, cpu, transient = measured(iteration, device)
         if timed:
+            run["timed_compilations"] += compiled_graphs() - graphs     # compiling belongs in the warm-up
             run["seconds"].append(wall)
             if device == "cpu":       # on CUDA the host mostly waits in a sync: its CPU time says little
                 run["cpu_seconds"].append(cpu)
@@ -488,7 +517,12 @@ def test_pareto(benchmark, built, size):
               f"losses rel <= {loss_rel:g}, grad norms rel <= {norm_rel:g}",
               "ops=auto: each op the fastest measured on CUDA, attention torch SDPA (default dispatch); ops=triton: "
               "every op ours, attention our Triton kernel; ops=reference: the PyTorch ops; sdpa=X: torch SDPA "
-              "restricted to backend X"]
+              "restricted to backend X; compile=blocks: model.compile=blocks (Inductor, not bitwise: within the "
+              "tolerance)"]
+    recompiled = [f"{r['label']}: {r['timed_compilations']}" for r in runs if r["timed_compilations"]]
+    if recompiled:
+        header.append("graphs compiled during timed iterations (their times include compiling): "
+                      + ", ".join(recompiled))
     table = render(runs, rows, header)
     info = {"case": name, "device": _device_name(device), "dtype": str(case.dtype),
             "threads": torch.get_num_threads(), "load_1min_before_after": load, "mfu_reference": peak_note,

@@ -22,6 +22,8 @@
 #   STAGES="e2e bench_ops"   run only these stages (a rerun after a failure); STAGES=all adds the optional ones
 #   OPS_TESTS="tests/ops/test_x.py::test_y"   the ops stage runs these instead of all of tests/ops
 #   ATTN_K="expr"  pytest -k of the attention op benches (default "not reference and not full")
+#   DOPSD_BENCH_COMPILE="none blocks"   e2e also with model.compile=blocks (opt-in: Inductor adds ~1 min per size
+#              and 3 configurations, past the e2e stage's 270 s; e.g. with STAGES=e2e and DOPSD_BENCH_SDPA=flash)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 MODE=gpu
@@ -47,6 +49,8 @@ if [[ "$MODE" == gpu ]]; then
     fi
     export CUDA_HOME=${CUDA_HOME:-} DOPSD_CUDA_ARCHS=${DOPSD_CUDA_ARCHS:-90a}
     OPS_SELECT=() E2E_SIZES=(cuda-6b-512 cuda-6b-1024) TRAIN_DEVICE=cuda
+    # model.compile=blocks in the e2e stage is opt-in (its 270 s holds the 12 eager configurations, not compiling too)
+    export DOPSD_BENCH_COMPILE=${DOPSD_BENCH_COMPILE:-none}
     # Triton compiles each test's kernels on first use: spread the op tests over processes when pytest-xdist is there
     "$PY" -c "import xdist" 2>/dev/null && OPS_SELECT=(-n 8)
 else

@@ -37,12 +37,17 @@ still shows.
 from __future__ import annotations
 
 import typing
+import weakref
+from collections.abc import Callable
 from typing import Literal
 
 from torch import nn
 
 Mode = Literal["none", "blocks"]
 MODES: tuple[str, ...] = typing.get_args(Mode)
+# block -> the callable nn.Module.compile stored in its _compiled_call_impl, kept here (not on the module, whose
+# __getstate__ drops only _compiled_call_impl) so that use_compiled can switch a block off and on again
+_COMPILED: weakref.WeakKeyDictionary[nn.Module, Callable] = weakref.WeakKeyDictionary()
 
 
 def compile_blocks(model: nn.Module, mode: Mode = "blocks") -> int:
@@ -58,6 +63,22 @@ def compile_blocks(model: nn.Module, mode: Mode = "blocks") -> int:
     blocks = [m for m in model.modules() if isinstance(m, model.repeated_blocks)]
     for block in blocks:
         block.compile(dynamic=True)
+        _COMPILED[block] = block._compiled_call_impl
+    return len(blocks)
+
+
+def use_compiled(model: nn.Module, on: bool) -> int:
+    """Switch every block of ``model`` that ``compile_blocks`` compiled between its compiled forward (``on``) and
+    eager, in place; returns how many blocks were switched (0: nothing compiled).
+
+    ``nn.Module.__call__`` runs ``_compiled_call_impl`` when it is set, else the eager ``_call_impl``: switching
+    sets or clears that attribute and keeps the compiled callable, so dynamo's caches (on ``_call_impl``'s code,
+    shared by all blocks) are not lost and switching back costs no recompilation. For one model object run in
+    several configurations (bench/bench_e2e.py); training compiles once and never switches.
+    """
+    blocks = [m for m in model.modules() if isinstance(m, model.repeated_blocks) and m in _COMPILED]
+    for block in blocks:
+        block._compiled_call_impl = _COMPILED[block] if on else None
     return len(blocks)
 
 

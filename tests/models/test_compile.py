@@ -3,7 +3,9 @@
 model.compile=blocks (models/compile.py) on the tiny-cpu preset, K = 2 roll-out steps, per-step backward: the
 losses and every adapter gradient equal the eager run's up to fp32 rounding, with checkpointing none and full
 (eager checkpointing around the compiled block, whose recompute reruns the compiled forward), and the blocks trace
-without a graph break.
+without a graph break. In the same test, reusing its compilations (a second test would compile again): one model
+switched by use_compiled (bench/bench_e2e.py's one model for every configuration) computes the eager run bit for
+bit when off and the compiled run bit for bit when on again.
 
 Tolerance (fp32): Inductor writes its own C++ kernels for the elementwise work between the GEMMs and the custom ops
 (LoRA's scale-and-add, SwiGLU, the unmodulated blocks' RMSNorm: fused, vectorised, sums in another order, FMAs
@@ -17,7 +19,7 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-from dopsd_fast.models.compile import compile_blocks, is_compiled
+from dopsd_fast.models.compile import compile_blocks, is_compiled, use_compiled
 from dopsd_fast.testing import randomize_adapters, tiny_trainer
 
 pytestmark = pytest.mark.compile
@@ -44,7 +46,7 @@ def one_iteration(path, compile: str, checkpointing: str):
 
 
 def test_compiled_blocks_equal_eager_within_fp32_rounding(tmp_path, fresh_dynamo):
-    runs = {}
+    runs, eager_runs = {}, {}
     for checkpointing in ("none", "full"):
         _, eager, g_eager = one_iteration(tmp_path / f"eager-{checkpointing}", "none", checkpointing)
         tr, compiled, g_compiled = one_iteration(tmp_path / f"blocks-{checkpointing}", "blocks", checkpointing)
@@ -57,7 +59,24 @@ def test_compiled_blocks_equal_eager_within_fp32_rounding(tmp_path, fresh_dynamo
         assert worst <= RTOL, f"{checkpointing}: largest relative gradient difference {worst:.2e}"
         print(f"checkpointing={checkpointing}: losses {eager.losses} vs {compiled.losses}, worst grad {worst:.2e}")
         runs[checkpointing] = compiled.losses, g_compiled
+        eager_runs[checkpointing] = eager.losses, g_eager
     assert not counters["graph_break"], dict(counters["graph_break"])
+    # one model switched off and on again (use_compiled): eager bit for bit, then compiled bit for bit, no recompiling
+    tr = tiny_trainer(tmp_path / "switched", "method.sigmas=[1.0,0.5]", "model.compile=blocks",
+                      "model.checkpointing=full")
+    randomize_adapters(tr)
+    batch, noise, graphs = next(tr.stream), tr.noise.get_state(), counters["stats"]["unique_graphs"]
+    blocks = [m for m in tr.model.modules() if isinstance(m, tr.model.repeated_blocks)]
+    for on, (want_losses, want_grads) in ((False, eager_runs["full"]), (True, runs["full"])):
+        assert use_compiled(tr.model, on) == 4 and [is_compiled(b) for b in blocks] == [on] * 4
+        tr.noise.set_state(noise)
+        for p in tr.roles.trainable.values():
+            p.grad = None
+        out = tr.forward_backward_step(batch)
+        assert out.losses == want_losses, f"compiled={on}"
+        for name, g in want_grads.items():
+            torch.testing.assert_close(tr.roles.trainable[name].grad, g, rtol=0, atol=0, msg=f"compiled={on}: {name}")
+    assert counters["stats"]["unique_graphs"] == graphs > 0      # the kept compiled code served the second switch
     # full checkpointing's recompute reruns the same compiled forward: bitwise what no checkpointing computes
     (losses_none, g_none), (losses_full, g_full) = runs["none"], runs["full"]
     assert losses_full == losses_none
@@ -72,8 +91,11 @@ def test_compile_keeps_state_dict_keys_and_none_compiles_nothing():
                                            cap_feat_dim=8, axes_dims=(4, 6, 6), axes_lens=(64, 16, 16)))
     keys = list(model.state_dict())
     assert compile_blocks(model, "none") == 0 and not any(is_compiled(m) for m in model.modules())
+    assert use_compiled(model, True) == 0 and not any(is_compiled(m) for m in model.modules())   # nothing to switch
     assert compile_blocks(model, "blocks") == 3      # wraps lazily: nothing is compiled until a block runs
     assert list(model.state_dict()) == keys
+    assert use_compiled(model, False) == 3 and not any(is_compiled(m) for m in model.modules())
+    assert use_compiled(model, True) == 3 and sum(map(is_compiled, model.modules())) == 3
     with pytest.raises(ValueError, match="compile mode"):
         compile_blocks(model, "model")
 
