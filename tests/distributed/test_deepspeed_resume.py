@@ -1,5 +1,6 @@
-"""2 CPU ranks over gloo, ZeRO-2: a run SIGKILLed at a random point resumes and reproduces the uninterrupted run
-exactly, and zero_to_fp32 exports its student; a rank that dies makes the others exit non-zero instead of hanging."""
+"""2 CPU ranks over gloo, ZeRO-2: a run whose ranks are SIGKILLed (by pid) at a random point between checkpoints
+resumes and reproduces the uninterrupted run exactly, and zero_to_fp32 exports its student; a rank that dies makes
+the others exit non-zero instead of hanging."""
 import json
 import os
 import random
@@ -31,25 +32,47 @@ def test_sigkill_at_random_point_resumes_exactly(tmp_path):
     assert [json.loads(line)["step"] for line in grids] == [2, 4]        # rank 0 alone writes the grids
 
     killed = tmp_path / "killed"
-    kill_after = random.Random(os.getpid()).randint(1, STEPS - 1)    # steps logged before the kill
-    print(f"SIGKILL after {kill_after} logged steps")
-    proc = torchrun(killed, *RUN, start_new_session=True)
-    wait_for_rows(killed, kill_after, proc)
-    os.killpg(proc.pid, signal.SIGKILL)                              # launcher and both ranks, mid-step or mid-save
-    proc.communicate()
+    rng = random.Random(os.getpid())
+    after = rng.randint(1, STEPS - 2)      # the checkpoint to wait for; the kill lands in one of the next steps
+    ranks = bare_ranks(killed, *RUN)       # each rank's own pid: torchrun's workers sit in sessions of their own
+    try:
+        wait_for_checkpoint(killed, after, ranks)
+        sec = logged_rows(killed)[after]["sec"]
+        time.sleep(rng.uniform(0, 0.8 * sec))    # mid-step, mid-validation or mid-save of a later step
+        alive = [p.poll() is None for p in ranks]
+    finally:
+        for p in ranks:
+            p.send_signal(signal.SIGKILL)      # (a no-op on a process already reaped)
+        outputs = [p.communicate()[0] for p in ranks]
+    assert all(alive), f"a rank ended before the kill: {outputs[alive.index(False)][-4000:]}"
+    assert [p.returncode for p in ranks] == [-signal.SIGKILL] * len(ranks)
+    rows = logged_rows(killed)           # what the kill left: rows and checkpoints, the last step not reached
     survivors = [int(p.name.split("-")[1]) for p in list_checkpoints(killed / "checkpoints")]
-    assert all(s <= STEPS for s in survivors)
+    print(f"SIGKILL {rows and max(rows)} logged steps, checkpoints {survivors}")
+    assert rows and max(rows) < STEPS and sorted(rows) == list(range(1, max(rows) + 1))
+    assert survivors and after <= max(survivors) < STEPS
 
     finish(torchrun(killed, *RUN))
     resumed = logged_rows(killed)
     assert sorted(resumed) == sorted(ref)
     for step in ref:    # bit-exact: same data shards, per-rank noise, optimizer moments, EMA and lr schedule
-        assert resumed[step]["losses"] == ref[step]["losses"], f"step {step} (killed after {kill_after} steps)"
+        for key in ("loss", "losses", "grad_norm", "lr"):
+            assert resumed[step][key] == ref[step][key], f"step {step} {key} (killed after checkpoint {after})"
     last = f"checkpoints/step-{STEPS:06d}"
     for part in ("student", "teacher"):
         a = load_tensors(straight / last / f"{part}.safetensors")
         b = load_tensors(killed / last / f"{part}.safetensors")
         assert all(torch.equal(a[k], b[k]) for k in a), part
+
+
+def wait_for_checkpoint(out, step: int, ranks, timeout: float = 600) -> None:
+    """Until ``out`` holds the complete checkpoint ``step``; every rank alive throughout, else its output is shown."""
+    deadline = time.monotonic() + timeout
+    while not (out / "checkpoints" / f"step-{step:06d}" / "state.json").is_file():
+        for p in ranks:
+            assert p.poll() is None, p.communicate()[0][-4000:]
+        assert time.monotonic() < deadline, f"{out}: no checkpoint {step} after {timeout} s"
+        time.sleep(0.02)
 
 
 def assert_zero_to_fp32_matches_student(step_dir) -> None:
