@@ -18,14 +18,18 @@ iteration.
 Checkpoints reuse ``checkpoint.py``'s atomic directory: every rank writes into ``step-XXXXXX.tmp`` (DeepSpeed's
 model/optimizer shards under ``deepspeed/``, its own ``rng-rankNNNNN.safetensors``), rank 0 adds the
 student and EMA teacher as safetensors and ``state.json`` last, then renames. The ``deepspeed/`` shards are
-DeepSpeed's own (pickled) format, read back only from this run's directory; ``zero_to_fp32.py`` beside them
-exports the student (under ZeRO-3 from the optimizer's fp32 slices).
+DeepSpeed's own pickled format, so a resume reads them only with ``torch.load(weights_only=True)`` and the three
+DeepSpeed types its ZeRO 0-3 states hold allow-listed (``load_shards_safely``): a file that needs anything else is
+refused, naming it, before DeepSpeed reads a byte; ``zero_to_fp32.py`` beside them exports the student (under
+ZeRO-3 from the optimizer's fp32 slices).
 """
 from __future__ import annotations
 
 import contextlib
 import copy
 import math
+import pickle
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -72,6 +76,41 @@ def engine_config(cfg: Config, world: int) -> dict:
         "comms_logger": {"enabled": ds.comm_timing, "prof_all": True, "verbose": False, "debug": False},
     }
     return _merge(conf, ds.extra)
+
+
+def _shard_types() -> list:
+    """What DeepSpeed 0.19's ZeRO 0-3 states (fp32 and bf16) pickle besides tensors and builtins."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+    return [LossScaler, ZeroStageEnum, fragment_address]
+
+
+def load_shard(path, map_location=None, mmap: bool = False):
+    """One DeepSpeed ``.pt`` file through torch's weights-only unpickler (it builds tensors, builtins and the
+    allow-listed types, and calls nothing else): a file that asks for more is refused, naming it."""
+    try:
+        with torch.serialization.safe_globals(_shard_types()):
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except (pickle.UnpicklingError, RuntimeError, ValueError, EOFError) as err:
+        raise ckpt.CheckpointError(f"{path}: refused to unpickle this DeepSpeed shard ({str(err).splitlines()[0]}); "
+                                   "it holds more than tensors and DeepSpeed's checkpoint types. Resume from a "
+                                   "checkpoint this trainer wrote, or start a new output_dir") from err
+
+
+@contextlib.contextmanager
+def load_shards_safely(engine, folder: Path):
+    """Check every ``.pt`` under ``folder`` (memory-mapped: the pickles, not the tensor bytes) before DeepSpeed
+    reads any, on every rank alike so all refuse together; then route DeepSpeed's own reads (its checkpoint
+    engine's ``load``, torch.load(weights_only=False) in 0.19) through ``load_shard`` too."""
+    for path in sorted(folder.rglob("*.pt")):
+        load_shard(path, map_location="cpu", mmap=True)
+    ce = engine.checkpoint_engine
+    ce.load = lambda path, map_location=None: load_shard(path, map_location)     # instance attribute shadows it
+    try:
+        yield
+    finally:
+        del ce.load
 
 
 def make_deepspeed_trainer(base: type, cfg: Config, progress: bool = True):
@@ -202,8 +241,9 @@ class DeepSpeedMixin:
         if state["world_size"] != self.world:       # the global batch is train.batch_size x world
             raise ckpt.CheckpointError(f"{path}: written by {state['world_size']} ranks, but this run has {self.world}; "
                                        "resume with the same number of processes or start a new output_dir")
-        loaded, _ = self.engine.load_checkpoint(str(path / "deepspeed"), tag="engine", load_module_strict=False,
-                                                load_lr_scheduler_states=False)
+        with load_shards_safely(self.engine, path / "deepspeed"):
+            loaded, _ = self.engine.load_checkpoint(str(path / "deepspeed"), tag="engine", load_module_strict=False,
+                                                    load_lr_scheduler_states=False)
         if loaded is None:
             raise ckpt.CheckpointError(f"{path / 'deepspeed'}: DeepSpeed could not load its shards")
         ckpt.refuse_nonfinite_load(path / "deepspeed", self._whole_student())        # ZeRO-3: every rank gathers

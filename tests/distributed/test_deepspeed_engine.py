@@ -1,7 +1,9 @@
 """The DeepSpeed engine path in one process (a world of one, gloo): K + 1 micro-backwards through engine.backward
 and one engine.step() give what one backward of the mean loss gives in the plain trainer, on ZeRO 1, 2 and 3; a
-NaN/Inf step updates nothing and drops its gradients as the plain trainer does, on ZeRO 0, 2 and 3."""
+NaN/Inf step updates nothing and drops its gradients as the plain trainer does, on ZeRO 0, 2 and 3; a resume reads
+DeepSpeed's shards weights-only, refusing a planted pickle payload without running it."""
 import json
+import shutil
 import sys
 
 import pytest
@@ -139,3 +141,43 @@ def test_a_skipped_step_drops_its_gradients_as_the_plain_trainer_does(tmp_path, 
         assert a["losses"] == pytest.approx(b["losses"], rel=1e-5)
         if a["grad_norm"] is not None:      # ZeRO-0 in fp32: DeepSpeed reports none
             assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)
+
+
+class Payload:
+    """A pickle that runs code when loaded: ``open(marker, "w")`` creates the marker file."""
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
+@pytest.mark.parametrize("stage", [2, 3], ids=["zero2", "zero3"])
+def test_resume_reads_deepspeed_shards_without_running_their_pickles(tmp_path, monkeypatch, stage):
+    """train.resume=<path> with a payload planted in DeepSpeed's model states: refused naming the file, and the
+    payload never ran; the untouched checkpoint resumes with every torch.load weights-only."""
+    run = [f"deepspeed.stage={stage}", "train.batch_size=2", "train.checkpoint_every=1", "train.tensorboard=false"]
+    tiny_trainer(tmp_path / "src", *run, "train.steps=1").train()
+    src = tmp_path / "src" / "checkpoints" / "step-000001"
+    good = tmp_path / "good"
+    shutil.copytree(src, good)
+    (states,) = (src / "deepspeed" / "engine").glob("*mp_rank_00_model_states.pt")
+    marker = tmp_path / "payload-ran"
+    torch.save({"module": Payload(marker), "buffer_names": []}, states)
+
+    with pytest.raises(CheckpointError, match=f"{states}: refused to unpickle"):
+        tiny_trainer(tmp_path / "bad", *run, "train.steps=2", f"train.resume={src}").train()
+    assert not marker.exists()
+
+    loads = []
+    real_load = torch.load
+
+    def spy(*args, **kwargs):
+        loads.append(kwargs.get("weights_only"))
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", spy)
+    tiny_trainer(tmp_path / "resumed", *run, "train.steps=2", f"train.resume={good}").train()
+    assert [r["step"] for r in rows(tmp_path / "resumed")] == [2]
+    assert loads and all(w is True for w in loads), loads
+    assert not marker.exists()
