@@ -174,7 +174,8 @@ class DeepSpeedConfig:
     # ZeRO-3: gather every parameter once per iteration for all K steps of both roles (one coalesced all-gather),
     # instead of around every forward and backward; costs the whole model's memory during the roll-out.
     gather_once: bool = True
-    # Seconds a collective waits for a peer before this rank fails: a dead or hung rank ends the whole job.
+    # Seconds a collective waits for a peer before this rank fails: a dead or hung rank ends the whole job (exit 76,
+    # train/watchdog.py). Also the longest one step's forward/backward or optimizer step may take on any rank.
     timeout_s: float = 600.0
     # Time every collective for the `communication` column (synchronises after each one, costing overlap).
     comm_timing: bool = True

@@ -40,6 +40,7 @@ from ..method.roles import FullRoles
 from . import checkpoint as ckpt
 from . import distributed as dist
 from . import finite
+from . import watchdog
 from . import zero3
 from .config import Config
 
@@ -125,6 +126,8 @@ class DeepSpeedMixin:
         dist.init_process_group(cfg.deepspeed.timeout_s)
         self.rank, self.world = dist.rank(), dist.world_size()
         self.is_main = self.rank == 0
+        if self.world > 1:      # a hung or dead peer ends this rank within timeout_s (gloo's own timeout may not)
+            watchdog.install(cfg.deepspeed.timeout_s, self.rank)
         super().__init__(cfg, progress=progress and self.is_main)
         t = cfg.train
         self.noise = torch.Generator().manual_seed(dist.rank_seed(t.seed, self.rank))
@@ -169,7 +172,8 @@ class DeepSpeedMixin:
             # must start the iteration at zero, not at the previous iteration's gradient
             self.optimizer.grad_partitions_flat_buffer.zero_()
         gather_once = self.zero3 and self.cfg.deepspeed.gather_once
-        with zero3.gathered_once(self.model) if gather_once else contextlib.nullcontext():
+        with watchdog.guard(f"step {self.step + 1}'s forward/backward"), \
+                zero3.gathered_once(self.model) if gather_once else contextlib.nullcontext():
             out = super().forward_backward_step(batch)
         # logged numbers are the global batch's: mean losses over ranks, summed FLOPs and tokens
         mean = dist.mean_over_ranks([out.loss, *out.losses, out.flops, out.flops_verl_omni, out.tokens])
@@ -186,7 +190,8 @@ class DeepSpeedMixin:
         # and overflow check are global, and ZeRO-0's reduced gradients are the same on every rank. A skipped
         # update still runs engine.step() (it drops the accumulated gradients), with AdamW's own step left out.
         skip = not math.isfinite(loss)
-        with finite.inner_step_guard(self.engine.basic_optimizer, skip, self.cfg.deepspeed.stage == 0) as inner:
+        with watchdog.guard(f"step {self.step + 1}'s optimizer step"), \
+                finite.inner_step_guard(self.engine.basic_optimizer, skip, self.cfg.deepspeed.stage == 0) as inner:
             self.engine.step()
         norm = self.engine.get_global_grad_norm()      # None on ZeRO-0 in fp32: DeepSpeed clips without reporting it
         norm = None if norm is None else float(norm)
@@ -219,8 +224,9 @@ class DeepSpeedMixin:
             ckpt.begin_checkpoint(root, self.step)
         dist.barrier()
         tmp = ckpt.pending_dir(root, self.step)
-        self.engine.save_checkpoint(str(tmp / "deepspeed"), tag="engine", save_latest=False,
-                                    exclude_frozen_parameters=True)
+        with watchdog.guard(f"the checkpoint of step {self.step}"):
+            self.engine.save_checkpoint(str(tmp / "deepspeed"), tag="engine", save_latest=False,
+                                        exclude_frozen_parameters=True)
         ckpt.save_tensors(tmp / f"rng-rank{self.rank:05d}.safetensors", self._rng_state())
         dist.barrier()
         final = root / f"step-{self.step:06d}"

@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 
 from ..data.loader import Batch, PairStream
+from . import watchdog
 
 
 def launched_world_size() -> int:
@@ -29,8 +30,8 @@ def free_port() -> int:
 def init_process_group(timeout_s: float) -> None:
     """Join (or, started without a launcher, create) the default process group.
 
-    ``timeout_s`` bounds every collective: a rank whose peer died or hangs raises instead of waiting forever, so a
-    multi-node job fails as a whole (a peer that dies outright closes its sockets and fails the others at once).
+    ``timeout_s`` bounds the rendezvous and the collectives where the backend honours it; gloo does not inside a
+    ring all-reduce (a SIGSTOPped peer hangs the others), so a multi-rank run also arms watchdog.py around them.
     """
     import deepspeed
 
@@ -51,7 +52,8 @@ def destroy_process_group() -> None:
     group still up can abort on the way out (gloo: "terminate called without an active exception", its worker
     threads destroyed while joinable) after finishing its work, so each rank that joined one ends through here."""
     if dist.is_initialized():
-        dist.barrier()
+        with watchdog.guard("the teardown barrier"):
+            dist.barrier()
         dist.destroy_process_group()
 
 
@@ -65,7 +67,8 @@ def world_size() -> int:
 
 def barrier() -> None:
     if dist.is_initialized():
-        dist.barrier()
+        with watchdog.guard("a barrier"):
+            dist.barrier()
 
 
 def rank_seed(seed: int, rank: int) -> int:
@@ -78,7 +81,8 @@ def mean_over_ranks(values: list[float]) -> list[float]:
     if world_size() == 1:
         return values
     t = torch.tensor(values, dtype=torch.float64)
-    dist.all_reduce(t)
+    with watchdog.guard("the all-reduce of logged means"):
+        dist.all_reduce(t)
     return (t / world_size()).tolist()
 
 
@@ -88,8 +92,9 @@ def any_over_ranks(flag: bool) -> bool:
         return flag
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
     t = torch.tensor([float(flag)], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+    with watchdog.guard("the all-reduce of a flag (stop agreement)"):
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
 
 
 class ShardedStream:
