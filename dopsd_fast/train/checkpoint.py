@@ -34,7 +34,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from ..models.loading import describe_mismatch, first_nonfinite
-from .config import Config, ConfigError
+from .config import RETIRED, Config, ConfigError
 
 
 class CheckpointError(RuntimeError):
@@ -347,8 +347,6 @@ RESUMABLE = (
     "method.per_step_backward",
     "deepspeed.gather_once", "deepspeed.timeout_s",
 )
-# Keys of older versions that only said how a run executed (a new config naming one fails, config._RETIRED).
-RETIRED = ("model.gradient_checkpointing", "method.packed_forward")
 _ABSENT = object()       # a key one of the two configs lacks
 
 

@@ -277,8 +277,9 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
     raise TypeError(f"unsupported config type {tp} at {key}")
 
 
-# Keys of older configs -> what became of them (a clearer error than "did you mean").
-_RETIRED = {
+# Keys of older configs -> what became of them: a config naming one fails with the message (clearer than "did you
+# mean"); a checkpoint whose saved config names one still resumes (checkpoint.resume_changes ignores them).
+RETIRED = {
     "model.gradient_checkpointing": "was replaced by model.checkpointing: full | selective | none | auto "
                                     "(gradient_checkpointing: true is checkpointing: full, false is none)",
     # One forward of teacher and student rows put the teacher rows in the student's autograd graph: 1.90x the
@@ -294,8 +295,8 @@ def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
     for k in data:
         if k not in names:
             where = f"{prefix}.{k}" if prefix else k
-            if where in _RETIRED:
-                raise ConfigError(f"'{where}' {_RETIRED[where]}")
+            if where in RETIRED:
+                raise ConfigError(f"'{where}' {RETIRED[where]}")
             near = difflib.get_close_matches(str(k), names, n=1)
             hint = f" (did you mean '{prefix + '.' if prefix else ''}{near[0]}'?)" if near else ""
             raise ConfigError(f"unknown config key '{where}'{hint}; valid keys here: {', '.join(names)}")
