@@ -24,7 +24,9 @@ Chosen = Literal["cpp", "triton", "reference"]
 # What ``auto`` runs on CUDA tensors, per op: the fastest forward + backward median of the op bench. Measured on one
 # NVIDIA H200 (torch 2.11 + CUDA 13, triton 3.6), 2026-11-26, bench/results/2026-11-26-h200-run1/bench_ops.json; ms
 # at the bench's Z-Image 1024^2 shapes (FLUX.2 klein's where they differ). "reference" is PyTorch: cuBLAS, SDPA,
-# torch._foreach_*. Re-measure with scripts/device_check.sh and change an entry together with its numbers.
+# torch._foreach_*. Re-measured on one NVIDIA H100 (torch 2.11 + CUDA 13.0), 2026-12-05,
+# bench/results/2026-12-05-h100-run1/bench_ops.json: the same choice wins for every op (bench/README.md, "Op
+# findings, H100"). Re-measure with scripts/device_check.sh and change an entry together with its numbers.
 CUDA_AUTO: dict[str, Chosen] = {
     "rollout_step": "cpp",              # cpp 0.821 / triton 0.915 / reference 1.038; klein 0.807 / 0.945 / 3.579
     "ema_update": "cpp",                # fp32 master + bf16 copy (full fine-tuning): 2.915 / 3.847 / reference 5.771
@@ -36,7 +38,9 @@ CUDA_AUTO: dict[str, Chosen] = {
     "lora_linear": "reference",         # cuBLAS + two small GEMMs 3.042 / triton 3.688 (FFN up, 9000 rows)
     "merge_state": "triton",            # triton 1.053 / reference 2.435
     "packed_attention": "reference",    # SDPA (FlashAttention-2) 7.713 / triton 15.050 (2 x 4608 tokens, 30 x 128);
-                                        # unequal segments (fp16 / bf16): torch varlen_attn, not yet measured
+                                        # H100: SDPA (cuDNN, its default there) 4.433 / triton 15.383. Unequal
+                                        # segments (fp16 / bf16): torch varlen_attn (FA2) 7.852, H100; one cuDNN
+                                        # SDPA call per segment 5.174 (host sync each call: not measured e2e)
     "packed_attention_lse": "triton",   # the LSE output, which SDPA lacks: triton 15.050 / reference (math) 83.551
 }
 NATIVE_OPS = frozenset({"rollout_step", "ema_update", "ema_update_fp32", "modulated_rms_norm", "gated_residual",
