@@ -7,6 +7,8 @@ whose body runs the csrc/ extension (``dopsd_C::<op>``, all but modulated_layer_
 ``dopsd::<op>_backward``, dispatched the same way; the reference backend uses the explicit fp32 ``*_backward_ref``
 formulas (autograd cannot run inside a custom op body). Only inputs are saved for backward (the RMS/LayerNorm
 statistics are recomputed), and gradients of weights and modulation vectors are only computed when required.
+Eager calls run the same bodies through a ``torch.autograd.Function`` instead of the custom ops (``_eager.py``: a
+third of the host time per call); under ``torch.compile`` the custom ops are what dynamo sees.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from torch import Tensor
 
 from dopsd_fast.ops import reference as ref
 from dopsd_fast.ops._dispatch import backend_for
+from dopsd_fast.ops._eager import eager_path
 
 __all__ = ["modulated_rms_norm", "gated_residual", "qk_norm_rope", "modulated_layer_norm"]
 
@@ -45,8 +48,7 @@ def _check_rows(x: Tensor, d: int | None = None) -> None:
 
 
 # ----------------------------------------------------------------------------------------- modulated RMSNorm
-@torch.library.custom_op("dopsd::modulated_rms_norm", mutates_args=())
-def _modulated_rms_norm(x: Tensor, weight: Tensor, scale: Tensor, sample_index: Optional[Tensor], eps: float) -> Tensor:
+def _mrn_fwd(x: Tensor, weight: Tensor, scale: Tensor, sample_index: Optional[Tensor], eps: float) -> Tensor:
     backend = backend_for("modulated_rms_norm", *_tensors(x, weight, scale, sample_index))
     if backend == "cpp":
         return torch.ops.dopsd_C.modulated_rms_norm(x, weight, scale, sample_index, eps)
@@ -55,14 +57,16 @@ def _modulated_rms_norm(x: Tensor, weight: Tensor, scale: Tensor, sample_index: 
     return ref.modulated_rms_norm_ref(x, weight, scale, sample_index, eps).contiguous()
 
 
+_modulated_rms_norm = torch.library.custom_op("dopsd::modulated_rms_norm", _mrn_fwd, mutates_args=())
+
+
 @_modulated_rms_norm.register_fake
 def _(x, weight, scale, sample_index, eps):
     return x.new_empty(x.shape, dtype=torch.promote_types(ref.rms_norm_dtype(weight.dtype), scale.dtype))
 
 
-@torch.library.custom_op("dopsd::modulated_rms_norm_backward", mutates_args=())
-def _modulated_rms_norm_backward(grad: Tensor, x: Tensor, weight: Tensor, scale: Tensor, sample_index: Optional[Tensor],
-                                 eps: float, need_weight: bool, need_scale: bool) -> tuple[Tensor, Tensor, Tensor]:
+def _mrn_bwd(grad: Tensor, x: Tensor, weight: Tensor, scale: Tensor, sample_index: Optional[Tensor],
+             eps: float, need_weight: bool, need_scale: bool) -> tuple[Tensor, Tensor, Tensor]:
     backend = backend_for("modulated_rms_norm", *_tensors(grad, x, weight, scale, sample_index))
     if backend == "cpp":
         return torch.ops.dopsd_C.modulated_rms_norm_backward(grad, x, weight, scale, sample_index, eps, need_weight,
@@ -77,6 +81,9 @@ def _modulated_rms_norm_backward(grad: Tensor, x: Tensor, weight: Tensor, scale:
             ds.contiguous() if need_scale else scale.new_empty(0))
 
 
+_modulated_rms_norm_backward = torch.library.custom_op("dopsd::modulated_rms_norm_backward", _mrn_bwd, mutates_args=())
+
+
 @_modulated_rms_norm_backward.register_fake
 def _(grad, x, weight, scale, sample_index, eps, need_weight, need_scale):
     return (x.new_empty(x.shape), weight.new_empty(weight.shape if need_weight else 0),
@@ -88,14 +95,19 @@ def _mrn_setup(ctx, inputs, output):
     ctx.save_for_backward(x, weight, scale, sample_index)
 
 
-def _mrn_backward(ctx, grad):
-    x, weight, scale, sample_index = ctx.saved_tensors
-    _, need_w, need_s = ctx.needs_input_grad[:3]
-    dx, dw, ds = _modulated_rms_norm_backward(grad, x, weight, scale, sample_index, ctx.eps, need_w, need_s)
-    return dx, dw if need_w else None, ds if need_s else None, None, None
+def _mrn_grads(backward):
+    """The autograd formula over ``backward``: the backward op (compiled) or its body (eager)."""
+    def grads(ctx, grad):
+        x, weight, scale, sample_index = ctx.saved_tensors
+        _, need_w, need_s = ctx.needs_input_grad[:3]
+        dx, dw, ds = backward(grad, x, weight, scale, sample_index, ctx.eps, need_w, need_s)
+        return dx, dw if need_w else None, ds if need_s else None, None, None
+
+    return grads
 
 
-_modulated_rms_norm.register_autograd(_mrn_backward, setup_context=_mrn_setup)
+_modulated_rms_norm.register_autograd(_mrn_grads(_modulated_rms_norm_backward), setup_context=_mrn_setup)
+_mrn = eager_path(_modulated_rms_norm, _mrn_fwd, _mrn_setup, _mrn_grads(_mrn_bwd))
 
 
 def modulated_rms_norm(x: Tensor, weight: Tensor, scale: Tensor, sample_index: Tensor | None = None,
@@ -117,13 +129,12 @@ def modulated_rms_norm(x: Tensor, weight: Tensor, scale: Tensor, sample_index: T
     if weight.shape != (x.shape[1],):
         raise ValueError(f"weight must be ({x.shape[1]},), got {tuple(weight.shape)}")
     _check_modulation(scale, x, sample_index, "scale")
-    return _modulated_rms_norm(x, weight, scale, sample_index, float(eps))
+    return _mrn(x, weight, scale, sample_index, float(eps))
 
 
 # -------------------------------------------------------------------------------------- gated RMSNorm residual
-@torch.library.custom_op("dopsd::gated_residual", mutates_args=())
-def _gated_residual(x: Tensor, a: Tensor, weight: Tensor, gate: Tensor, sample_index: Optional[Tensor],
-                    eps: float) -> Tensor:
+def _gr_fwd(x: Tensor, a: Tensor, weight: Tensor, gate: Tensor, sample_index: Optional[Tensor],
+            eps: float) -> Tensor:
     backend = backend_for("gated_residual", *_tensors(x, a, weight, gate, sample_index))
     if backend == "cpp":
         return torch.ops.dopsd_C.gated_residual(x, a, weight, gate, sample_index, eps)
@@ -136,14 +147,16 @@ def _gated_residual_dtype(x: Tensor, weight: Tensor, gate: Tensor) -> torch.dtyp
     return torch.promote_types(x.dtype, torch.promote_types(gate.dtype, ref.rms_norm_dtype(weight.dtype)))
 
 
+_gated_residual = torch.library.custom_op("dopsd::gated_residual", _gr_fwd, mutates_args=())
+
+
 @_gated_residual.register_fake
 def _(x, a, weight, gate, sample_index, eps):
     return x.new_empty(x.shape, dtype=_gated_residual_dtype(x, weight, gate))
 
 
-@torch.library.custom_op("dopsd::gated_residual_backward", mutates_args=())
-def _gated_residual_backward(grad: Tensor, a: Tensor, weight: Tensor, gate: Tensor, sample_index: Optional[Tensor],
-                             eps: float, need_weight: bool, need_gate: bool) -> tuple[Tensor, Tensor, Tensor]:
+def _gr_bwd(grad: Tensor, a: Tensor, weight: Tensor, gate: Tensor, sample_index: Optional[Tensor],
+            eps: float, need_weight: bool, need_gate: bool) -> tuple[Tensor, Tensor, Tensor]:
     backend = backend_for("gated_residual", *_tensors(grad, a, weight, gate, sample_index))
     if backend == "cpp":
         return torch.ops.dopsd_C.gated_residual_backward(grad, a, weight, gate, sample_index, eps, need_weight,
@@ -158,6 +171,9 @@ def _gated_residual_backward(grad: Tensor, a: Tensor, weight: Tensor, gate: Tens
             dg.contiguous() if need_gate else gate.new_empty(0))
 
 
+_gated_residual_backward = torch.library.custom_op("dopsd::gated_residual_backward", _gr_bwd, mutates_args=())
+
+
 @_gated_residual_backward.register_fake
 def _(grad, a, weight, gate, sample_index, eps, need_weight, need_gate):
     return (a.new_empty(a.shape), weight.new_empty(weight.shape if need_weight else 0),
@@ -170,15 +186,20 @@ def _gr_setup(ctx, inputs, output):
     ctx.save_for_backward(a, weight, gate, sample_index)  # x is not needed: d out / d x = 1
 
 
-def _gr_backward(ctx, grad):
-    a, weight, gate, sample_index = ctx.saved_tensors
-    need_x, _, need_w, need_g = ctx.needs_input_grad[:4]
-    da, dw, dg = _gated_residual_backward(grad, a, weight, gate, sample_index, ctx.eps, need_w, need_g)
-    dx = grad.to(ctx.x_dtype) if need_x else None
-    return dx, da, dw if need_w else None, dg if need_g else None, None, None
+def _gr_grads(backward):
+    """The autograd formula over ``backward``: the backward op (compiled) or its body (eager)."""
+    def grads(ctx, grad):
+        a, weight, gate, sample_index = ctx.saved_tensors
+        need_x, _, need_w, need_g = ctx.needs_input_grad[:4]
+        da, dw, dg = backward(grad, a, weight, gate, sample_index, ctx.eps, need_w, need_g)
+        dx = grad.to(ctx.x_dtype) if need_x else None
+        return dx, da, dw if need_w else None, dg if need_g else None, None, None
+
+    return grads
 
 
-_gated_residual.register_autograd(_gr_backward, setup_context=_gr_setup)
+_gated_residual.register_autograd(_gr_grads(_gated_residual_backward), setup_context=_gr_setup)
+_gr = eager_path(_gated_residual, _gr_fwd, _gr_setup, _gr_grads(_gr_bwd))
 
 
 def gated_residual(x: Tensor, a: Tensor, weight: Tensor, gate: Tensor, sample_index: Tensor | None = None,
@@ -201,13 +222,12 @@ def gated_residual(x: Tensor, a: Tensor, weight: Tensor, gate: Tensor, sample_in
     if a.shape != x.shape or weight.shape != (x.shape[1],):
         raise ValueError(f"a {tuple(a.shape)} / weight {tuple(weight.shape)} do not fit x {tuple(x.shape)}")
     _check_modulation(gate, x, sample_index, "gate")
-    return _gated_residual(x, a, weight, gate, sample_index, float(eps))
+    return _gr(x, a, weight, gate, sample_index, float(eps))
 
 
 # ------------------------------------------------------------------------------------- qk RMSNorm + RoPE
-@torch.library.custom_op("dopsd::qk_norm_rope", mutates_args=())
-def _qk_norm_rope(q: Tensor, k: Tensor, q_weight: Tensor, k_weight: Tensor, cos: Tensor, sin: Tensor,
-                  eps: float) -> tuple[Tensor, Tensor]:
+def _qk_fwd(q: Tensor, k: Tensor, q_weight: Tensor, k_weight: Tensor, cos: Tensor, sin: Tensor,
+            eps: float) -> tuple[Tensor, Tensor]:
     backend = backend_for("qk_norm_rope", q, k, q_weight, k_weight, cos, sin)
     if backend == "cpp":
         return torch.ops.dopsd_C.qk_norm_rope(q, k, q_weight, k_weight, cos, sin, eps)
@@ -217,16 +237,18 @@ def _qk_norm_rope(q: Tensor, k: Tensor, q_weight: Tensor, k_weight: Tensor, cos:
     return oq.contiguous(), ok.contiguous()
 
 
+_qk_norm_rope = torch.library.custom_op("dopsd::qk_norm_rope", _qk_fwd, mutates_args=())
+
+
 @_qk_norm_rope.register_fake
 def _(q, k, q_weight, k_weight, cos, sin, eps):
     return (q.new_empty(q.shape, dtype=ref.rms_norm_dtype(q_weight.dtype)),
             k.new_empty(k.shape, dtype=ref.rms_norm_dtype(k_weight.dtype)))
 
 
-@torch.library.custom_op("dopsd::qk_norm_rope_backward", mutates_args=())
-def _qk_norm_rope_backward(grad_q: Tensor, grad_k: Tensor, q: Tensor, k: Tensor, q_weight: Tensor, k_weight: Tensor,
-                           cos: Tensor, sin: Tensor, eps: float,
-                           need_weight: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _qk_bwd(grad_q: Tensor, grad_k: Tensor, q: Tensor, k: Tensor, q_weight: Tensor, k_weight: Tensor,
+            cos: Tensor, sin: Tensor, eps: float,
+            need_weight: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     backend = backend_for("qk_norm_rope", grad_q, grad_k, q, k, q_weight, k_weight, cos, sin)
     if backend == "cpp":
         return torch.ops.dopsd_C.qk_norm_rope_backward(grad_q, grad_k, q, k, q_weight, k_weight, cos, sin, eps,
@@ -242,6 +264,9 @@ def _qk_norm_rope_backward(grad_q: Tensor, grad_k: Tensor, q: Tensor, k: Tensor,
     return dq.contiguous(), dk.contiguous(), dqw, dkw
 
 
+_qk_norm_rope_backward = torch.library.custom_op("dopsd::qk_norm_rope_backward", _qk_bwd, mutates_args=())
+
+
 @_qk_norm_rope_backward.register_fake
 def _(grad_q, grad_k, q, k, q_weight, k_weight, cos, sin, eps, need_weight):
     return (q.new_empty(q.shape), k.new_empty(k.shape), q_weight.new_empty(q_weight.shape if need_weight else 0),
@@ -253,18 +278,23 @@ def _qk_setup(ctx, inputs, output):
     ctx.save_for_backward(q, k, q_weight, k_weight, cos, sin)
 
 
-def _qk_backward(ctx, grad_q, grad_k):
-    q, k, q_weight, k_weight, cos, sin = ctx.saved_tensors
-    need_qw, need_kw = ctx.needs_input_grad[2:4]
-    # Autograd passes None for an output whose gradient is zero (e.g. only q used downstream).
-    grad_q = torch.zeros_like(q, dtype=ref.rms_norm_dtype(q_weight.dtype)) if grad_q is None else grad_q
-    grad_k = torch.zeros_like(k, dtype=ref.rms_norm_dtype(k_weight.dtype)) if grad_k is None else grad_k
-    dq, dk, dqw, dkw = _qk_norm_rope_backward(grad_q, grad_k, q, k, q_weight, k_weight, cos, sin, ctx.eps,
-                                              need_qw or need_kw)
-    return dq, dk, dqw if need_qw else None, dkw if need_kw else None, None, None, None
+def _qk_grads(backward):
+    """The autograd formula over ``backward``: the backward op (compiled) or its body (eager)."""
+    def grads(ctx, grad_q, grad_k):
+        q, k, q_weight, k_weight, cos, sin = ctx.saved_tensors
+        need_qw, need_kw = ctx.needs_input_grad[2:4]
+        # Autograd passes None for an output whose gradient is zero (e.g. only q used downstream).
+        grad_q = torch.zeros_like(q, dtype=ref.rms_norm_dtype(q_weight.dtype)) if grad_q is None else grad_q
+        grad_k = torch.zeros_like(k, dtype=ref.rms_norm_dtype(k_weight.dtype)) if grad_k is None else grad_k
+        dq, dk, dqw, dkw = backward(grad_q, grad_k, q, k, q_weight, k_weight, cos, sin, ctx.eps,
+                                                  need_qw or need_kw)
+        return dq, dk, dqw if need_qw else None, dkw if need_kw else None, None, None, None
+
+    return grads
 
 
-_qk_norm_rope.register_autograd(_qk_backward, setup_context=_qk_setup)
+_qk_norm_rope.register_autograd(_qk_grads(_qk_norm_rope_backward), setup_context=_qk_setup)
+_qk = eager_path(_qk_norm_rope, _qk_fwd, _qk_setup, _qk_grads(_qk_bwd))
 
 
 def qk_norm_rope(q: Tensor, k: Tensor, q_weight: Tensor, k_weight: Tensor, cos: Tensor, sin: Tensor,
@@ -293,13 +323,12 @@ def qk_norm_rope(q: Tensor, k: Tensor, q_weight: Tensor, k_weight: Tensor, cos: 
         raise ValueError(f"cos / sin must be ({q.shape[0]}, {hd // 2}), got {tuple(cos.shape)}, {tuple(sin.shape)}")
     if cos.dtype != torch.float32 or sin.dtype != torch.float32:
         raise ValueError("cos / sin must be fp32")
-    return _qk_norm_rope(q, k, q_weight, k_weight, cos, sin, float(eps))
+    return _qk(q, k, q_weight, k_weight, cos, sin, float(eps))
 
 
 # ----------------------------------------------------------------------------------------- modulated LayerNorm
-@torch.library.custom_op("dopsd::modulated_layer_norm", mutates_args=())
-def _modulated_layer_norm(x: Tensor, shift: Optional[Tensor], scale: Tensor, sample_index: Optional[Tensor],
-                          eps: float) -> Tensor:
+def _mln_fwd(x: Tensor, shift: Optional[Tensor], scale: Tensor, sample_index: Optional[Tensor],
+             eps: float) -> Tensor:
     if backend_for("modulated_layer_norm", *_tensors(x, shift, scale, sample_index)) == "triton":
         return _kernels().modulated_layer_norm_fwd(x, shift, scale, sample_index, eps)
     return ref.modulated_layer_norm_ref(x, shift, scale, sample_index, eps).contiguous()
@@ -310,15 +339,17 @@ def _mln_dtype(x: Tensor, shift: Tensor | None, scale: Tensor) -> torch.dtype:
     return dtype if shift is None else torch.promote_types(dtype, shift.dtype)
 
 
+_modulated_layer_norm = torch.library.custom_op("dopsd::modulated_layer_norm", _mln_fwd, mutates_args=())
+
+
 @_modulated_layer_norm.register_fake
 def _(x, shift, scale, sample_index, eps):
     return x.new_empty(x.shape, dtype=_mln_dtype(x, shift, scale))
 
 
-@torch.library.custom_op("dopsd::modulated_layer_norm_backward", mutates_args=())
-def _modulated_layer_norm_backward(grad: Tensor, x: Tensor, shift: Optional[Tensor], scale: Tensor,
-                                   sample_index: Optional[Tensor], eps: float, need_scale: bool,
-                                   need_shift: bool) -> tuple[Tensor, Tensor, Tensor]:
+def _mln_bwd(grad: Tensor, x: Tensor, shift: Optional[Tensor], scale: Tensor,
+             sample_index: Optional[Tensor], eps: float, need_scale: bool,
+             need_shift: bool) -> tuple[Tensor, Tensor, Tensor]:
     if backend_for("modulated_layer_norm", *_tensors(grad, x, shift, scale, sample_index)) == "triton":
         dx, ds, dsh = _kernels().modulated_layer_norm_bwd(grad, x, scale, sample_index, eps, need_scale=need_scale,
                                                           need_shift=need_shift,
@@ -328,6 +359,9 @@ def _modulated_layer_norm_backward(grad: Tensor, x: Tensor, shift: Optional[Tens
                                                             need_scale=need_scale, need_shift=need_shift)
     empty = scale.new_empty(0)
     return dx.contiguous(), ds.contiguous() if need_scale else empty, dsh.contiguous() if need_shift else empty.clone()
+
+
+_modulated_layer_norm_backward = torch.library.custom_op("dopsd::modulated_layer_norm_backward", _mln_bwd, mutates_args=())
 
 
 @_modulated_layer_norm_backward.register_fake
@@ -341,15 +375,20 @@ def _mln_setup(ctx, inputs, output):
     ctx.save_for_backward(x, shift, scale, sample_index)
 
 
-def _mln_backward(ctx, grad):
-    x, shift, scale, sample_index = ctx.saved_tensors
-    _, need_shift, need_scale = ctx.needs_input_grad[:3]
-    need_shift = bool(need_shift and shift is not None)
-    dx, ds, dsh = _modulated_layer_norm_backward(grad, x, shift, scale, sample_index, ctx.eps, need_scale, need_shift)
-    return dx, dsh if need_shift else None, ds if need_scale else None, None, None
+def _mln_grads(backward):
+    """The autograd formula over ``backward``: the backward op (compiled) or its body (eager)."""
+    def grads(ctx, grad):
+        x, shift, scale, sample_index = ctx.saved_tensors
+        _, need_shift, need_scale = ctx.needs_input_grad[:3]
+        need_shift = bool(need_shift and shift is not None)
+        dx, ds, dsh = backward(grad, x, shift, scale, sample_index, ctx.eps, need_scale, need_shift)
+        return dx, dsh if need_shift else None, ds if need_scale else None, None, None
+
+    return grads
 
 
-_modulated_layer_norm.register_autograd(_mln_backward, setup_context=_mln_setup)
+_modulated_layer_norm.register_autograd(_mln_grads(_modulated_layer_norm_backward), setup_context=_mln_setup)
+_mln = eager_path(_modulated_layer_norm, _mln_fwd, _mln_setup, _mln_grads(_mln_bwd))
 
 
 def modulated_layer_norm(x: Tensor, shift: Tensor | None, scale: Tensor, sample_index: Tensor | None = None,
@@ -370,4 +409,4 @@ def modulated_layer_norm(x: Tensor, shift: Tensor | None, scale: Tensor, sample_
     _check_modulation(scale, x, sample_index, "scale")
     if shift is not None and shift.shape != scale.shape:
         raise ValueError(f"shift {tuple(shift.shape)} must match scale {tuple(scale.shape)}")
-    return _modulated_layer_norm(x, shift, scale, sample_index, float(eps))
+    return _mln(x, shift, scale, sample_index, float(eps))

@@ -1,0 +1,40 @@
+"""Eager calls of our ops without torch.library's Python dispatch.
+
+A ``torch.library.custom_op`` call spends ~30 µs of host time in eager mode before its body runs (argument checks
+against the schema, the dispatcher's Python kernel, autograd's wrapper; ``bench/ops/bench_op_overhead.py``), several
+times the launch of the kernel it wraps, and a roll-out of Z-Image calls the block epilogues thousands of times per
+iteration: host time is what bounds an iteration at 512² on an H100 (bench/README.md). ``eager_path`` runs the same
+forward, setup and backward bodies through a ``torch.autograd.Function`` (~12 µs) when dynamo is not tracing, and
+the custom op otherwise, so ``torch.compile`` still sees one opaque node with its fake kernel.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Callable
+
+import torch
+
+if TYPE_CHECKING:
+    from torch._library.custom_ops import CustomOpDef
+
+
+def eager_path(op: CustomOpDef, forward: Callable[..., Any], setup_context: Callable[..., None],
+               backward: Callable[..., tuple]) -> Callable[..., Any]:
+    """``op(*inputs)`` under torch.compile, else an autograd.Function over ``forward`` / ``backward``.
+
+    ``forward`` is the op's body, ``setup_context`` and ``backward`` what ``op.register_autograd`` got, except that
+    ``backward`` calls the backward body directly (the compiled path keeps the backward custom op)."""
+    class Eager(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, *inputs):
+            output = forward(*inputs)
+            setup_context(ctx, inputs, output)
+            return output
+
+        @staticmethod
+        def backward(ctx, *grads):
+            return backward(ctx, *grads)
+
+    def call(*inputs):
+        return op(*inputs) if torch.compiler.is_compiling() else Eager.apply(*inputs)
+
+    return call
