@@ -29,7 +29,10 @@ compiled during its timed iterations, ``timed_compilations``, expected 0); on CU
 measured, on CPU the second is measured with the profiler (slow) and the rest timed. (2) ``rounds`` round-robin
 cycles (the pytest-benchmark rounds, once under --benchmark-disable): each configuration one timed iteration per
 cycle, so machine noise hits all alike.
-Timed rounds stop early past DOPSD_BENCH_DEADLINE (unix seconds; scripts/device_check.sh sets it).
+Timed rounds stop early past DOPSD_BENCH_DEADLINE (unix seconds; scripts/device_check.sh sets it). (3) CUDA, opt-in
+(DOPSD_BENCH_PROFILE=1): one more iteration of each configuration under the torch profiler, ``runs[*].profile``:
+kernels launched, the seconds the GPU ran at least one kernel (``gpu_busy_s``) and the profiled wall; the median
+minus ``gpu_busy_s`` is the time per iteration the GPU waited on the host.
 
 Memory per configuration: ``resident`` = unique bytes of the side's parameters, optimizer state and EMA master or
 fp32 masters held between iterations; ``transient`` = the highest bytes allocated during an iteration above what was
@@ -63,7 +66,7 @@ from pathlib import Path
 import pytest
 import torch
 from baselines.released_loop import ReleasedLoop, diffusers_transformer
-from pareto import equivalence, pareto, render
+from pareto import busy_seconds, equivalence, pareto, render
 
 from dopsd_fast.method.roles import LoRARoles
 from dopsd_fast.method.schedule import Z_IMAGE, rollout_sigmas
@@ -337,6 +340,21 @@ def measured(run, device: str) -> tuple[object, float, float, int | None]:
     return result, wall, cpu, transient
 
 
+def device_profile(run) -> dict:
+    """One iteration of ``run()`` under the torch profiler (CUDA): kernels, GPU-busy seconds, profiled wall."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    sync("cuda")
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        wall = time.perf_counter()
+        run()
+        sync("cuda")
+        wall = time.perf_counter() - wall
+    kernels = [(e.time_range.start, e.time_range.end) for e in prof.events() if e.device_type == DeviceType.CUDA]
+    return {"kernels": len(kernels), "gpu_busy_s": busy_seconds(kernels) / 1e6, "profiled_wall_s": wall}
+
+
 def compiled_graphs() -> int:
     """Graphs dynamo has compiled in this process so far (a compiled configuration's first iterations add some)."""
     from torch._dynamo.utils import counters
@@ -480,6 +498,17 @@ def test_pareto(benchmark, built, size):
 
     benchmark.pedantic(cycle, rounds=rounds, warmup_rounds=0, iterations=1)
     load.append(os.getloadavg()[0])
+    # (3) where the time goes on the GPU: busy vs waiting on the host (opt-in: a profiled iteration each)
+    if device == "cuda" and os.environ.get("DOPSD_BENCH_PROFILE") == "1":
+        for run in ok:
+            side, config, noise = sides[run["side"]], configs[run["label"]], noises[run["label"]]
+            try:        # a diagnostic: its failure is recorded, never the bench's
+                run["profile"] = device_profile(lambda: side.iteration(config, c_s, c_t, latent, noise))
+            except Exception as err:        # noqa: BLE001
+                run["profile_error"] = f"{type(err).__name__}: {err}"[:300]
+                for t in side.trained():
+                    t.grad = None
+                release(device)
 
     # results
     image_tokens = latent[-1] // 2 * (latent[-2] // 2)

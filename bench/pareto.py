@@ -67,6 +67,16 @@ def pareto(runs: list[dict], budgets: list[tuple[str, int | None]]) -> list[dict
     return rows
 
 
+def busy_seconds(intervals: list[tuple[float, float]]) -> float:
+    """Length of the union of (start, end) intervals: the time a device ran at least one kernel."""
+    busy, end = 0.0, float("-inf")
+    for lo, hi in sorted(intervals):
+        if hi > end:
+            busy += hi - max(lo, end)
+            end = hi
+    return busy
+
+
 def rel_diff(a: float, b: float) -> float:
     return abs(a - b) / max(abs(b), 1e-12)
 
@@ -143,4 +153,12 @@ def render(runs: list[dict], rows: list[dict], header: list[str]) -> list[str]:
         else:
             ratio = "neither fits"
         lines.append(f"{row['budget']:<24} {cells[0]} {cells[1]} {ratio}")
+    profiled = [r for r in runs if r.get("profile") and r["seconds"]]
+    if profiled:
+        lines += ["", f"{'profiled iteration':<{width}}  {'kernels':>8} {'GPU busy s':>10} {'median s':>9} "
+                      f"{'GPU waits on host':>17}"]
+        for r in profiled:
+            busy, med = r["profile"]["gpu_busy_s"], statistics.median(r["seconds"])
+            lines.append(f"{r['label']:<{width}}  {r['profile']['kernels']:>8} {busy:>10.3f} {med:>9.3f} "
+                         f"{max(med - busy, 0.0) / med:>17.0%}")
     return lines

@@ -24,6 +24,8 @@
 #   ATTN_K="expr"  pytest -k of the attention op benches (default "not reference and not full")
 #   DOPSD_BENCH_COMPILE="none blocks"   e2e also with model.compile=blocks (opt-in: Inductor adds ~1 min per size
 #              and 3 configurations, past the e2e stage's 270 s; e.g. with STAGES=e2e and DOPSD_BENCH_SDPA=flash)
+#   DOPSD_BENCH_PROFILE=1   e2e also profiles one iteration of each configuration: kernels, GPU-busy seconds, and so
+#              how much of an iteration the GPU waits on the host (opt-in: ~12 more iterations per size)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 MODE=gpu

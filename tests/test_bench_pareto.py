@@ -70,3 +70,17 @@ def test_equivalence_flags_a_configuration_that_computes_something_else():
     for label in ("ours ckpt=none", "ours ckpt=selective", "ours ops=triton", "ours ckpt=x: ValueError: boom"):
         assert label in named
     assert "ours ckpt=full" not in named and "baseline ckpt=off" not in named   # out of memory is recorded, not failed
+
+
+def test_busy_seconds_is_the_union_of_kernel_intervals():
+    assert P.busy_seconds([]) == 0.0
+    # overlapping (two streams), nested, touching and disjoint intervals, unsorted
+    assert P.busy_seconds([(5.0, 7.0), (0.0, 2.0), (1.0, 3.0), (1.5, 2.5), (3.0, 4.0), (10.0, 11.0)]) == 7.0
+
+
+def test_profiled_runs_add_a_table_of_gpu_busy_time():
+    runs = [dict(r) for r in RUNS]
+    runs[4]["profile"] = {"kernels": 1234, "gpu_busy_s": 0.6, "profiled_wall_s": 1.5}
+    text = "\n".join(P.render(runs, P.pareto(runs, [("all", None)]), ["header"]))
+    line = next(l for l in text.splitlines() if l.startswith("ours ckpt=none") and "1234" in l)
+    assert line.split()[-4:] == ["1234", "0.600", "1.000", "40%"]     # median 1.0 s, 0.4 s waiting on the host
