@@ -14,7 +14,7 @@ from ._extras import MissingExtra
 from .data.folder import DataError
 from .models.loading import WeightsError
 from .sample import save_grid
-from .train.build import check_buildable, resolve_plan
+from .train.build import check_buildable, resolve_plan, resolve_weights
 from .train.checkpoint import CheckpointError, check_writable, describe_os_error
 from .train.config import ConfigError, load_config
 from .train.distributed import destroy_process_group, rank
@@ -27,6 +27,7 @@ from .train.trainer import load_for_sampling, make_trainer
 def _train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.set)
     if args.dry_run:
+        cfg = resolve_weights(cfg, download=False)      # Hub ids already in the cache; no download
         plan = resolve_plan(cfg, need_weights=False)
         print(yaml.safe_dump({"plan": plan.describe(cfg)}, sort_keys=False, default_flow_style=None), end="")
         try:
@@ -96,7 +97,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from .models.export import save_comfyui_lora, save_diffusers_lora, save_full_weights
+    from .models.export import COMFYUI_FILE, save_comfyui_lora, save_diffusers_lora, save_full_weights
     from .train.build import DTYPES
 
     trainer = load_for_sampling(Path(args.run), args.checkpoint)
@@ -107,7 +108,7 @@ def _export(args: argparse.Namespace) -> int:
     if args.format == "diffusers":
         path = save_diffusers_lora(trainer.model, out, dtype=dtype)
     elif args.format == "comfyui":
-        path = save_comfyui_lora(trainer.model, out / "lora_comfyui.safetensors", dtype=dtype)
+        path = save_comfyui_lora(trainer.model, out / COMFYUI_FILE, dtype=dtype)
     else:
         path = save_full_weights(trainer.roles.student_model, out, "student" if lora else None, dtype)
     print(json.dumps({"checkpoint": str(trainer.loaded_from), "format": args.format, "written": str(path)}, indent=1))

@@ -30,13 +30,14 @@ def randomize_adapters(trainer, seed: int = 0, scale: float = 0.05) -> None:
     trainer.roles.ema.load_state_dict({k: t.clone() for k, t in zip(trainer.roles.ema.names, trainer.roles.ema.teacher)})
 
 
-def train_process(out: Path, *overrides: str) -> subprocess.Popen:
+def train_process(out: Path, *overrides: str, script: Path | None = None, **env: str) -> subprocess.Popen:
     """`dopsd train tiny-cpu` into ``out`` (resume auto) as a child process to signal: one thread, the PyTorch
-    reference ops, no sample grids; stdout and stderr piped together."""
+    reference ops, no sample grids; stdout and stderr piped together. ``script``: a Python file that takes
+    `dopsd`'s arguments instead of the console script (tests/faults/fault_child.py); ``env``: added variables."""
     sets = [f"train.output_dir={json.dumps(str(out))}", "train.resume=auto", *overrides]
-    cmd = [str(Path(sys.executable).with_name("dopsd")), "train", "tiny-cpu", "--no-samples", "--no-progress",
-           *[a for o in sets for a in ("--set", o)]]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "DOPSD_BACKEND": "reference"}
+    entry = [sys.executable, str(script)] if script else [str(Path(sys.executable).with_name("dopsd"))]
+    cmd = [*entry, "train", "tiny-cpu", "--no-samples", "--no-progress", *[a for o in sets for a in ("--set", o)]]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "DOPSD_BACKEND": "reference", **env}
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 

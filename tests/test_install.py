@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # import name -> distribution in pyproject's `dependencies`
 RUNTIME = {"torch": "torch", "numpy": "numpy", "safetensors": "safetensors", "yaml": "pyyaml", "PIL": "pillow",
-           "tqdm": "tqdm", "transformers": "transformers"}
+           "tqdm": "tqdm", "transformers": "transformers", "huggingface_hub": "huggingface-hub"}
 # import name -> how it gets installed; imported only inside the functions of the feature that needs it
 OPTIONAL = {"deepspeed": "[deepspeed]", "diffusers": "[diffusers]", "pynvml": "[telemetry] (nvidia-ml-py)",
             "triton": "CUDA torch brings it; the README pins it on CPU"}

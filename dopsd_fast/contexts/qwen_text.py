@@ -85,15 +85,13 @@ class QwenTextEncoder:
                         device: str | torch.device = "cpu") -> "QwenTextEncoder":
         from transformers import AutoTokenizer
 
-        from ..data.feature_cache import folder_fingerprint
         from ..models.loading import load_qwen3_text_encoder, read_component_config
 
         config = read_component_config(Path(text_encoder_dir), "text_encoder/")
         total = int(config["num_hidden_layers"])
         model = load_qwen3_text_encoder(text_encoder_dir, dtype, device, spec.layers_to_run(total))
         tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
-        identity = hashlib.sha256(f"{folder_fingerprint(text_encoder_dir)}|{asdict(spec)}|{dtype}".encode()).hexdigest()
-        return cls(model, tokenizer, spec, total, "qwen3-text:" + identity[:16])
+        return cls(model, tokenizer, spec, total, folder_identity(text_encoder_dir, spec, dtype))
 
     @property
     def device(self) -> torch.device:
@@ -124,6 +122,22 @@ class QwenTextEncoder:
         rows = feats if self.spec.keep_padding else [f[m.bool()] for f, m in zip(feats, mask)]
         cache = (getattr(out, "cache", None) or getattr(out, "past_key_values", None)) if keep_cache else None
         return StudentPass(ids, [r.clone() for r in rows], cache)
+
+
+def folder_identity(text_encoder_dir: str | Path, spec: TextFeatureSpec, dtype: torch.dtype) -> str:
+    """``QwenTextEncoder.from_pretrained(...).identity`` from the folder's file list alone (no weights read)."""
+    from ..data.feature_cache import folder_fingerprint
+
+    h = hashlib.sha256(f"{folder_fingerprint(text_encoder_dir)}|{asdict(spec)}|{dtype}".encode()).hexdigest()
+    return "qwen3-text:" + h[:16]
+
+
+def folder_feature_dim(text_encoder_dir: str | Path, spec: TextFeatureSpec) -> int:
+    """``QwenTextEncoder.from_pretrained(...).feat_dim`` from the folder's config.json."""
+    from ..models.loading import read_component_config
+
+    config = read_component_config(Path(text_encoder_dir), "text_encoder/")
+    return int(config["hidden_size"]) * len(spec.absolute_layers(int(config["num_hidden_layers"])))
 
 
 @dataclass

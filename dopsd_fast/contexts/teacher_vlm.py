@@ -127,8 +127,7 @@ class QwenVLTeacher:
                      else "off, computed in full: " + "; ".join(self.blockers))
         self.image_token_id = vl_model.config.image_token_id
         self.merge = vl_model.config.vision_config.spatial_merge_size
-        self.identity = "qwen3-vl:" + hashlib.sha256(
-            f"{identity}|{text.identity}|{order}|{max_tokens}|{self.indices}|{prompt_text}".encode()).hexdigest()[:16]
+        self.identity = teacher_identity(identity, text.identity, order, max_tokens, self.indices, prompt_text)
 
     @classmethod
     def from_pretrained(cls, vl_dir: str | Path, text: QwenTextEncoder, order: str = "image_first",
@@ -151,9 +150,7 @@ class QwenVLTeacher:
             patch_size=vision.patch_size, temporal_patch_size=vision.temporal_patch_size,
             merge_size=vision.spatial_merge_size, min_pixels=min_pixels, max_pixels=max_pixels,
             image_mean=saved.get("image_mean", [0.5] * 3), image_std=saved.get("image_std", [0.5] * 3))
-        from ..data.feature_cache import folder_fingerprint
-
-        identity = f"{folder_fingerprint(vl_dir)}|{min_pixels}|{max_pixels}|{dtype}"
+        identity = _folder_part(vl_dir, min_pixels, max_pixels, dtype)
         return cls(vl, tokenizer, processor, text, order, max_tokens, identity, spec, prompt_text)
 
     @property
@@ -225,6 +222,27 @@ class QwenVLTeacher:
         finally:
             hooks.close()
         return torch.cat(head + [rows])
+
+
+def teacher_identity(weights: str, text_identity: str, order: str, max_tokens: int, indices: list[int],
+                     prompt_text: str) -> str:
+    return "qwen3-vl:" + hashlib.sha256(
+        f"{weights}|{text_identity}|{order}|{max_tokens}|{indices}|{prompt_text}".encode()).hexdigest()[:16]
+
+
+def _folder_part(vl_dir: str | Path, min_pixels: int, max_pixels: int, dtype: torch.dtype) -> str:
+    from ..data.feature_cache import folder_fingerprint
+    return f"{folder_fingerprint(vl_dir)}|{min_pixels}|{max_pixels}|{dtype}"
+
+
+def folder_identity(vl_dir: str | Path, text_identity: str, spec: TextFeatureSpec, order: str = "image_first",
+                    max_tokens: int = 1024, min_pixels: int = 512 * 512, max_pixels: int = 768 * 768,
+                    dtype: torch.dtype = torch.float32, prompt_text: str = "templated") -> str:
+    """``QwenVLTeacher.from_pretrained(...).identity`` from the folder's files alone (config.json, file list)."""
+    config = json.loads((Path(vl_dir) / "config.json").read_text())
+    layers = spec.absolute_layers(int(config["text_config"]["num_hidden_layers"]))
+    return teacher_identity(_folder_part(vl_dir, min_pixels, max_pixels, dtype), text_identity, order, max_tokens,
+                            layers, prompt_text)
 
 
 def _cache_argument(model) -> str:

@@ -74,27 +74,62 @@ class BucketBatches(ResumableStream):
     Each epoch shuffles every bucket, cuts it into batches (the last one wraps round within the bucket, so no
     image is dropped and batches are full), then shuffles the batch order. One caption variant is drawn per image
     per iteration. State = (epoch, position), all randomness from (seed, epoch, position), like ``PairStream``.
+
+    Position counts batches, so it holds for one batch size (the global batch: train.batch_size x world). A run
+    resumed with another one (another world size) finishes the epoch on the images the interrupted run had not
+    reached, cut into batches of the new size (``resharded``: the (batch size, batches done) of each earlier
+    part of the epoch, in the state); no image is skipped or seen twice, beyond the wrap-round of a bucket's
+    last batch.
     """
 
     def __init__(self, dataset, batch_size: int, seed: int):
         super().__init__(dataset, batch_size, seed)
-        self._cached: tuple[int, list[list[int]]] = (-1, [])
+        self.resharded: list[list[int]] = []
+        self._cached: tuple[tuple, list[list[int]]] = ((), [])
+
+    @staticmethod
+    def _cut(orders: list[list[int]], size: int, g: torch.Generator) -> list[list[int]]:
+        """Each bucket's images in batches of ``size`` (the last wraps round within the bucket), shuffled."""
+        batches = []
+        for order in orders:
+            n = math.ceil(len(order) / size) * size
+            order = [order[i % len(order)] for i in range(n)]
+            batches += [order[i:i + size] for i in range(0, n, size)]
+        return [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
 
     def _batches(self) -> list[list[int]]:
-        if self._cached[0] != self.epoch:
+        key = (self.epoch, self.batch_size, *map(tuple, self.resharded))
+        if self._cached[0] != key:
             g = self.epoch_generator()
-            batches = []
-            for members in self.dataset.bucket_members().values():
-                order = [members[i] for i in torch.randperm(len(members), generator=g).tolist()]
-                n = math.ceil(len(order) / self.batch_size) * self.batch_size
-                order = [order[i % len(order)] for i in range(n)]
-                batches += [order[i:i + self.batch_size] for i in range(0, n, self.batch_size)]
-            self._cached = (self.epoch, [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()])
+            orders = [[members[i] for i in torch.randperm(len(members), generator=g).tolist()]
+                      for members in self.dataset.bucket_members().values()]
+            sizes = [size for size, _ in self.resharded] + [self.batch_size]
+            batches, seen = self._cut(orders, sizes[0], g), set()
+            for (_, done), size in zip(self.resharded, sizes[1:]):
+                seen.update(i for b in batches[:done] for i in b)
+                rest = dict.fromkeys(i for b in batches[done:] for i in b if i not in seen)
+                orders = [[i for i in order if i in rest] for order in orders]
+                batches = self._cut([o for o in orders if o], size, g)
+            self._cached = (key, batches)
         return self._cached[1]
+
+    def state_dict(self) -> dict:
+        state = {**super().state_dict(), "batch_size": self.batch_size}
+        return {**state, "resharded": self.resharded} if self.resharded else state
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.resharded = [[int(size), int(done)] for size, done in state.get("resharded", [])]
+        size = int(state.get("batch_size", self.batch_size))
+        if size != self.batch_size and 0 < self.position:
+            self.resharded.append([size, self.position])
+            self.position = 0
+            if not self._batches():         # the epoch was finished: the next one starts whole
+                self.epoch, self.resharded = self.epoch + 1, []
 
     def __next__(self) -> Batch:
         if self.position >= len(self._batches()):
-            self.epoch, self.position = self.epoch + 1, 0
+            self.epoch, self.position, self.resharded = self.epoch + 1, 0, []
         g = self.position_generator()
         images, prompts = [], []
         for i in self._batches()[self.position]:

@@ -47,11 +47,11 @@ class FeatureCache:
         self.dir = Path(root) / kind / safe
         self.hits = self.misses = 0
 
-    def _path(self, key: str) -> Path:
+    def path(self, key: str) -> Path:
         return self.dir / key[:2] / f"{key}.safetensors"
 
     def get(self, key: str) -> Tensor | None:
-        path = self._path(key)
+        path = self.path(key)
         if path.is_file():
             try:
                 value = load_file(str(path))["value"]
@@ -63,11 +63,11 @@ class FeatureCache:
         return None
 
     def put(self, key: str, value: Tensor) -> None:
-        path = self._path(key)
+        path = self.path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".tmp{os.getpid()}")
         save_file({"value": value.detach().contiguous().cpu()}, str(tmp))
         os.replace(tmp, path)
 
     def __contains__(self, key: str) -> bool:
-        return self._path(key).is_file()
+        return self.path(key).is_file()

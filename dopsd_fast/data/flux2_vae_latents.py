@@ -35,6 +35,12 @@ class Flux2VaeLatents:
         return self.vae.decode(z.unsqueeze(0).to(self.device, self.dtype)).sample[0].float().clamp(-1, 1).cpu()
 
     def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
-        if height % self.factor or width % self.factor:
-            raise ValueError(f"image size {height}x{width} is not a multiple of the VAE factor {self.factor}")
-        return (self.channels, height // self.factor, width // self.factor)
+        return self.config_latent_shape(self.vae.config, height, width)
+
+    @staticmethod
+    def config_latent_shape(config, height: int, width: int) -> tuple[int, int, int]:
+        """From the VAE's config (config.json's dict or diffusers' config): no weights needed."""
+        factor = 2 ** (len(config["block_out_channels"]) - 1) * 2
+        if height % factor or width % factor:
+            raise ValueError(f"image size {height}x{width} is not a multiple of the VAE factor {factor}")
+        return (4 * config["latent_channels"], height // factor, width // factor)

@@ -33,6 +33,12 @@ class VaeLatents:
         return self.vae.decode(z.to(self.device, self.dtype)).sample[0].float().clamp(-1, 1).cpu()
 
     def latent_shape(self, height: int, width: int) -> tuple[int, int, int, int]:
-        if height % self.factor or width % self.factor:
-            raise ValueError(f"image size {height}x{width} is not a multiple of the VAE factor {self.factor}")
-        return (self.channels, 1, height // self.factor, width // self.factor)
+        return self.config_latent_shape(self.vae.config, height, width)
+
+    @staticmethod
+    def config_latent_shape(config, height: int, width: int) -> tuple[int, int, int, int]:
+        """From the VAE's config (config.json's dict or diffusers' config): no weights needed."""
+        factor = 2 ** (len(config["block_out_channels"]) - 1)
+        if height % factor or width % factor:
+            raise ValueError(f"image size {height}x{width} is not a multiple of the VAE factor {factor}")
+        return (config["latent_channels"], 1, height // factor, width // factor)

@@ -59,6 +59,10 @@ class ModelFamily:
         """Image <-> latent through the model's VAE (a diffusers ``vae/`` folder)."""
         raise NotImplementedError
 
+    def vae_latent_shape(self, vae_config: dict, height: int, width: int) -> tuple[int, ...]:
+        """``vae_codec(...).latent_shape(height, width)`` from the VAE's config.json alone (cached latents)."""
+        raise NotImplementedError
+
     def latent_shape(self, cfg, arch) -> tuple[int, ...]:
         """Latent shape of a data.image_size square image (planning; batches carry their own sizes)."""
         raise NotImplementedError
@@ -123,6 +127,10 @@ class ZImageFamily(ModelFamily):
         from .loading import load_vae
         return VaeLatents(load_vae(folder, dtype, device))
 
+    def vae_latent_shape(self, vae_config, height, width):
+        from ..data.vae_latents import VaeLatents
+        return VaeLatents.config_latent_shape(vae_config, height, width)
+
     def latent_shape(self, cfg, arch: ZImageConfig):
         s = cfg.data.image_size
         return (arch.in_channels, 1, s // 8, s // 8) if cfg.data.kind == "folder" else PixelLatents().latent_shape(s, s)
@@ -173,6 +181,10 @@ class Flux2KleinFamily(ModelFamily):
         from ..data.flux2_vae_latents import Flux2VaeLatents
         from .loading_flux2 import load_flux2_vae
         return Flux2VaeLatents(load_flux2_vae(folder, dtype, device))
+
+    def vae_latent_shape(self, vae_config, height, width):
+        from ..data.flux2_vae_latents import Flux2VaeLatents
+        return Flux2VaeLatents.config_latent_shape(vae_config, height, width)
 
     def latent_shape(self, cfg, arch: Flux2KleinConfig):
         s = cfg.data.image_size

@@ -12,6 +12,8 @@ the family adapter.
 - ``save_full_weights``: base + scale * B A merged (or the fully fine-tuned weights), sharded safetensors with an
   index, ``config.json`` for the family's diffusers transformer class.
 Each refuses a tensor holding NaN or Inf by name before writing anything (``refuse_nonfinite``).
+``lora_files`` gives the two LoRA files' tensors without writing them: a checkpoint writes them beside the training
+state (train.export_formats). ``lora_load.read_lora`` reads either back (adapter.init_from).
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ from .adapter import model_family
 from .loading import WeightsError, first_nonfinite
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
+COMFYUI_FILE = "lora_comfyui.safetensors"
 
 
 def lora_modules(model: nn.Module, adapter: str = "student") -> dict[str, LoRALinear]:
@@ -50,19 +53,35 @@ def refuse_nonfinite(path: Path, tensors: dict[str, Tensor]) -> None:
                            "before the run diverged (--checkpoint step-XXXXXX)")
 
 
-def save_diffusers_lora(model: nn.Module, out_dir: str | Path, adapter: str = "student",
-                        dtype: torch.dtype | None = None) -> Path:
+def _adapter_weights(mods: dict[str, LoRALinear], adapter: str,
+                     tensors: dict[str, Tensor] | None) -> dict[str, tuple[Tensor, Tensor]]:
+    """Module name -> (A (r, in), B (out, r)): the modules' own, or taken from ``tensors`` keyed as a checkpoint's
+    student (``<module>.lora_A.<adapter>``), where the modules hold only slices (ZeRO-3 gathers whole ones)."""
+    if tensors is None:
+        return {n: (m.lora_A[adapter], m.lora_B[adapter]) for n, m in mods.items()}
+    return {n: (tensors[f"{n}.lora_A.{adapter}"], tensors[f"{n}.lora_B.{adapter}"]) for n in mods}
+
+
+def diffusers_lora_tensors(model: nn.Module, adapter: str = "student", dtype: torch.dtype | None = None,
+                           tensors: dict[str, Tensor] | None = None) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """The tensors and header of ``pytorch_lora_weights.safetensors`` (``tensors``: see ``_adapter_weights``)."""
     mods = lora_modules(model, adapter)
     ranks, alphas = {m.rank for m in mods.values()}, {m.alpha for m in mods.values()}
     if len(ranks) != 1 or len(alphas) != 1:
         raise ValueError(f"one rank/alpha expected for the PEFT config, got ranks {ranks}, alphas {alphas}")
-    tensors = {}
-    for name, m in mods.items():
-        tensors[f"transformer.{name}.lora_A.weight"] = _contiguous(m.lora_A[adapter], dtype)
-        tensors[f"transformer.{name}.lora_B.weight"] = _contiguous(m.lora_B[adapter], dtype)
+    out = {}
+    for name, (a, b) in _adapter_weights(mods, adapter, tensors).items():
+        out[f"transformer.{name}.lora_A.weight"] = _contiguous(a, dtype)
+        out[f"transformer.{name}.lora_B.weight"] = _contiguous(b, dtype)
     config = {"r": ranks.pop(), "lora_alpha": alphas.pop(), "target_modules": sorted(mods), "lora_dropout": 0.0,
               "bias": "none", "init_lora_weights": "gaussian"}
     meta = {"format": "pt", "lora_adapter_metadata": json.dumps({f"transformer.{k}": v for k, v in config.items()})}
+    return out, meta
+
+
+def save_diffusers_lora(model: nn.Module, out_dir: str | Path, adapter: str = "student",
+                        dtype: torch.dtype | None = None) -> Path:
+    tensors, meta = diffusers_lora_tensors(model, adapter, dtype)
     out = Path(out_dir)
     refuse_nonfinite(out / LORA_FILE, tensors)
     out.mkdir(parents=True, exist_ok=True)
@@ -70,32 +89,54 @@ def save_diffusers_lora(model: nn.Module, out_dir: str | Path, adapter: str = "s
     return out / LORA_FILE
 
 
-def save_comfyui_lora(model: nn.Module, path: str | Path, adapter: str = "student",
-                      dtype: torch.dtype | None = None) -> Path:
+def comfyui_lora_tensors(model: nn.Module, adapter: str = "student", dtype: torch.dtype | None = None,
+                         tensors: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
+    """The tensors of ComfyUI's LoRA file (``tensors``: see ``_adapter_weights``)."""
     family = model_family(model.config)
-    fused: dict[str, list] = {}     # ComfyUI module -> per part (LoRA module, row map), None where not adapted
-    for name, m in lora_modules(model, adapter).items():
+    mods = lora_modules(model, adapter)
+    weights = _adapter_weights(mods, adapter, tensors)
+    fused: dict[str, list] = {}     # ComfyUI module -> per part (LoRA module, A, B, row map), None where not adapted
+    for name, m in mods.items():
         target, part, parts, rows = family.comfy_weight(f"{name}.weight")
-        fused.setdefault(target.removesuffix(".weight"), [None] * parts)[part] = (m, rows)
-    tensors: dict[str, Tensor] = {}
+        fused.setdefault(target.removesuffix(".weight"), [None] * parts)[part] = (m, *weights[name], rows)
+    out: dict[str, Tensor] = {}
     for target, slots in sorted(fused.items()):
-        ref = next(s[0] for s in slots if s)
-        r, alpha, a = ref.rank, ref.alpha, ref.lora_A[adapter]
+        ref, a = next((s[0], s[1]) for s in slots if s)
+        r, alpha = ref.rank, ref.alpha
         if any(s and (s[0].rank, s[0].alpha) != (r, alpha) for s in slots):
             raise ValueError(f"{target}: the adapters fused into it differ in rank or alpha (ComfyUI's file holds "
                              "one of each)")
         # a part without an adapter adds nothing: zero rows of the same size (fused parts are equal blocks)
-        downs = [s[0].lora_A[adapter] if s else torch.zeros_like(a) for s in slots]
-        ups = [s[1](s[0].lora_B[adapter]) if s else a.new_zeros(ref.out_features, r) for s in slots]
+        downs = [s[1] if s else torch.zeros_like(a) for s in slots]
+        ups = [s[3](s[2]) if s else a.new_zeros(ref.out_features, r) for s in slots]
         key = f"diffusion_model.{target}"
-        tensors[f"{key}.lora_down.weight"] = _contiguous(torch.cat(downs), dtype)
-        tensors[f"{key}.lora_up.weight"] = _contiguous(torch.block_diag(*ups), dtype)
-        tensors[f"{key}.alpha"] = torch.tensor(float(len(slots) * alpha))   # ComfyUI scales by alpha / (parts r)
+        out[f"{key}.lora_down.weight"] = _contiguous(torch.cat(downs), dtype)
+        out[f"{key}.lora_up.weight"] = _contiguous(torch.block_diag(*ups), dtype)
+        out[f"{key}.alpha"] = torch.tensor(float(len(slots) * alpha))   # ComfyUI scales by alpha / (parts r)
+    return out
+
+
+def save_comfyui_lora(model: nn.Module, path: str | Path, adapter: str = "student",
+                      dtype: torch.dtype | None = None) -> Path:
+    tensors = comfyui_lora_tensors(model, adapter, dtype)
     path = Path(path)
     refuse_nonfinite(path, tensors)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(path), metadata={"format": "pt"})
     return path
+
+
+def lora_files(model: nn.Module, formats: list[str], tensors: dict[str, Tensor] | None = None,
+               adapter: str = "student") -> dict[str, tuple[dict[str, Tensor], dict[str, str]]]:
+    """File name -> (tensors, header) of each LoRA format in ``formats`` (``diffusers``: ``LORA_FILE``,
+    ``comfyui``: ``COMFYUI_FILE``), as ``dopsd export`` writes them (the adapter's own dtype); what a checkpoint
+    writes beside its training state (train.export_formats)."""
+    files = {}
+    if "diffusers" in formats:
+        files[LORA_FILE] = diffusers_lora_tensors(model, adapter, None, tensors)
+    if "comfyui" in formats:
+        files[COMFYUI_FILE] = (comfyui_lora_tensors(model, adapter, None, tensors), {"format": "pt"})
+    return files
 
 
 @torch.no_grad()

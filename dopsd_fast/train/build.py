@@ -76,6 +76,52 @@ def _weights_note(cfg: Config) -> str:
     return p if Path(p).exists() else f"{p} (not found yet: the official {official} config is assumed)"
 
 
+def resolve_weights(cfg: Config, download: bool = True) -> Config:
+    """``cfg`` with every Hugging Face id among its weight keys replaced by a local snapshot folder (models/hub.py).
+
+    The one place ids are resolved: the trainer, `dopsd cache` and the dry run call it and build from the copy,
+    while the run keeps (saves, compares on resume) the config as written. ``model.pretrained: owner/name[@rev]`` is
+    the repo's ``transformer/`` folder, so ``text_encoder/``, ``tokenizer/``, ``vae/`` left null are its siblings in
+    the same snapshot; ``model.text_encoder|tokenizer|vae: owner/name`` is that folder of another pipeline repo;
+    ``context.teacher_model: owner/name`` is a transformers repo (its top-level files). Only the folders this run
+    reads are downloaded. ``download=False`` (a dry run) reads the cache only and leaves an id it misses as it is.
+    """
+    from ..models.hub import parse_hub_id, snapshot
+
+    m, c = cfg.model, cfg.context
+    qwen, folder = c.kind == "qwen3", cfg.data.kind == "folder"
+    used = {"text_encoder": qwen, "tokenizer": qwen, "vae": folder}      # vae: latent models on folders only
+    model, context = {}, {}
+
+    def fetch(key: str, spec: str, folders: list[str], required: list[str]) -> Path | None:
+        try:
+            return snapshot(spec, folders, required, download)
+        except WeightsError as err:
+            raise ConfigError(f"{key}: {err}") from None
+
+    if m.pretrained is not None and parse_hub_id(m.pretrained):
+        siblings = [k for k, use in used.items() if use and getattr(m, k) is None]
+        required = ["transformer", *(k for k in siblings if k != "vae")]   # a pixel-space model reads no VAE
+        root = fetch("model.pretrained", m.pretrained, ["transformer", *siblings], required)
+        if root is not None:
+            model["pretrained"] = str(root / "transformer")
+    for key, use in used.items():
+        spec = getattr(m, key)
+        if use and spec is not None and parse_hub_id(spec):
+            root = fetch(f"model.{key}", spec, [key], [key])
+            if root is not None:
+                model[key] = str(root / key)
+    if qwen and cfg.method.objective == "dopsd" and c.teacher == "vlm" and c.teacher_model is not None \
+            and parse_hub_id(c.teacher_model):
+        root = fetch("context.teacher_model", c.teacher_model, [""], [])
+        if root is not None:
+            context["teacher_model"] = str(root)
+    if not model and not context:
+        return cfg
+    return dataclasses.replace(cfg, model=dataclasses.replace(m, **model),
+                               context=dataclasses.replace(c, **context))
+
+
 def resolve_arch(cfg: Config, need_weights: bool = True) -> Any:
     if cfg.model.family == "flux2_klein":
         _check_arch_values(cfg.model.arch, model_family(cfg.model.family).config_cls)

@@ -51,8 +51,8 @@ def check_real_parts(cfg: Config, arch) -> None:
         _need_dir(component_dir(cfg, "tokenizer"), "model.tokenizer", "tokenizer")
         if cfg.method.objective == "dopsd" and cfg.context.teacher == "vlm":
             if cfg.context.teacher_model is None:
-                raise ConfigError("context.teacher_model: D-OPSD's teacher needs a local Qwen3-VL folder "
-                                  "(e.g. Qwen3-VL-4B-Instruct)")
+                raise ConfigError("context.teacher_model: D-OPSD's teacher needs a Qwen3-VL folder or Hugging Face "
+                                  "id (e.g. Qwen/Qwen3-VL-4B-Instruct)")
             _need_dir(Path(cfg.context.teacher_model), "context.teacher_model", "Qwen3-VL")
     if uses_vae(cfg, arch):
         _need_dir(component_dir(cfg, "vae"), "model.vae", "VAE")
@@ -64,74 +64,174 @@ def build_folder_data(cfg: Config):
     return dataset, BucketBatches(dataset, cfg.train.batch_size, cfg.train.seed)
 
 
-def build_qwen_contexts(cfg: Config, arch, dtype, device: str | torch.device = "cpu"):
-    """(student, teacher) callables with the toy encoders' signatures, backed by the feature caches."""
-    from ..contexts.cached import CachedContexts
-    from ..contexts.qwen_text import KLEIN_TEXT, Z_IMAGE_TEXT, QwenTextEncoder
+def text_spec(cfg: Config):
+    from ..contexts.qwen_text import KLEIN_TEXT, Z_IMAGE_TEXT
+    return dataclasses.replace(KLEIN_TEXT if cfg.model.family == "flux2_klein" else Z_IMAGE_TEXT,
+                               max_tokens=cfg.context.max_text_tokens)
+
+
+def _encode_missing(cfg: Config, override: bool | None) -> bool:
+    return cfg.data.encode_missing if override is None else override
+
+
+def build_qwen_contexts(cfg: Config, arch, dtype, device: str | torch.device = "cpu",
+                        encode_missing: bool | None = None):
+    """(student, teacher) callables with the toy encoders' signatures, backed by the feature caches.
+
+    With a cache (data.cache_dir) the encoders are loaded onto ``device`` at their first miss, so a run on a warm
+    cache never loads them; ``encode_missing`` (default data.encode_missing) false makes a miss a CacheMiss (exit
+    2) instead. Without a cache both are loaded here, as every batch runs them.
+    """
+    from ..contexts.cached import CachedContexts, Lazy
+    from ..contexts.qwen_text import QwenTextEncoder, folder_feature_dim
+    from ..contexts.qwen_text import folder_identity as text_identity
     from ..contexts.reference import ReferenceTeacherContext
     from ..contexts.teacher_vlm import QwenVLTeacher
+    from ..contexts.teacher_vlm import folder_identity as teacher_identity
     from ..models.adapter import model_family
 
-    c = cfg.context
-    spec = dataclasses.replace(KLEIN_TEXT if cfg.model.family == "flux2_klein" else Z_IMAGE_TEXT,
-                               max_tokens=c.max_text_tokens)
-    text = QwenTextEncoder.from_pretrained(component_dir(cfg, "text_encoder"), component_dir(cfg, "tokenizer"),
-                                           spec, dtype, device)
-    want = model_family(arch).text_dim(arch)
-    if text.feat_dim != want:
-        raise ConfigError(f"model.text_encoder: its features have {text.feat_dim} dims, the transformer takes "
+    c, root, encode_missing = cfg.context, cache_root(cfg), _encode_missing(cfg, encode_missing)
+    spec = text_spec(cfg)
+    te_dir, tok_dir = component_dir(cfg, "text_encoder"), component_dir(cfg, "tokenizer")
+    got, want = folder_feature_dim(te_dir, spec), model_family(arch).text_dim(arch)
+    if got != want:
+        raise ConfigError(f"model.text_encoder: its features have {got} dims, the transformer takes "
                           f"{want}; the folders do not belong together")
+    text = Lazy(lambda: QwenTextEncoder.from_pretrained(te_dir, tok_dir, spec, dtype, device),
+                text_identity(te_dir, spec, dtype), "model.text_encoder")
+    if root is None:
+        text.get()
     if cfg.method.objective == "dopsd" and c.teacher == "reference":
         # teacher text = the cached features of "<prompt> <reference_prompt>"; the target as reference latents
-        ctx = CachedContexts(text, None, cache_root(cfg))
-        return ctx.student, ReferenceTeacherContext(ctx.student, build_codec(cfg, arch, None, dtype, device), c.reference_prompt)
+        ctx = CachedContexts(text, None, root, encode_missing)
+        codec = build_codec(cfg, arch, None, dtype, device, encode_missing)
+        return ctx.student, ReferenceTeacherContext(ctx.student, codec, c.reference_prompt)
     teacher = None
     if cfg.method.objective == "dopsd":
         # the teacher reads the student's layers (klein: 9, 18, 27 concatenated), real tokens only
-        teacher = QwenVLTeacher.from_pretrained(c.teacher_model, text, c.teacher_order, c.teacher_max_tokens,
-                                                c.teacher_min_pixels, c.teacher_max_pixels, dtype, device, spec,
-                                                c.teacher_prompt)
-    ctx = CachedContexts(text, teacher, cache_root(cfg))
+        teacher = Lazy(lambda: QwenVLTeacher.from_pretrained(
+                           c.teacher_model, text.get(), c.teacher_order, c.teacher_max_tokens, c.teacher_min_pixels,
+                           c.teacher_max_pixels, dtype, device, spec, c.teacher_prompt),
+                       teacher_identity(c.teacher_model, text.identity, spec, c.teacher_order, c.teacher_max_tokens,
+                                        c.teacher_min_pixels, c.teacher_max_pixels, dtype, c.teacher_prompt),
+                       "context.teacher_model")
+        if root is None:
+            teacher.get()
+    ctx = CachedContexts(text, teacher, root, encode_missing)
     return ctx.student, ctx.teacher
 
 
-def build_codec(cfg: Config, arch, fallback, dtype, device: str | torch.device = "cpu"):
-    """The VAE codec (through the latent cache) for latent models on folder data; else ``fallback``."""
+def _vae_identity(folder: Path, dtype) -> str:
+    from ..data.feature_cache import folder_fingerprint
+    return f"vae-{folder_fingerprint(folder)[:16]}-{dtype}"
+
+
+def build_codec(cfg: Config, arch, fallback, dtype, device: str | torch.device = "cpu",
+                encode_missing: bool | None = None):
+    """The VAE codec (through the latent cache) for latent models on folder data; else ``fallback``.
+
+    With a cache the VAE is loaded onto ``device`` at the first latent that misses; latent shapes come from its
+    config.json. With data.encode_missing false a miss is a CacheMiss and sample grids decode on a second VAE
+    loaded on the CPU at the first grid, so train.device only ever holds the transformer.
+    """
     if not uses_vae(cfg, arch):
         return fallback
-    from ..contexts.cached import CachedLatents
-    from ..data.feature_cache import FeatureCache, folder_fingerprint
-    from ..models.adapter import model_family
+    import functools
 
-    folder = component_dir(cfg, "vae")
-    root = cache_root(cfg)
-    cache = FeatureCache(root, "vae_latents", f"vae-{folder_fingerprint(folder)[:16]}-{dtype}") if root else None
-    return CachedLatents(model_family(arch).vae_codec(folder, dtype, device), cache)
+    from ..contexts.cached import CachedLatents, Lazy
+    from ..data.feature_cache import FeatureCache
+    from ..models.adapter import model_family
+    from ..models.loading import read_component_config
+
+    family, folder, root = model_family(arch), component_dir(cfg, "vae"), cache_root(cfg)
+    encode_missing = _encode_missing(cfg, encode_missing)
+    identity = _vae_identity(folder, dtype)
+
+    def vae(on):
+        return Lazy(lambda: family.vae_codec(folder, dtype, on), identity, "model.vae")
+
+    if root is None:
+        return CachedLatents(vae(device).get(), None)
+    shape = functools.partial(family.vae_latent_shape, read_component_config(folder, "vae/"))
+    channels = shape(0, 0)[0]
+    return CachedLatents(vae(device), FeatureCache(root, "vae_latents", identity), shape, channels,
+                         None if encode_missing else vae("cpu"), encode_missing)
+
+
+def check_cached(cfg: Config, arch, dataset) -> None:
+    """A run with a cache and data.encode_missing false loads no encoder: every encoder output it reads (each
+    caption variant's student features, each (variant, image) teacher's, the latents it encodes, validation.prompts'
+    features) must be in the cache. Checked at start-up, before any model is built (file lookups plus one decode
+    and crop of every image, for its key); the first missing entry is a CacheMiss (exit 2) naming its file."""
+    if cfg.data.kind != "folder" or cache_root(cfg) is None or cfg.data.encode_missing:
+        return
+    qwen = cfg.context.kind == "qwen3"
+    dopsd = cfg.method.objective == "dopsd"
+    if not qwen and not uses_vae(cfg, arch):
+        return
+    from ..contexts.cached import missing_entry
+    from ..data.feature_cache import image_key, pair_key, text_key
+    from .build import DTYPES
+
+    dtype, c = DTYPES[cfg.model.dtype], cfg.context
+    student, teacher = build_qwen_contexts(cfg, arch, dtype, encode_missing=False) if qwen else (None, None)
+    ctx = student.__self__ if student is not None else None
+    reference = qwen and dopsd and c.teacher == "reference"
+    codec = None
+    if uses_vae(cfg, arch) and (reference or not dopsd):    # latents it encodes: SFT targets, reference tokens
+        codec = teacher.codec if reference else build_codec(cfg, arch, None, dtype, encode_missing=False)
+    vlm = ctx is not None and ctx.teacher_cache is not None
+
+    def need(cache, key: str, what: str) -> None:
+        if key not in cache:
+            raise missing_entry(cache, key, what)
+
+    if ctx is not None and cfg.validation.every:
+        for prompt in cfg.validation.prompts:
+            need(ctx.text_cache, text_key(prompt), f"student text features of validation prompt {prompt!r}")
+    for i, record in enumerate(dataset.records):         # an ImageFolder: captions known, images read if keyed
+        name = record.path.name
+        image = dataset[i].image if vlm or codec is not None else None
+        for prompt in record.captions:
+            if ctx is not None:
+                need(ctx.text_cache, text_key(prompt), f"student text features of {name}'s caption {prompt!r}")
+            if reference:
+                need(ctx.text_cache, text_key(teacher.teacher_prompt(prompt)),
+                     f"the reference teacher's text features of {name}'s caption {prompt!r}")
+            if vlm:
+                need(ctx.teacher_cache, pair_key(prompt, image), f"teacher features of {name} with {prompt!r}")
+        if codec is not None:
+            need(codec.cache, image_key(image), f"VAE latents of {name}")
 
 
 def fill_caches(cfg: Config, progress: bool = True) -> dict:
     """Compute every cacheable encoder output of an image folder ahead of training (`dopsd cache`).
 
-    Student features for every caption variant, teacher features for every (image, variant) pair (D-OPSD) and VAE
-    latents for every image (latent models); entries already cached are skipped. No transformer is built.
+    Student features for every caption variant and for validation.prompts and sample.prompts (free text the grids
+    read), teacher features for every (image, variant) pair (D-OPSD) and VAE latents for every image (latent
+    models); entries already cached are skipped, and an encoder with nothing to compute is never loaded. No
+    transformer is built. A training run with data.encode_missing false then loads no encoder at all.
     """
     from tqdm import tqdm
 
-    from .build import DTYPES, check_buildable, resolve_arch, resolve_device
+    from .build import DTYPES, check_buildable, resolve_arch, resolve_device, resolve_weights
 
     if cfg.data.kind != "folder":
         raise ConfigError(f"data.kind: `dopsd cache` precomputes image-folder features, got {cfg.data.kind!r}")
     if cache_root(cfg) is None:
         raise ConfigError("data.cache_dir: is null (no cache); set a folder or \"auto\"")
+    cfg = resolve_weights(cfg)              # Hub ids -> local snapshot folders
     check_buildable(cfg)
     arch = resolve_arch(cfg)
     dtype, device = DTYPES[cfg.model.dtype], resolve_device(cfg.train.device)
     dataset, _ = build_folder_data(cfg)
     student = teacher = None
     if cfg.context.kind == "qwen3":
-        student, teacher = build_qwen_contexts(cfg, arch, dtype, device)
+        student, teacher = build_qwen_contexts(cfg, arch, dtype, device, encode_missing=True)
         teacher = teacher if cfg.method.objective == "dopsd" else None
-    codec = build_codec(cfg, arch, None, dtype, device)
+        for prompt in dict.fromkeys([*cfg.validation.prompts, *cfg.sample.prompts]):
+            student([prompt])
+    codec = build_codec(cfg, arch, None, dtype, device, encode_missing=True)
     for i in tqdm(range(len(dataset)), desc="dopsd cache", unit="image", disable=not progress):
         pair = dataset[i]
         if student is not None:
@@ -141,6 +241,9 @@ def fill_caches(cfg: Config, progress: bool = True) -> dict:
         if codec is not None:
             codec.encode(pair.image)
     stats = student.__self__.stats() if student is not None else {}
+    loaded = student.__self__.loaded() if student is not None else []
     if codec is not None and codec.cache is not None:
         stats["vae_latents"] = {"hits": codec.cache.hits, "misses": codec.cache.misses}
-    return {"images": len(dataset), "cache_dir": str(cache_root(cfg)), **stats, "data": dataset.summary()}
+        loaded += codec.loaded()
+    return {"images": len(dataset), "cache_dir": str(cache_root(cfg)), **stats, "encoders_loaded": loaded,
+            "data": dataset.summary()}

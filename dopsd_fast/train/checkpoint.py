@@ -6,8 +6,12 @@ Layout of ``<output_dir>/checkpoints/step-000050/``:
   optimizer.safetensors  AdamW moments and step counts, keyed by parameter name
   rng.safetensors        noise-generator and global torch RNG states
   state.json             step, data-stream position, optimizer hyper-parameters, config; written last
-A DeepSpeed run (train/deepspeed_engine.py) writes the engine's shards under ``deepspeed/`` instead of
-optimizer.safetensors, and one ``rng-rankNNNNN.safetensors`` per rank instead of rng.safetensors.
+  pytorch_lora_weights.safetensors, lora_comfyui.safetensors
+                         the student's LoRA for diffusers / ComfyUI (train.export_formats; LoRA runs only)
+A DeepSpeed run (train/deepspeed_engine.py) adds the engine's shards under ``deepspeed/`` (its same-layout resume)
+and writes one ``rng-rankNNNNN.safetensors`` per rank instead of rng.safetensors; its student, teacher and
+optimizer files are the whole fp32 tensors above (train/reshard.py), so any world size or ZeRO stage, or the
+single-process trainer, resumes it.
 
 A checkpoint is written into ``step-XXXXXX.tmp`` and renamed when complete, so a crash mid-write never
 leaves a directory that looks complete and never touches the previous checkpoints.
@@ -171,12 +175,18 @@ def _param_groups_problem(optimizer: torch.optim.Optimizer, groups: Any) -> str 
     return None
 
 
-def save_checkpoint(root: Path, step: int, parts: dict[str, dict[str, Tensor]], state: dict[str, Any], keep_last: int) -> Path:
-    refuse_nonfinite_save(root / f"step-{step:06d}", parts)
+def save_checkpoint(root: Path, step: int, parts: dict[str, dict[str, Tensor]], state: dict[str, Any], keep_last: int,
+                    files: dict[str, tuple[dict[str, Tensor], dict[str, str]]] | None = None) -> Path:
+    """``parts``: name -> tensors, written as ``<name>.safetensors``; ``files``: file name -> (tensors, header) written
+    beside them inside the same atomic write (the LoRA exports, models/export.py ``lora_files``)."""
+    files = files or {}
+    refuse_nonfinite_save(root / f"step-{step:06d}", {**parts, **{name: t for name, (t, _) in files.items()}})
     try:
         tmp = begin_checkpoint(root, step)
         for name, tensors in parts.items():
             save_tensors(tmp / f"{name}.safetensors", tensors)
+        for name, (tensors, header) in files.items():
+            save_file_with_header(tmp / name, tensors, header)
         return publish_checkpoint(root, step, state, keep_last)
     except (OSError, SafetensorError) as err:     # safetensors reports a full disk as SafetensorError, not OSError
         shutil.rmtree(pending_dir(root, step), ignore_errors=True)
@@ -239,6 +249,23 @@ def save_tensors(path: Path, tensors: dict[str, Tensor]) -> None:
     save_file(_contiguous(tensors), str(path))
 
 
+def save_file_with_header(path: Path, tensors: dict[str, Tensor], header: dict[str, str]) -> None:
+    """A file a reader other than the resume reads (the LoRA exports): safetensors with ``header`` as metadata."""
+    save_file(_contiguous(tensors), str(path), metadata=header)
+
+
+def publish_files(ckpt: Path, folder: Path, names: list[str]) -> list[Path]:
+    """Copy files ``names`` of checkpoint ``ckpt`` into ``folder`` (the run's LoRA at the end of training, where
+    diffusers' scripts put it), each through a temporary name and a rename: never a half-written file there."""
+    written = []
+    for name in names:
+        tmp = folder / f".{name}.tmp"
+        shutil.copyfile(ckpt / name, tmp)
+        os.replace(tmp, folder / name)
+        written.append(folder / name)
+    return written
+
+
 def publish_checkpoint(root: Path, step: int, state: dict[str, Any], keep_last: int) -> Path:
     """Write ``state.json`` last, rename the pending directory into place and prune to ``keep_last``."""
     final, tmp = root / f"step-{step:06d}", pending_dir(root, step)
@@ -252,7 +279,13 @@ def publish_checkpoint(root: Path, step: int, state: dict[str, Any], keep_last: 
     else:
         os.replace(tmp, final)
     for stale in list_checkpoints(root)[:-keep_last]:
-        shutil.rmtree(stale)
+        # renamed out of the complete ones first: a kill mid-delete must not leave a checkpoint that lists as
+        # complete (state.json kept) with parts gone, nor one never pruned (state.json gone first); the next
+        # begin_checkpoint clears a leftover step-*.tmp
+        doomed = pending_dir(root, int(stale.name.split("-")[1]))
+        shutil.rmtree(doomed, ignore_errors=True)
+        os.replace(stale, doomed)
+        shutil.rmtree(doomed)
     return final
 
 
@@ -334,18 +367,22 @@ RESUMABLE = (
     "train.steps",                                  # the same run, longer (or already done)
     "train.output_dir", "train.resume",             # where the run is found: its folder may have been moved
     "train.log_every", "train.tensorboard", "train.peak_tflops", "deepspeed.comm_timing",   # logging, MFU
-    "train.checkpoint_every", "train.keep_last",
+    "train.checkpoint_every", "train.keep_last", "train.export_formats",
     "train.max_bad_steps",                          # when to give up on non-finite steps (skipped either way)
     "validation",                                   # grids only: no training RNG drawn (tests/train/test_validation.py)
     "sample.steps", "sample.prompts", "sample.seed",  # the grid after training (sample.shift also sets the
                                                       # training sigmas of method.schedule=model)
-    "data.cache_dir",                               # the cache is keyed by content and encoder: same features
+    "data.cache_dir", "data.encode_missing",        # the cache is keyed by content and encoder: same features
     # The same maths executed differently (rounding may differ): another device or kernel implementation,
     # recomputed activations, per-step or whole-roll-out backward (same gradients, tests/method), ZeRO-3's gather
     # schedule; worth changing when a resumed run runs out of memory.
     "train.device", "model.ops_backend", "model.checkpointing", "model.compile", "train.memory_budget_gb",
     "method.per_step_backward",
     "deepspeed.gather_once", "deepspeed.timeout_s",
+    # Another ZeRO stage, or the single-process trainer (null): the same AdamW on the same fp32 state, which a
+    # resume on another layout reads from the safetensors files (deepspeed_engine.py ``_load_resharded``). The
+    # world size is no config key: the global batch becomes train.batch_size x the new world size.
+    "deepspeed.stage",
 )
 _ABSENT = object()       # a key one of the two configs lacks
 

@@ -27,10 +27,11 @@ class ConfigError(ValueError):
 class ModelConfig:
     # z_image: Z-Image-Turbo (S3-DiT); flux2_klein: FLUX.2 [klein] 4B/9B (models/adapter.py bundles the differences).
     family: Literal["z_image", "flux2_klein"] = "z_image"
-    # Diffusers-format transformer folder; None builds random weights from `arch` (tiny/test models).
+    # Diffusers-format transformer folder, or a Hugging Face id `owner/name[@revision]` (its transformer/ folder,
+    # fetched into the HF cache: models/hub.py); None builds random weights from `arch` (tiny/test models).
     pretrained: str | None = None
     # Z-Image text encoder / tokenizer / VAE folders (context.kind=qwen3, latent data); null: the siblings of
-    # `pretrained` in a diffusers download (text_encoder/, tokenizer/, vae/).
+    # `pretrained` in a diffusers download (text_encoder/, tokenizer/, vae/). A Hub id names that folder of a repo.
     text_encoder: str | None = None
     tokenizer: str | None = None
     vae: str | None = None
@@ -68,6 +69,13 @@ class DataConfig:
     # Encoder-output cache (student text, teacher multimodal features, VAE latents), keyed by content and encoder:
     # "auto" = $XDG_CACHE_HOME/dopsd_fast (~/.cache/dopsd_fast), a folder, or null for none.
     cache_dir: str | None = "auto"
+    # With a cache, a training run loads an encoder (Qwen3 text, Qwen3-VL teacher, VAE) only to compute an entry
+    # the cache lacks, so after `dopsd cache CONFIG` (which also caches validation.prompts) none is loaded. true
+    # (default): a miss loads its encoder onto train.device and is encoded and cached during training. false: none
+    # is ever loaded onto train.device (a card that holds only the transformer, e.g. zimage-turbo-lora-24gb); a
+    # missing entry stops the run at start-up (exit 2, naming the file) and sample grids decode on a VAE loaded on
+    # the CPU. No cache (null): every encoder loads up front and runs every batch.
+    encode_missing: bool = True
 
 
 @dataclass
@@ -79,8 +87,8 @@ class ContextConfig:
     max_text_tokens: int = 64
     # Teacher context order: the authors put the image first ([image, prompt]).
     teacher_order: Literal["image_first", "text_first"] = "image_first"
-    # qwen3: the local Qwen3-VL folder (e.g. Qwen3-VL-4B-Instruct) whose language model gets the text encoder's
-    # weights; the teacher's token limit and the pixel range its target crop is resized into.
+    # qwen3: the Qwen3-VL folder or Hub id (e.g. Qwen/Qwen3-VL-4B-Instruct) whose language model gets the text
+    # encoder's weights; the teacher's token limit and the pixel range its target crop is resized into.
     teacher_model: str | None = None
     teacher_max_tokens: int = 1024
     teacher_min_pixels: int = 512 * 512
@@ -107,6 +115,11 @@ class AdapterConfig:
     targets: list[str] = field(default_factory=lambda: [
         "attention.to_q", "attention.to_k", "attention.to_v", "attention.to_out.0",
         "feed_forward.w1", "feed_forward.w2", "feed_forward.w3"])
+    # Start student and EMA teacher from an existing LoRA (continual tuning): a local .safetensors file, or a
+    # folder holding pytorch_lora_weights.safetensors, in diffusers/PEFT or ComfyUI names (models/lora_load.py).
+    # Its rank and alpha must be `rank` and `alpha`; modules it does not adapt start fresh. null: a fresh adapter.
+    # Hugging Face ids are not resolved yet: download the LoRA and pass its local path.
+    init_from: str | None = None
 
 
 @dataclass
@@ -164,6 +177,11 @@ class TrainConfig:
     # GiB model.checkpointing=auto may plan for (weights, gradients, optimizer state, EMA, activations);
     # null: the CUDA device's total memory (a CPU run must give one).
     memory_budget_gb: float | None = None
+    # LoRA files written into every checkpoint folder beside the training state, and into output_dir at the end:
+    # diffusers = pytorch_lora_weights.safetensors (diffusers/PEFT, the pipelines' load_lora_weights), comfyui =
+    # lora_comfyui.safetensors (ComfyUI's model names). The student's adapter, in its own fp32, as `dopsd export`
+    # writes it. [] or adapter.mode=full: none (`dopsd export --format full` writes full weights).
+    export_formats: list[Literal["diffusers", "comfyui"]] = field(default_factory=lambda: ["diffusers"])
 
 
 @dataclass
@@ -336,6 +354,13 @@ def validate(cfg: Config) -> Config:
     _check(a.rank >= 1, "adapter.rank", "must be >= 1")
     _check(a.alpha > 0, "adapter.alpha", "must be > 0")
     _check(a.mode == "full" or len(a.targets) > 0, "adapter.targets", "LoRA mode needs at least one target")
+    _check(a.init_from is None or a.mode == "lora", "adapter.init_from",
+           "starts LoRA adapters, but adapter.mode=full trains all weights; set adapter.mode=lora, or merge the LoRA "
+           "into the base weights first and point model.pretrained at them")
+    _check(a.init_from is None or bool(a.init_from.strip()), "adapter.init_from",
+           "must name a LoRA .safetensors file or a folder holding pytorch_lora_weights.safetensors (or be null)")
+    _check(len(set(t.export_formats)) == len(t.export_formats), "train.export_formats",
+           f"lists a format twice: {t.export_formats}")
     _check(cfg.data.num_pairs >= 1, "data.num_pairs", "must be >= 1")
     _check(cfg.data.kind != "folder" or bool(cfg.data.path), "data.path", "data.kind=folder needs data.path (a folder of images)")
     _check(cfg.data.image_size % 16 == 0 and cfg.data.image_size > 0, "data.image_size",
@@ -444,4 +469,10 @@ def load_config(name_or_path: str | None = None, overrides: list[str] | tuple[st
                               "or a copy of configs/zimage-turbo-lora.yaml")
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections (model:, train:, ...)")
+        try:
+            # the file's own keys and types, so that an error there names the file (a section left empty, `sample:`,
+            # may be filled by --set)
+            _build(Config, {k: v for k, v in data.items() if v is not None}, "")
+        except ConfigError as err:
+            raise ConfigError(f"{path}: {err}") from None
     return validate(_build(Config, apply_overrides(data, list(overrides)), ""))

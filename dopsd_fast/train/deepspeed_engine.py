@@ -17,10 +17,12 @@ iteration.
 
 Checkpoints reuse ``checkpoint.py``'s atomic directory: every rank writes into ``step-XXXXXX.tmp`` (DeepSpeed's
 model/optimizer shards under ``deepspeed/``, its own ``rng-rankNNNNN.safetensors``), rank 0 adds the
-student and EMA teacher as safetensors and ``state.json`` last, then renames. The ``deepspeed/`` shards are
-DeepSpeed's own pickled format, so a resume reads them only with ``torch.load(weights_only=True)`` and the three
-DeepSpeed types its ZeRO 0-3 states hold allow-listed (``load_shards_safely``): a file that needs anything else is
-refused, naming it, before DeepSpeed reads a byte; ``zero_to_fp32.py`` beside them exports the student (under
+student (fp32 masters), EMA teacher and AdamW state as whole safetensors by parameter name (``reshard.py``) and
+``state.json`` last, then renames. A resume on the same world size and stage reads DeepSpeed's shards; on another
+(or from the single-process trainer) each rank cuts its partitions from the safetensors files instead. The
+``deepspeed/`` shards are DeepSpeed's own pickled format, so a resume reads them only with
+``torch.load(weights_only=True)`` and the three DeepSpeed types its ZeRO 0-3 states hold allow-listed
+(``load_shards_safely``): a file that needs anything else is refused, naming it, before DeepSpeed reads a byte; ``zero_to_fp32.py`` beside them exports the student (under
 ZeRO-3 from the optimizer's fp32 slices).
 """
 from __future__ import annotations
@@ -40,6 +42,7 @@ from ..method.roles import FullRoles
 from . import checkpoint as ckpt
 from . import distributed as dist
 from . import finite
+from . import reshard
 from . import watchdog
 from . import zero3
 from .config import Config
@@ -217,9 +220,22 @@ class DeepSpeedMixin:
 
     def save(self):
         root = self.checkpoint_root
-        student, teacher = self._whole_student(), self.roles.ema.state_dict()     # ZeRO-3: collectives
-        # the same whole tensors on every rank: all ranks refuse together, before any file is written
-        ckpt.refuse_nonfinite_save(root / f"step-{self.step:06d}", {"student": student, "teacher": teacher})
+        # fp32 masters and AdamW state as whole tensors by name (reshard.py), on rank 0, beside DeepSpeed's shards:
+        # what a resume on another world size or ZeRO stage, or by the single-process trainer, reads
+        with watchdog.guard(f"gathering the state of step {self.step}"):     # collectives: a dead peer ends us
+            student, optim = reshard.gather_state(self.engine, self.roles.trainable, to=0)
+            teacher = self.roles.ema.state_dict()                                          # ZeRO-3: collectives
+        # rank 0 checks them and all ranks refuse together, before any file is written
+        refused = None
+        if self.is_main:
+            try:
+                ckpt.refuse_nonfinite_save(root / f"step-{self.step:06d}",
+                                           {"student": student, "teacher": teacher, "optimizer": optim})
+            except ckpt.CheckpointError as err:
+                refused = err
+        if dist.any_over_ranks(refused is not None):
+            raise refused or ckpt.CheckpointError(f"{root / f'step-{self.step:06d}'}: not written: rank 0 found a "
+                                                  "NaN or Inf tensor (its message names it)")
         if self.is_main:
             ckpt.begin_checkpoint(root, self.step)
         dist.barrier()
@@ -233,20 +249,40 @@ class DeepSpeedMixin:
         if self.is_main:
             ckpt.save_tensors(tmp / "student.safetensors", student)
             ckpt.save_tensors(tmp / "teacher.safetensors", teacher)
+            ckpt.save_tensors(tmp / "optimizer.safetensors", optim)
+            files = self.lora_files(student)        # from the whole student: finite, as checked above
+            for name, (tensors, header) in files.items():
+                ckpt.save_file_with_header(tmp / name, tensors, header)
             state = {"step": self.step, "data": self.stream.state_dict(), "world_size": self.world,
-                     "config": self.cfg.to_dict(), "bad_steps": self.bad_steps.state_dict()}
+                     "param_groups": self._param_groups(), "config": self.cfg.to_dict(),
+                     "bad_steps": self.bad_steps.state_dict()}
             final = ckpt.publish_checkpoint(root, self.step, state, self.cfg.train.keep_last)
+            self.publish_lora(final, files)
         dist.barrier()
         return final
 
+    def _param_groups(self) -> list[dict]:
+        """AdamW's hyper-parameters in the single-process trainer's state.json form (one group, indices by name)."""
+        group = {k: v for k, v in reshard.inner_optimizer(self.engine).param_groups[0].items() if k != "params"}
+        return [{**{k: (list(v) if isinstance(v, tuple) else v) for k, v in group.items()},
+                 "params": list(range(len(self.roles.trainable)))}]
+
     def load(self, path) -> list[str]:
-        state = ckpt.read_state(path, required=("step", "data", "world_size", "config"))
-        # deepspeed.stage is not resumable (checkpoint.RESUMABLE), so the shards are this stage's: checked before
-        # DeepSpeed reads them (it fails on another stage's with a bare assert)
+        state = ckpt.read_state(path, required=("step", "data", "config"))
         changes = ckpt.resume_changes(path, state["config"], self.cfg)
-        if state["world_size"] != self.world:       # the global batch is train.batch_size x world
-            raise ckpt.CheckpointError(f"{path}: written by {state['world_size']} ranks, but this run has {self.world}; "
-                                       "resume with the same number of processes or start a new output_dir")
+        # A single-process checkpoint has no world_size; DeepSpeed's shards fit only their own world size and stage
+        # (it fails on another stage's with a bare assert), so any other layout resumes from the safetensors files
+        was = state.get("world_size", 1), state["config"].get("deepspeed", {}).get("stage")
+        if was != (self.world, self.cfg.deepspeed.stage):
+            self._load_resharded(path, state, *was)
+        else:
+            self._load_shards(path)
+        self.stream.load_state_dict(state["data"])     # the global stream's: a position in samples, any world size
+        self.step = int(state["step"])
+        self.bad_steps.load_state_dict(state.get("bad_steps"), path / "state.json")
+        return changes
+
+    def _load_shards(self, path: Path) -> None:
         with load_shards_safely(self.engine, path / "deepspeed"):
             loaded, _ = self.engine.load_checkpoint(str(path / "deepspeed"), tag="engine", load_module_strict=False,
                                                     load_lr_scheduler_states=False)
@@ -254,13 +290,52 @@ class DeepSpeedMixin:
             raise ckpt.CheckpointError(f"{path / 'deepspeed'}: DeepSpeed could not load its shards")
         ckpt.refuse_nonfinite_load(path / "deepspeed", self._whole_student())        # ZeRO-3: every rank gathers
         self.roles.ema.load_state_dict(ckpt.load_tensors(path / "teacher.safetensors", self.roles.ema.state_dict()))
-        rng = ckpt.load_tensors(path / f"rng-rank{self.rank:05d}.safetensors", self._rng_state())
+        self._load_rng(path / f"rng-rank{self.rank:05d}.safetensors")
+
+    def _load_rng(self, file: Path) -> None:
+        rng = ckpt.load_tensors(file, self._rng_state())
         self.noise.set_state(rng["noise"])
         torch.set_rng_state(rng["torch"])
-        self.stream.load_state_dict(state["data"])
-        self.step = int(state["step"])
-        self.bad_steps.load_state_dict(state.get("bad_steps"), path / "state.json")
-        return changes
+
+    def _load_resharded(self, path: Path, state: dict, world: int, stage: int | None) -> None:
+        """Resume a checkpoint of ``world`` ranks on ZeRO-``stage`` (None: the single-process trainer) on this run's
+        world size and stage: student (fp32 masters), EMA teacher and AdamW state from the safetensors files, each
+        rank taking its own fragments (reshard.py), then gathered back and compared with the files."""
+        was = f"{world} rank(s) on " + ("the single-process trainer" if stage is None else f"ZeRO-{stage}")
+        if not (path / "optimizer.safetensors").is_file():
+            raise ckpt.CheckpointError(f"{path}: written by {was} without optimizer.safetensors (an older version): "
+                                       f"resume it with {world} rank(s) and deepspeed.stage={stage}, or start a new "
+                                       "output_dir")
+        params = self.roles.trainable
+        shapes = {n: torch.empty(reshard.whole_shape(p), device="meta") for n, p in params.items()}
+        student = ckpt.load_tensors(path / "student.safetensors", shapes)
+        teacher = ckpt.load_tensors(path / "teacher.safetensors", self.roles.ema.state_dict())   # ZeRO-3: collective
+        optim = ckpt.load_tensors(path / "optimizer.safetensors")
+        problem = reshard.state_problem(shapes, optim)
+        if problem:
+            raise ckpt.CheckpointError(f"{path / 'optimizer.safetensors'}: {problem}; the file was edited or not "
+                                       "written by this run's `dopsd train`: resume from an earlier checkpoint")
+        reshard.scatter_state(self.engine, params, student, optim)
+        self.roles.trainable_changed()
+        self.roles.ema.load_state_dict(teacher)
+        master, back = reshard.gather_state(self.engine, params, to=0)       # every rank: collectives
+        bad = None
+        if self.is_main:
+            bad = next((k for k in [*student, *optim]
+                        if not torch.equal((master | back)[k].float(), (student | optim)[k].float())), None)
+            bad = bad or (None if back.keys() == optim.keys() else "the optimizer's keys")
+        if dist.any_over_ranks(bad is not None):
+            raise ckpt.CheckpointError(f"{path}: resharding from {was} to {self.world} rank(s) on ZeRO-"
+                                       f"{self.cfg.deepspeed.stage} does not give back {bad or 'what rank 0 read'}")
+        # the noise of a rank the checkpoint had continues; a new rank's is drawn from its seed and the step
+        own, single = path / f"rng-rank{self.rank:05d}.safetensors", path / "rng.safetensors"
+        if own.is_file() or (self.rank == 0 and single.is_file()):
+            self._load_rng(own if own.is_file() else single)
+        else:
+            self.noise.manual_seed(dist.rank_seed(self.cfg.train.seed, self.rank) + 7919 * int(state["step"]))
+        if self.is_main:
+            print(f"{path}: resharded from {was} to {self.world} rank(s) on ZeRO-{self.cfg.deepspeed.stage} "
+                  "(student, teacher and optimizer state gathered back and checked)")
 
     def _write_run_files(self) -> None:
         if self.is_main:

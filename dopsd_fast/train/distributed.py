@@ -27,11 +27,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+BACKSTOP_S = 15.0     # the process group's timeout past deepspeed.timeout_s (the issue's bound: timeout_s + 30 s)
+
+
 def init_process_group(timeout_s: float) -> None:
     """Join (or, started without a launcher, create) the default process group.
 
     ``timeout_s`` bounds the rendezvous and the collectives where the backend honours it; gloo does not inside a
     ring all-reduce (a SIGSTOPped peer hangs the others), so a multi-rank run also arms watchdog.py around them.
+    The group's own timeout is ``BACKSTOP_S`` later: where both apply, the watchdog's clear exit 76 comes first
+    instead of the backend's exception (a traceback, exit 1), which stays the backstop for unguarded waits.
     """
     import deepspeed
 
@@ -44,7 +49,7 @@ def init_process_group(timeout_s: float) -> None:
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
-                               timeout=timedelta(seconds=timeout_s))
+                               timeout=timedelta(seconds=timeout_s + BACKSTOP_S))
 
 
 def destroy_process_group() -> None:
@@ -101,7 +106,8 @@ class ShardedStream:
     """Rank r's share of a global batch of ``batch_size * world`` pairs: rows [r*B, (r+1)*B).
 
     Every rank walks the same global order (same seed), so the state is the global stream's (epoch, position)
-    and a resumed run, on any rank, continues exactly where the interrupted one stopped. ``stream_cls``: the
+    and a resumed run, on any rank and any world size, continues exactly where the interrupted one stopped
+    (positions count samples; BucketBatches recuts the rest of an epoch for a new global batch). ``stream_cls``: the
     single-process stream of the data kind (PairStream; BucketBatches for folders, so a global batch is one
     aspect bucket and every rank's share stacks into one latent shape).
     """

@@ -7,23 +7,28 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import time
 from pathlib import Path
 
 import torch
 import yaml
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from ..data.loader import Batch
 from ..ops._dispatch import use_backend
 from ..models.adapter import model_family
 from ..models.compile import compile_blocks
+from ..models.export import lora_files
+from ..models.loading import WeightsError
+from ..models.lora_load import lora_file, read_lora
 from ..method.step import StepOutput, dopsd_step, sft_step
 from ..sample import sample, save_grid, square_crop
 from . import checkpoint as ckpt
 from .build import (DTYPES, build_contexts, build_data, build_model, build_roles, check_buildable, resolve_device,
-                    resolve_plan)
-from .build_qwen import build_codec
+                    resolve_plan, resolve_weights)
+from .build_qwen import build_codec, check_cached
 from .config import Config, ConfigError, load_config
 from .distributed import launched_world_size
 from .finite import BadSteps
@@ -40,30 +45,35 @@ class Trainer:
     backward = staticmethod(torch.Tensor.backward)   # every backward of an iteration; DeepSpeed: engine.backward
 
     def __init__(self, cfg: Config, progress: bool = True):
-        check_buildable(cfg)
-        self.cfg, self.plan = cfg, resolve_plan(cfg)
+        parts = resolve_weights(cfg)     # Hub ids -> local snapshot folders; self.cfg keeps them as written
+        check_buildable(parts)
+        self.cfg, self.plan = cfg, resolve_plan(parts)
+        self.init_file = self._init_file()      # adapter.init_from: a missing file fails before any weights load
         self.dataset, self.stream = build_data(cfg)     # first: a folder with nothing usable fails before any weights load
+        check_cached(parts, self.plan.arch, self.dataset)      # data.encode_missing=false: a cache miss too
         self.out = Path(cfg.train.output_dir)
         self.dtype, self.device = DTYPES[cfg.model.dtype], resolve_device(cfg.train.device)
         torch.manual_seed(cfg.model.init_seed)      # random base (tiny models) and LoRA init, drawn on the CPU
         if cfg.model.pretrained is None:
             self.model = build_model(self.plan.arch).to(self.dtype)
         else:
-            self.model = model_family(self.plan.arch).load(cfg.model.pretrained, self.dtype)
+            self.model = model_family(self.plan.arch).load(parts.model.pretrained, self.dtype)
         self.model.to(self.device)      # before the roles: adapters, the EMA master and the optimizer follow it
         self.model.checkpointing = checkpoint_plan(cfg, self.device)
         self.base_state = {k: v.clone() for k, v in self.model.state_dict().items()} if cfg.model.pretrained is None else None
         self.roles = build_roles(cfg, self.model)
+        if self.init_file is not None:
+            self.init_adapters(self.init_file)
         for model in dict.fromkeys((self.roles.student_model, self.roles.teacher_model)):    # after LoRA injection
             compile_blocks(model, cfg.model.compile)
         o = cfg.optim
         self.optimizer = torch.optim.AdamW(self.roles.trainable.values(), lr=o.lr, betas=tuple(o.betas), eps=o.eps,
                                            weight_decay=o.weight_decay)
-        self.text_encoder, self.mm_encoder = build_contexts(cfg, self.plan.arch, self.device)
+        self.text_encoder, self.mm_encoder = build_contexts(parts, self.plan.arch, self.device)
         self.family = model_family(self.plan.arch)      # everything that differs between model families
         self.flow = self.family.flow
         # image <-> latent: the VAE (through the latent cache) for latent models on folders, else the family's own
-        self.codec = build_codec(cfg, self.plan.arch, self.family.codec(cfg, self.plan.arch), self.dtype, self.device)
+        self.codec = build_codec(parts, self.plan.arch, self.family.codec(cfg, self.plan.arch), self.dtype, self.device)
         self.sigmas = self.plan.sigmas                  # at data.image_size; batches of other sizes: _sigmas_for
         self.sample_sigmas = self.sampler_sigmas(cfg.sample.steps)
         self.noise = torch.Generator().manual_seed(cfg.train.seed)
@@ -128,10 +138,14 @@ class Trainer:
         t = self.cfg.train
         self.resume_point()                     # a missing train.resume path, an unwritable output_dir: refused
         ckpt.check_writable(self.out)           # before the folder is created or anything is written
+        named = t.resume not in (None, "auto")  # a checkpoint named by path is read, and a bad one refused, before
+        if named:                               # the folder exists; "auto" reads its own folder's under the lock
+            self.resume()
         self.out.mkdir(parents=True, exist_ok=True)
         stop = StopRequest()
         with lock_output_dir(self.out, holder=self.is_main), stop.installed():
-            self.resume()
+            if not named:
+                self.resume()
             self._write_run_files()
             main = self.is_main
             if main:
@@ -194,7 +208,48 @@ class Trainer:
                  "config": self.cfg.to_dict(), "bad_steps": self.bad_steps.state_dict()}
         parts = {"student": dict(self.roles.trainable), "teacher": self.roles.ema.state_dict(),
                  "optimizer": opt_tensors, "rng": rng}
-        return ckpt.save_checkpoint(self.checkpoint_root, self.step, parts, state, self.cfg.train.keep_last)
+        files = self.lora_files(parts["student"])
+        final = ckpt.save_checkpoint(self.checkpoint_root, self.step, parts, state, self.cfg.train.keep_last, files)
+        self.publish_lora(final, files)
+        return final
+
+    def lora_files(self, student: dict[str, torch.Tensor]) -> dict:
+        """The student's LoRA in each of train.export_formats (file name -> (tensors, header)), written into every
+        checkpoint: the student is what training produces (the EMA teacher is its smoothed copy, kept in
+        teacher.safetensors), as `dopsd export` writes it. Nothing for full fine-tuning (adapter.mode=full)."""
+        if self.cfg.adapter.mode != "lora":
+            return {}
+        return lora_files(self.model, self.cfg.train.export_formats, student)
+
+    def publish_lora(self, final: Path, files: dict) -> None:
+        """At the end of training, the last checkpoint's LoRA files also go into output_dir (diffusers' scripts'
+        place for them)."""
+        if files and self.step >= self.cfg.train.steps:
+            ckpt.publish_files(final, self.out, list(files))
+
+    def _init_file(self) -> Path | None:
+        source = self.cfg.adapter.init_from
+        try:
+            return None if source is None else lora_file(source)
+        except WeightsError as err:
+            raise ConfigError(f"adapter.init_from: {err}") from None
+
+    def init_adapters(self, path: Path) -> None:
+        """adapter.init_from: the student's adapter, and the EMA teacher's (its fp32 master too), start from the LoRA
+        at ``path`` (models/lora_load.py); a resumed run then loads its checkpoint over them."""
+        try:
+            loaded, path, fresh = read_lora(path, self.model)
+        except WeightsError as err:
+            raise ConfigError(f"adapter.init_from: {err}") from None
+        with torch.no_grad():
+            for k, v in loaded.items():
+                self.roles.trainable[k].copy_(v)
+        self.roles.trainable_changed()
+        student = (p.detach() for p in self.roles.trainable.values())     # the EMA's order (LoRARoles asserts it)
+        self.roles.ema.load_state_dict(dict(zip(self.roles.ema.names, student)))
+        if self.is_main:
+            print(f"adapter.init_from: student and teacher start from {path} ({len(loaded) // 2} LoRA modules"
+                  + (f"; {fresh} it leaves out start fresh)" if fresh else ")"))
 
     def resume_point(self) -> Path | None:
         """The checkpoint ``train.resume`` points at: null, "auto" (newest in output_dir, if any) or a path."""
@@ -221,7 +276,9 @@ class Trainer:
         student = ckpt.load_tensors(path / "student.safetensors", dict(self.roles.trainable))
         teacher = ckpt.load_tensors(path / "teacher.safetensors", self.roles.ema.state_dict())
         optim = ckpt.load_tensors(path / "optimizer.safetensors")
-        rng = ckpt.load_tensors(path / "rng.safetensors", {"noise": self.noise.get_state(), "torch": torch.get_rng_state()})
+        rng_file = "rng-rank00000" if "world_size" in state else "rng"        # a DeepSpeed run's: its rank 0 noise
+        rng = ckpt.load_tensors(path / f"{rng_file}.safetensors",
+                                {"noise": self.noise.get_state(), "torch": torch.get_rng_state()})
         with torch.no_grad():
             for k, p in self.roles.trainable.items():
                 p.copy_(student[k])
@@ -241,9 +298,17 @@ class Trainer:
             summary = self.dataset.summary()
             (self.out / "data_summary.json").write_text(json.dumps(summary, indent=1, ensure_ascii=False))
             print(f"data: {summary['usable']} usable, {summary['skipped']} skipped {summary['skipped_by_reason']}")
-        if self.base_state is not None and not (self.out / "base.safetensors").exists():
-            # A randomly initialised base is part of the run: `dopsd sample` needs it to rebuild the student.
-            save_file({k: v.contiguous() for k, v in self.base_state.items()}, str(self.out / "base.safetensors"))
+        base = self.out / "base.safetensors"
+        if self.base_state is not None and not base.exists():
+            # A randomly initialised base is part of the run: `dopsd sample` needs it to rebuild the student. Written
+            # aside and renamed: a kill mid-write must not leave a torn file that every later resume keeps.
+            tmp = base.with_name(base.name + ".tmp")
+            try:
+                save_file({k: v.contiguous() for k, v in self.base_state.items()}, str(tmp))
+                os.replace(tmp, base)
+            except (OSError, SafetensorError) as err:     # a full disk is a SafetensorError here
+                tmp.unlink(missing_ok=True)
+                raise ckpt.CheckpointError(f"{base}: not written: {ckpt.describe_os_error(err)}") from None
 
     # ------------------------------------------------------------------ samples
     def grid_pairs(self, which: int | list[int] = 4):
@@ -303,7 +368,10 @@ def load_for_sampling(run_dir: Path, checkpoint: str | None = None) -> Trainer:
     cfg_path = run_dir / "config.yaml"
     if not cfg_path.is_file():
         raise ckpt.CheckpointError(f"{cfg_path}: missing; pass the output_dir of a `dopsd train` run")
-    cfg = load_config(str(cfg_path), ["train.resume=null", f"train.output_dir={json.dumps(str(run_dir))}"])
+    # adapter.init_from=null: the checkpoint's student replaces the initial LoRA, which need not be there any more;
+    # data.encode_missing=true: new prompts load the text encoder (and the VAE decodes on train.device)
+    cfg = load_config(str(cfg_path), ["train.resume=null", f"train.output_dir={json.dumps(str(run_dir))}",
+                                      "adapter.init_from=null", "data.encode_missing=true"])
     trainer = Trainer(cfg, progress=False)
     base = run_dir / "base.safetensors"
     if cfg.model.pretrained is None:

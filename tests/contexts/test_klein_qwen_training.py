@@ -56,8 +56,9 @@ def test_flux2_vae_codec_matches_the_pipeline(klein_root):
     torch.testing.assert_close(codec.decode(z), vae.decode(raw[None]).sample[0].clamp(-1, 1), rtol=1e-6, atol=1e-6)
 
 
-def _train_klein(klein_root, tiny_root, tmp_path, capsys, **extra) -> set[str]:
-    """A 2-step D-OPSD run on a folder of 3 PNGs; returns the cache kinds it wrote."""
+def _train_klein(klein_root, tiny_root, tmp_path, capsys, cache_first=None, **extra) -> set[str]:
+    """A 2-step D-OPSD run on a folder of 3 PNGs; returns the cache kinds it wrote. ``cache_first``: `dopsd cache`
+    first, call it, then train with data.encode_missing=false."""
     data = tmp_path / "data"
     data.mkdir()
     g = torch.Generator().manual_seed(0)
@@ -66,10 +67,16 @@ def _train_klein(klein_root, tiny_root, tmp_path, capsys, **extra) -> set[str]:
         (data / f"{i}.txt").write_text(f"a photo of thing {i}")
     sets = {"model.pretrained": klein_root / "transformer", "model.tokenizer": tiny_root / "tokenizer",
             "model.arch": "{}", "data.kind": "folder", "data.path": data, "data.image_size": 32, "data.buckets": 1,
-            "data.cache_dir": tmp_path / "cache", "context.kind": "qwen3", "context.max_text_tokens": 48,
+            "data.cache_dir": tmp_path / "cache", "data.encode_missing": "true",      # no `dopsd cache` first
+            "context.kind": "qwen3", "context.max_text_tokens": 48,
             "adapter.rank": 4, "adapter.alpha": 8, "train.steps": 2, "train.output_dir": tmp_path / "run",
             "train.resume": "null", "model.dtype": "fp32", "model.checkpointing": "none", **extra}
+    if cache_first:
+        sets["data.encode_missing"] = "false"
     args = [a for k, v in sets.items() for a in ("--set", f"{k}={v if isinstance(v, (int, str)) else json.dumps(str(v))}")]
+    if cache_first:
+        assert main(["cache", "flux2-klein-4b-lora", "--no-progress", *args]) == 0
+        cache_first()
     rc = main(["train", "flux2-klein-4b-lora", "--no-progress", *args])
     captured = capsys.readouterr()
     assert rc == 0, captured.out + captured.err
@@ -82,6 +89,24 @@ def _train_klein(klein_root, tiny_root, tmp_path, capsys, **extra) -> set[str]:
 def test_klein_trains_on_a_folder_with_qwen3_and_the_reference_teacher(klein_root, tiny_root, tmp_path, capsys):
     cached = _train_klein(klein_root, tiny_root, tmp_path, capsys)
     assert cached == {"student_text", "vae_latents"}      # the teacher's text is the student cache's entry
+
+
+def test_klein_reference_teacher_on_a_warm_cache_loads_no_encoder(klein_root, tiny_root, tmp_path, capsys,
+                                                                  monkeypatch):
+    """After `dopsd cache` the reference teacher's text and latents come from the cache: training loads no text
+    encoder, and the one VAE it loads is the samples grid's decoder, on the CPU."""
+    from dopsd_fast.contexts.qwen_text import QwenTextEncoder
+    from dopsd_fast.models import loading_flux2
+
+    loads = []
+    text, vae = QwenTextEncoder.from_pretrained.__func__, loading_flux2.load_flux2_vae
+    monkeypatch.setattr(QwenTextEncoder, "from_pretrained",
+                        classmethod(lambda *a, **k: loads.append("text") or text(*a, **k)))
+    monkeypatch.setattr(loading_flux2, "load_flux2_vae",
+                        lambda folder, dtype, device: loads.append(f"vae:{device}") or vae(folder, dtype, device))
+    cached = _train_klein(klein_root, tiny_root, tmp_path, capsys, cache_first=loads.clear)
+    assert cached == {"student_text", "vae_latents"}
+    assert loads == ["vae:cpu"]
 
 
 def test_klein_trains_on_a_folder_with_the_qwen3_vl_teacher(klein_root, tiny_root, tmp_path, capsys):

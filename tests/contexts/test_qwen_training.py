@@ -2,6 +2,7 @@
 5 generated PNGs (qwen3 contexts, VAE latents, buckets, batch 2), then the SFT baseline from the same caches."""
 import json
 
+import pytest
 import torch
 from PIL import Image
 
@@ -61,3 +62,115 @@ def test_cache_then_train_then_sft(tiny_root, tmp_path, capsys):
                *_args(tiny_root, data, cache, tmp_path / "sft", "--set", "method.objective=sft")])
     assert rc == 0, capsys.readouterr().out
     assert (tmp_path / "sft" / "checkpoints" / "step-000002" / "student.safetensors").is_file()
+
+
+# ---------------------------------------------------------------- a warm cache: no encoder on the device
+@pytest.fixture
+def loads(monkeypatch):
+    """Counts every load of the Qwen3 text encoder, the Qwen3-VL teacher and the VAE (devices of the VAE's)."""
+    from dopsd_fast.contexts.qwen_text import QwenTextEncoder
+    from dopsd_fast.contexts.teacher_vlm import QwenVLTeacher
+    from dopsd_fast.models import loading
+
+    seen = {"text": 0, "teacher": 0, "vae": []}
+    text, teacher = QwenTextEncoder.from_pretrained.__func__, QwenVLTeacher.from_pretrained.__func__
+    vae = loading.load_vae
+
+    def count(key, fn):
+        def wrapped(*args, **kwargs):
+            seen[key] += 1
+            return fn(*args, **kwargs)
+        return wrapped
+
+    def load_vae(folder, dtype=torch.float32, device="cpu", vae_class=None):
+        seen["vae"].append(str(device))
+        return vae(folder, dtype, device, vae_class)
+
+    monkeypatch.setattr(QwenTextEncoder, "from_pretrained", classmethod(count("text", text)))
+    monkeypatch.setattr(QwenVLTeacher, "from_pretrained", classmethod(count("teacher", teacher)))
+    monkeypatch.setattr(loading, "load_vae", load_vae)      # ZImageFamily.vae_codec imports it at each call
+    return seen
+
+
+def _losses(run):
+    return [json.loads(line)["losses"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_warm_cache_trains_with_no_encoder_loaded(tiny_root, tmp_path, capsys, loads):
+    (tmp_path / "data").mkdir()
+    data, cache = _folder(tmp_path / "data"), tmp_path / "cache"
+    grid = ["--set", "validation.every=2", "--set", "validation.pairs=1", "--set", "validation.prompts=[a new thing]",
+            "--set", "validation.steps=1"]
+    assert main(["cache", "tiny-cpu", "--no-progress", *_args(tiny_root, data, cache, tmp_path / "x"), *grid]) == 0
+    assert json.loads(capsys.readouterr().out)["student_text"]["misses"] == 9      # 8 captions + the free prompt
+    assert loads == {"text": 1, "teacher": 1, "vae": ["cpu"]}
+    loads.update(text=0, teacher=0, vae=[])
+    # `dopsd cache` again: everything hits, so it loads nothing either
+    assert main(["cache", "tiny-cpu", "--no-progress", *_args(tiny_root, data, cache, tmp_path / "x"), *grid]) == 0
+    assert json.loads(capsys.readouterr().out)["encoders_loaded"] == []
+    assert loads == {"text": 0, "teacher": 0, "vae": []}
+
+    rc = main(["train", "tiny-cpu", "--no-progress", "--no-samples", *_args(tiny_root, data, cache, tmp_path / "warm")])
+    assert rc == 0, capsys.readouterr()
+    assert loads == {"text": 0, "teacher": 0, "vae": []}          # nothing but the transformer was built
+    # the same run encoding every batch (no cache, the encoders load up front) trains the same losses
+    rc = main(["train", "tiny-cpu", "--no-progress", "--no-samples",
+               *_args(tiny_root, data, cache, tmp_path / "fly", "--set", "data.cache_dir=null")])
+    assert rc == 0, capsys.readouterr()
+    assert loads == {"text": 1, "teacher": 1, "vae": ["cpu"]}
+    warm, fly = _losses(tmp_path / "warm"), _losses(tmp_path / "fly")
+    assert len(warm) == 2
+    torch.testing.assert_close(torch.tensor(warm), torch.tensor(fly), rtol=1e-5, atol=1e-7)
+
+    # validation grids with a free-text prompt: its features were cached too; the VAE decodes, on the CPU
+    loads.update(text=0, teacher=0, vae=[])
+    rc = main(["train", "tiny-cpu", "--no-progress", "--no-samples",
+               *_args(tiny_root, data, cache, tmp_path / "v"), *grid])
+    assert rc == 0, capsys.readouterr()
+    assert (tmp_path / "v" / "validation" / "step-000002.png").is_file()
+    assert loads == {"text": 0, "teacher": 0, "vae": ["cpu"]}
+
+
+def test_a_cache_miss_exits_2_naming_the_file_unless_encode_missing(tiny_root, tmp_path, capsys, loads):
+    (tmp_path / "data").mkdir()
+    data, cache = _folder(tmp_path / "data"), tmp_path / "cache"
+    assert main(["cache", "tiny-cpu", "--no-progress", *_args(tiny_root, data, cache, tmp_path / "x")]) == 0
+    capsys.readouterr()
+    gone = sorted((cache / "teacher_mm").rglob("*.safetensors"))[3]
+    gone.unlink()
+    loads.update(text=0, teacher=0, vae=[])
+    rc = main(["train", "tiny-cpu", "--no-progress", "--no-samples",
+               *_args(tiny_root, data, cache, tmp_path / "r", "--set", "data.encode_missing=false")])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert str(gone) in err and "`dopsd cache CONFIG`" in err and "data.encode_missing=true" in err, err
+    assert loads == {"text": 0, "teacher": 0, "vae": []} and not (tmp_path / "r").exists()   # refused at start-up
+
+    # opt-in: misses are encoded during training (all teacher entries gone, so the 4 drawn samples miss)
+    for f in (cache / "teacher_mm").rglob("*.safetensors"):
+        f.unlink()
+    rc = main(["train", "tiny-cpu", "--no-progress", "--no-samples",
+               *_args(tiny_root, data, cache, tmp_path / "r", "--set", "data.encode_missing=true")])
+    assert rc == 0, capsys.readouterr()
+    assert any((cache / "teacher_mm").rglob("*.safetensors"))      # encoded during training, and cached
+    assert loads == {"text": 1, "teacher": 1, "vae": []}   # the teacher (which needs the text encoder's weights)
+
+
+def test_identities_and_shapes_from_the_files_match_the_loaded_encoders(tiny_root):
+    from dopsd_fast.contexts import qwen_text, teacher_vlm
+    from dopsd_fast.data.vae_latents import VaeLatents
+    from dopsd_fast.models.adapter import ZImageFamily
+    from dopsd_fast.models.loading import load_vae, read_component_config
+
+    spec = qwen_text.TextFeatureSpec(layers=(-2, 1), max_tokens=40)
+    text = qwen_text.QwenTextEncoder.from_pretrained(tiny_root / "text_encoder", tiny_root / "tokenizer", spec)
+    assert text.identity == qwen_text.folder_identity(tiny_root / "text_encoder", spec, torch.float32)
+    assert text.feat_dim == qwen_text.folder_feature_dim(tiny_root / "text_encoder", spec)
+    teacher = teacher_vlm.QwenVLTeacher.from_pretrained(tiny_root / "qwen3-vl", text, "text_first", 77, 1024, 4096,
+                                                        spec=spec, prompt_text="raw")
+    assert teacher.identity == teacher_vlm.folder_identity(tiny_root / "qwen3-vl", text.identity, spec, "text_first",
+                                                           77, 1024, 4096, torch.float32, "raw")
+    codec = VaeLatents(load_vae(tiny_root / "vae"))
+    config = read_component_config(tiny_root / "vae", "vae/")
+    for h, w in ((32, 48), (64, 64)):
+        assert ZImageFamily().vae_latent_shape(config, h, w) == codec.latent_shape(h, w)

@@ -17,7 +17,8 @@ def test_zimage_folder_run_writes_validation_grids(tiny_root, tmp_path, capsys):
         Image.fromarray(torch.randint(0, 256, (h, w, 3), generator=g, dtype=torch.uint8).numpy()).save(data / f"{i}.png")
         (data / f"{i}.txt").write_text(f"a photo of thing {i}")
     sets = {"model.pretrained": tiny_root / "transformer", "model.arch": "{}", "data.kind": "folder", "data.path": data,
-            "data.image_size": 32, "data.buckets": 3, "data.cache_dir": tmp_path / "cache", "context.kind": "qwen3",
+            "data.image_size": 32, "data.buckets": 3, "data.cache_dir": tmp_path / "cache",
+            "data.encode_missing": "true", "context.kind": "qwen3",         # no `dopsd cache` first
             "context.max_text_tokens": 48, "context.teacher_model": tiny_root / "qwen3-vl",
             "context.teacher_min_pixels": 1024, "context.teacher_max_pixels": 4096, "adapter.rank": 4,
             "adapter.alpha": 8, "method.sigmas": "[1.0, 0.5]", "train.steps": 3, "train.output_dir": tmp_path / "run",

@@ -40,10 +40,23 @@ def test_latent_model_on_pixel_data_is_refused(tmp_path, capsys):
     assert "16-channel latent model" in capsys.readouterr().err
 
 
-def test_dry_run_plans_an_official_preset_before_the_download(capsys):
-    assert main(["train", "zimage-turbo-lora", "--dry-run"]) == 0
+@pytest.mark.parametrize("preset", ["zimage-turbo-lora", "zimage-turbo-lora-24gb"])
+def test_dry_run_plans_an_official_preset_before_the_download(capsys, preset):
+    assert main(["train", preset, "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "not found yet" in out and "parameters: 6154908736" in out and "trainable_parameters: 158760960" in out
+
+
+def test_the_24gb_preset_is_the_official_recipe_with_the_cache_required():
+    from dopsd_fast.train.config import load_config
+
+    def flat(cfg):
+        return {f"{s}.{k}": v for s, keys in cfg.to_dict().items() for k, v in keys.items()}
+
+    official, small = flat(load_config("zimage-turbo-lora")), flat(load_config("zimage-turbo-lora-24gb"))
+    assert {k for k in official if official[k] != small[k]} == {"train.output_dir", "data.encode_missing"}
+    assert small["model.checkpointing"] == "full" and small["data.encode_missing"] is False
+    assert small["data.cache_dir"] == "auto"
 
 
 @pytest.mark.parametrize("damage, fragment", [
