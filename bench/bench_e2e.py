@@ -56,7 +56,6 @@ import contextlib
 import dataclasses
 import gc
 import json
-import math
 import os
 import statistics
 import time
@@ -76,6 +75,7 @@ from dopsd_fast.models.checkpointing import CheckpointPlan
 from dopsd_fast.models.compile import compile_blocks, use_compiled
 from dopsd_fast.models.z_image import ZImageConfig, ZImageTransformer
 from dopsd_fast.ops._dispatch import use_backend
+from dopsd_fast.testing import randomize_weights
 from dopsd_fast.train.memory import optimizer_tensors, unique_bytes
 from dopsd_fast.train.telemetry import peak_tflops
 
@@ -178,20 +178,6 @@ def sdpa_only(name: str):
 
 
 # ---------------------------------------------------------------------------------------------- building
-@torch.no_grad()
-def randomize_base(model: torch.nn.Module, seed: int) -> None:
-    """Random weights at a sane scale: unit-variance linear outputs, norms near 1, small biases and pads."""
-    g = torch.Generator(next(model.parameters()).device).manual_seed(seed)
-    for name, p in model.named_parameters():
-        noise = torch.randn(p.shape, generator=g, device=p.device, dtype=torch.float32)
-        if p.dim() >= 2 and "pad_token" not in name:
-            p.copy_(noise / math.sqrt(p.shape[1]))
-        elif "norm" in name or name.startswith("cap_embedder.0"):
-            p.copy_(1.0 + 0.1 * noise)
-        else:
-            p.copy_(0.1 * noise)
-
-
 class Side:
     """One side's model, optimizer and the snapshot every configuration starts from."""
 
@@ -276,7 +262,7 @@ class Baseline(Side):
 def build(case: Case) -> dict[str, Side]:
     torch.manual_seed(0)      # our LoRA init; PEFT's is overwritten with it below
     theirs = diffusers_transformer(case.arch, case.device, case.dtype)
-    randomize_base(theirs, seed=0)
+    randomize_weights(theirs, seed=0)
     ours = Ours(theirs.state_dict(), case)
     baseline = Baseline(theirs, case)
     # identical adapters on both sides

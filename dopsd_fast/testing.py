@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -13,6 +14,23 @@ import torch
 
 from dopsd_fast.train.config import load_config
 from dopsd_fast.train.trainer import make_trainer
+
+
+@torch.no_grad()
+def randomize_weights(model: torch.nn.Module, seed: int = 0, norm_spread: float = 0.1,
+                      other_scale: float = 0.1) -> torch.nn.Module:
+    """Random weights at a realistic scale, nothing left at zero (every gradient path carries signal): unit-variance
+    linear outputs, norm weights 1 +- ``norm_spread``, other vectors (biases, adaLN, pads) ``other_scale`` x N(0, 1)."""
+    g = torch.Generator(next(model.parameters()).device).manual_seed(seed)
+    for name, p in model.named_parameters():
+        noise = torch.randn(p.shape, generator=g, device=p.device, dtype=torch.float32)
+        if p.dim() >= 2 and "pad_token" not in name:
+            p.copy_(noise / math.sqrt(p.shape[1]))
+        elif "norm" in name or name.startswith("cap_embedder.0"):
+            p.copy_(1.0 + norm_spread * noise)
+        else:
+            p.copy_(other_scale * noise)
+    return model
 
 
 def tiny_trainer(tmp_path, *overrides: str):
