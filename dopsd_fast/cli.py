@@ -21,7 +21,8 @@ from .train.distributed import destroy_process_group, rank
 from .train.finite import EXIT_DIVERGED, TrainingDiverged
 from .train.run_dir import OutputDirBusy
 from .train.stop import EXIT_STOPPED, TrainingStopped
-from .train.trainer import load_for_sampling, make_trainer
+from .train.run_parts import load_run
+from .train.trainer import make_trainer
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -65,12 +66,12 @@ def _at_least(flag: str, value: int, low: int) -> None:
 def _sample(args: argparse.Namespace) -> int:
     if args.steps is not None:
         _at_least("--steps", args.steps, 1)
-    trainer = load_for_sampling(Path(args.run), args.checkpoint)
-    prompts = args.prompt or trainer.cfg.sample.prompts or trainer.grid_pairs()[1]
-    steps = trainer.cfg.sample.steps if args.steps is None else args.steps
-    images = trainer.sample_student(prompts, trainer.sampler_sigmas(steps), seed=args.seed)
+    run = load_run(Path(args.run), args.checkpoint, sampling=True)
+    prompts = args.prompt or run.cfg.sample.prompts or run.data_prompts()
+    steps = run.cfg.sample.steps if args.steps is None else args.steps
+    images = run.sample_student(prompts, run.sampler_sigmas(steps), seed=args.seed)
     out = save_grid([[im] for im in images], Path(args.out))
-    print(json.dumps({"prompts": prompts, "steps": steps, "checkpoint": str(trainer.loaded_from), "grid": str(out)}, indent=1))
+    print(json.dumps({"prompts": prompts, "steps": steps, "checkpoint": str(run.loaded_from), "grid": str(out)}, indent=1))
     return 0
 
 
@@ -100,18 +101,18 @@ def _export(args: argparse.Namespace) -> int:
     from .models.export import COMFYUI_FILE, save_comfyui_lora, save_diffusers_lora, save_full_weights
     from .train.build import DTYPES
 
-    trainer = load_for_sampling(Path(args.run), args.checkpoint)
+    run = load_run(Path(args.run), args.checkpoint)        # the transformer and adapters only: no data, no encoders
     dtype = DTYPES[args.dtype] if args.dtype else None
-    out, lora = Path(args.out), trainer.cfg.adapter.mode == "lora"
+    out, lora = Path(args.out), run.cfg.adapter.mode == "lora"
     if args.format != "full" and not lora:
         raise ConfigError(f"--format {args.format}: the run trained all weights (adapter.mode=full); use --format full")
     if args.format == "diffusers":
-        path = save_diffusers_lora(trainer.model, out, dtype=dtype)
+        path = save_diffusers_lora(run.model, out, dtype=dtype)
     elif args.format == "comfyui":
-        path = save_comfyui_lora(trainer.model, out / COMFYUI_FILE, dtype=dtype)
+        path = save_comfyui_lora(run.model, out / COMFYUI_FILE, dtype=dtype)
     else:
-        path = save_full_weights(trainer.roles.student_model, out, "student" if lora else None, dtype)
-    print(json.dumps({"checkpoint": str(trainer.loaded_from), "format": args.format, "written": str(path)}, indent=1))
+        path = save_full_weights(run.roles.student_model, out, "student" if lora else None, dtype)
+    print(json.dumps({"checkpoint": str(run.loaded_from), "format": args.format, "written": str(path)}, indent=1))
     return 0
 
 

@@ -74,3 +74,33 @@ def wait_for_rows(out: Path, n: int, proc: subprocess.Popen, timeout: float = 60
         assert proc.poll() is None, proc.communicate()[0][-4000:]
         time.sleep(0.05)
     raise TimeoutError(f"{out}: fewer than {n} logged steps after {timeout} s")
+
+
+def folder_contents(folder: Path) -> dict:
+    """Each file under ``folder``: its bytes, or a safetensors file's (metadata, tensors): the writer orders the
+    header's metadata keys by a per-process hash, so equal safetensors files need not be equal bytes."""
+    from safetensors import safe_open
+
+    def read(path: Path):
+        if path.suffix != ".safetensors":
+            return path.read_bytes()
+        with safe_open(str(path), "pt") as f:
+            return f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+
+    return {str(p.relative_to(folder)): read(p) for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def same_contents(a: dict, b: dict) -> bool:
+    """Two ``folder_contents``: the same files, bytes, metadata, tensor names, dtypes and values."""
+    if a.keys() != b.keys():
+        return False
+    for k in a:
+        if isinstance(a[k], bytes):
+            if a[k] != b[k]:
+                return False
+        else:
+            (ma, ta), (mb, tb) = a[k], b[k]
+            if ma != mb or ta.keys() != tb.keys() or any(not torch.equal(ta[n], tb[n]) or ta[n].dtype != tb[n].dtype
+                                                       for n in ta):
+                return False
+    return True

@@ -30,14 +30,16 @@ def dopsd_step(roles: Roles, flow: FlowConvention, c_s: list[Tensor], c_t: list[
                latent_shapes: list[tuple[int, ...]], sigmas: list[float],
                loss_kind: Literal["x0", "velocity"] = "x0", per_step_backward: bool = True,
                generator: torch.Generator | None = None, dtype: torch.dtype = torch.float32,
-               backward: Callable[[Tensor], object] = Tensor.backward) -> StepOutput:
+               backward: Callable[[Tensor], object] = Tensor.backward, weight: float = 1.0) -> StepOutput:
     """Roll the student out for K = len(sigmas) - 1 steps and accumulate grad of mean_k loss_k.
 
     ``per_step_backward`` backpropagates loss_k / K right after step k, holding one student graph instead of K;
     the gradient is the same because every state is detached (method.md section 12). The student's caption path is
     then run forward once and backward once: its output is a leaf that collects gradient over the K steps.
     ``backward`` runs every backward of the iteration on a scalar (a DeepSpeed engine passes ``engine.backward``:
-    the K + 1 calls accumulate, and the engine's one ``step()`` afterwards reduces and updates).
+    the K + 1 calls accumulate, and the engine's one ``step()`` afterwards reduces and updates). ``weight``
+    multiplies the gradient (1 / N for one of N iterations accumulated into one optimizer step); the caption
+    path's backward carries it through the leaf's gradient, so it is applied once.
     """
     K = len(sigmas) - 1
     ctx_t = roles.context("teacher", c_t)
@@ -53,14 +55,14 @@ def dopsd_step(roles: Roles, flow: FlowConvention, c_s: list[Tensor], c_t: list[
         out_s = roles.student(x, t, ctx_s)
         loss_k, x = rollout_update(flow, x, out_s, out_t, sigma, sigma_next, loss_kind)   # x: next state, detached
         if per_step_backward:
-            backward(loss_k / K)
+            backward(loss_k / K * weight)
         held.append(loss_k.detach() if per_step_backward else loss_k)
     if per_step_backward:
         if ctx_s is not ctx_s_graph:
             # as a scalar <tokens, grad>, whose gradient w.r.t. tokens is exactly grad
             backward((ctx_s_graph.tokens * ctx_s.tokens.grad).sum())
     else:
-        backward(torch.stack(held).sum() / K)
+        backward(torch.stack(held).sum() / K * weight)
     losses = torch.stack(held).detach().tolist()      # one device sync per iteration, not one per roll-out step
     return StepOutput(loss=sum(losses) / K, losses=losses)
 

@@ -239,17 +239,20 @@ def build_data(cfg: Config) -> tuple[SyntheticPairs, PairStream]:
     return dataset, PairStream(dataset, cfg.train.batch_size, cfg.train.seed)
 
 
-def build_contexts(cfg: Config, arch: Any, device: torch.device = torch.device("cpu")):
+def build_contexts(cfg: Config, arch: Any, device: torch.device = torch.device("cpu"), student_only: bool = False):
+    """(c_s, c_t) callables; ``student_only`` (`dopsd sample`): (c_s, None), and no teacher encoder is built."""
     if cfg.context.kind == "world":
         from ..world.bundle import load_encoders
         from ..world.encoders import MultimodalContext, TextContext
         encoders = load_encoders()
-        return TextContext(encoders), MultimodalContext(encoders)
+        return TextContext(encoders), None if student_only else MultimodalContext(encoders)
     if cfg.context.kind == "qwen3":
         from .build_qwen import build_qwen_contexts
-        return build_qwen_contexts(cfg, arch, DTYPES[cfg.model.dtype], device)
+        return build_qwen_contexts(cfg, arch, DTYPES[cfg.model.dtype], device, student_only=student_only)
     family = model_family(arch)
     text = ToyTextEncoder(family.text_dim(arch), cfg.context.max_text_tokens)
+    if student_only:
+        return text, None
     if cfg.context.teacher == "reference":
         return text, ReferenceTeacherContext(text, family.codec(cfg, arch), cfg.context.reference_prompt)
     return text, ToyMultimodalEncoder(text, cfg.data.image_size, image_first=cfg.context.teacher_order == "image_first")

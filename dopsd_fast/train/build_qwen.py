@@ -75,12 +75,13 @@ def _encode_missing(cfg: Config, override: bool | None) -> bool:
 
 
 def build_qwen_contexts(cfg: Config, arch, dtype, device: str | torch.device = "cpu",
-                        encode_missing: bool | None = None):
+                        encode_missing: bool | None = None, student_only: bool = False):
     """(student, teacher) callables with the toy encoders' signatures, backed by the feature caches.
 
     With a cache (data.cache_dir) the encoders are loaded onto ``device`` at their first miss, so a run on a warm
     cache never loads them; ``encode_missing`` (default data.encode_missing) false makes a miss a CacheMiss (exit
-    2) instead. Without a cache both are loaded here, as every batch runs them.
+    2) instead. Without a cache both are loaded here, as every batch runs them. ``student_only``: (student, None),
+    and no teacher is built.
     """
     from ..contexts.cached import CachedContexts, Lazy
     from ..contexts.qwen_text import QwenTextEncoder, folder_feature_dim
@@ -101,6 +102,8 @@ def build_qwen_contexts(cfg: Config, arch, dtype, device: str | torch.device = "
                 text_identity(te_dir, spec, dtype), "model.text_encoder")
     if root is None:
         text.get()
+    if student_only:
+        return CachedContexts(text, None, root, encode_missing).student, None
     if cfg.method.objective == "dopsd" and c.teacher == "reference":
         # teacher text = the cached features of "<prompt> <reference_prompt>"; the target as reference latents
         ctx = CachedContexts(text, None, root, encode_missing)

@@ -5,7 +5,8 @@ Layout of ``<output_dir>/checkpoints/step-000050/``:
   teacher.safetensors    EMA teacher, fp32 master copy
   optimizer.safetensors  AdamW moments and step counts, keyed by parameter name
   rng.safetensors        noise-generator and global torch RNG states
-  state.json             step, data-stream position, optimizer hyper-parameters, config; written last
+  state.json             step, data-stream position, optimizer hyper-parameters, lr scheduler (train/optim.py),
+                         config; written last
   pytorch_lora_weights.safetensors, lora_comfyui.safetensors
                          the student's LoRA for diffusers / ComfyUI (train.export_formats; LoRA runs only)
 A DeepSpeed run (train/deepspeed_engine.py) adds the engine's shards under ``deepspeed/`` (its same-layout resume)
@@ -341,6 +342,8 @@ STATE_TYPES = {
     "data.epoch": (_count, "an integer >= 0"),
     "data.position": (_count, "an integer >= 0"),
     "param_groups": (lambda v: isinstance(v, list) and all(isinstance(g, dict) for g in v), "a list of mappings"),
+    "scheduler": (lambda v: isinstance(v, dict), "a mapping (the learning-rate scheduler's state)"),
+    "scheduler.last_epoch": (_count, "an integer >= 0 (the optimizer steps taken)"),
     "config": (lambda v: isinstance(v, dict), "a mapping (the run's config)"),
 }
 

@@ -146,7 +146,17 @@ class OptimConfig:
     eps: float = 1e-8
     weight_decay: float = 0.0
     grad_clip: float = 1.0
+    # Learning rate of optimizer step s (0-based; torch.optim.lr_scheduler.LambdaLR, stepped once per optimizer
+    # step, its state in each checkpoint): lr * (s + 1) / warmup_steps during the warm-up, then constant, or
+    # decaying from lr over the remaining D = train.steps - warmup_steps steps, linearly (linear: lr * (D - d) / D at
+    # the d-th of them) or along a half cosine (cosine: lr * (1 + cos(pi d / D)) / 2), so the last step's lr is small
+    # but not 0 (train/optim.py). A resume that raises train.steps stretches the decay from the step it resumes at.
+    scheduler: Literal["constant", "linear", "cosine"] = "constant"
     warmup_steps: int = 0
+    # Gradients of this many iterations (batches of train.batch_size, each with its K + 1 backwards) are averaged
+    # before one clip + AdamW step + EMA update. A "step" (train.steps, checkpoint_every, log_every, metrics rows,
+    # the schedule) is one optimizer step, i.e. grad_accum batches (per rank under DeepSpeed).
+    grad_accum: int = 1
 
 
 @dataclass
@@ -343,6 +353,9 @@ def validate(cfg: Config) -> Config:
     _check(o.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
     _check(o.grad_clip >= 0, "optim.grad_clip", "must be >= 0 (0 disables clipping)")
     _check(o.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
+    _check(o.scheduler == "constant" or o.warmup_steps < t.steps, "optim.warmup_steps",
+           f"must be < train.steps ({t.steps}) with optim.scheduler={o.scheduler}, which decays after the warm-up")
+    _check(o.grad_accum >= 1, "optim.grad_accum", f"must be >= 1, got {o.grad_accum}")
     _check(t.steps >= 1, "train.steps", "must be >= 1")
     _check(t.batch_size >= 1, "train.batch_size", "must be >= 1")
     _check(t.log_every >= 1, "train.log_every", "must be >= 1")

@@ -7,8 +7,11 @@ batch of ``train.batch_size * world`` pairs with its own roll-out noise; the met
 Per-step backward under DeepSpeed: the engine runs in caller-owned accumulation
 (``managed_gradient_accumulation: false``). ``dopsd_step`` hands each of its K + 1 backwards (loss_k / K after
 roll-out step k, then the caption path once) to ``engine.backward`` without the engine's 1/GAS scaling; they
-accumulate into the (ZeRO-partitioned) gradients, and one ``engine.step()`` per iteration averages over ranks,
-clips and updates. The result is the gradient of the mean loss, as in the single-process trainer.
+accumulate into the (ZeRO-partitioned) gradients, and one ``engine.step()`` per optimizer step averages over
+ranks, clips and updates. The result is the gradient of the mean loss, as in the single-process trainer. With
+``optim.grad_accum`` N > 1 the step's N iterations all backpropagate into the same gradients, each loss divided by
+N (``dopsd_step``'s weight), before that one ``engine.step()`` (DeepSpeed's own ``gradient_accumulation_steps`` stays 1: in caller-owned mode
+the boundary is ``step()``, not a micro-step count).
 
 ZeRO stages 0, 1 and 2 keep whole parameters on every rank, so the EMA teacher and both roles' forwards are the
 single-process code. ZeRO-3 (LoRA roles only) partitions every parameter, frozen base included (``zero3.py``): the
@@ -46,6 +49,7 @@ from . import reshard
 from . import watchdog
 from . import zero3
 from .config import Config
+from .optim import build_scheduler, load_scheduler, scheduler_state
 
 
 def _merge(base: dict, extra: dict) -> dict:
@@ -70,7 +74,7 @@ def engine_config(cfg: Config, world: int) -> dict:
     conf = {
         "train_micro_batch_size_per_gpu": b,
         "train_batch_size": b * world,
-        "gradient_accumulation_steps": 1,
+        "gradient_accumulation_steps": 1,          # optim.grad_accum is caller-owned too (dopsd_step's weight)
         "managed_gradient_accumulation": False,     # the K + 1 backwards of an iteration; step() is the boundary
         "gradient_clipping": cfg.optim.grad_clip,
         "zero_optimization": zero,
@@ -140,6 +144,9 @@ class DeepSpeedMixin:
             self._prepare_zero3()
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=self.model, optimizer=self.optimizer,
                                                                  config=engine_config(cfg, self.world))
+        # the same torch schedule, over the AdamW that steps the fp32 tensors; optimizer_step also copies its lr
+        # into the engine's groups (learning_rate()), so DeepSpeed runs the single-process lr sequence
+        self.scheduler = build_scheduler(reshard.inner_optimizer(self.engine), cfg)
         self._rebind_teacher()
 
     def _prepare_zero3(self) -> None:        # LoRA roles only (config.py refuses full fine-tuning on ZeRO-3)
@@ -165,14 +172,23 @@ class DeepSpeedMixin:
             # ZeRO-3 accumulates into its gradient partitions from the second backward after a step on, counting
             # backwards in engine.forward(), which the roles never call (they run the module itself)
             self.optimizer.clear_backward_seen_flag()
-        self.engine.backward(loss, scale_wrt_gas=False)      # dopsd_step already divides by K
+        self.engine.backward(loss, scale_wrt_gas=False)      # dopsd_step already divides by K (and grad_accum)
+
+    @property
+    def loss_weight(self) -> float:
+        """The engine's gradients cannot be divided after the fact (partitioned, reduced in step()): each of the
+        step's optim.grad_accum iterations weighs its backwards by 1 / grad_accum instead (dopsd_step ``weight``)."""
+        return 1.0 / self.cfg.optim.grad_accum
+
+    def average_gradients(self, n: int) -> None:
+        """Nothing to do: every iteration's gradient was weighted by 1 / n (``loss_weight``)."""
 
     def forward_backward_step(self, batch):
-        if self.zero3:
-            self.all_gathers.take()      # the iteration's all-gathers: roll-out, optimizer step, EMA
+        if self.zero3 and self.micro_batch == 0:     # the first of the step's optim.grad_accum iterations
+            self.all_gathers.take()      # the step's all-gathers: roll-out(s), optimizer step, EMA
             # ZeRO-3 copies a gradient into its partition in the first backward after a step and adds to it in
             # later ones; the caption path's parameters get theirs only in the last backward, so every partition
-            # must start the iteration at zero, not at the previous iteration's gradient
+            # must start the step at zero, not at the previous step's gradient
             self.optimizer.grad_partitions_flat_buffer.zero_()
         gather_once = self.zero3 and self.cfg.deepspeed.gather_once
         with watchdog.guard(f"step {self.step + 1}'s forward/backward"), \
@@ -254,8 +270,8 @@ class DeepSpeedMixin:
             for name, (tensors, header) in files.items():
                 ckpt.save_file_with_header(tmp / name, tensors, header)
             state = {"step": self.step, "data": self.stream.state_dict(), "world_size": self.world,
-                     "param_groups": self._param_groups(), "config": self.cfg.to_dict(),
-                     "bad_steps": self.bad_steps.state_dict()}
+                     "param_groups": self._param_groups(), "scheduler": scheduler_state(self.scheduler),
+                     "config": self.cfg.to_dict(), "bad_steps": self.bad_steps.state_dict()}
             final = ckpt.publish_checkpoint(root, self.step, state, self.cfg.train.keep_last)
             self.publish_lora(final, files)
         dist.barrier()
@@ -279,6 +295,7 @@ class DeepSpeedMixin:
             self._load_shards(path)
         self.stream.load_state_dict(state["data"])     # the global stream's: a position in samples, any world size
         self.step = int(state["step"])
+        load_scheduler(self.scheduler, state.get("scheduler"), self.step, path / "state.json")
         self.bad_steps.load_state_dict(state.get("bad_steps"), path / "state.json")
         return changes
 

@@ -9,6 +9,7 @@ import contextlib
 import json
 import os
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -29,11 +30,12 @@ from . import checkpoint as ckpt
 from .build import (DTYPES, build_contexts, build_data, build_model, build_roles, check_buildable, resolve_device,
                     resolve_plan, resolve_weights)
 from .build_qwen import build_codec, check_cached
-from .config import Config, ConfigError, load_config
+from .config import Config, ConfigError
 from .distributed import launched_world_size
 from .finite import BadSteps
 from .memory import checkpoint_plan, fit_checkpointing
 from .metrics import StepLog
+from .optim import build_scheduler, load_scheduler, scheduler_state
 from .run_dir import drop_rows_after, lock_output_dir
 from .stop import StopRequest, TrainingStopped
 from .telemetry import Telemetry
@@ -43,6 +45,7 @@ from .validation import Validation
 class Trainer:
     is_main, world = True, 1                  # a DeepSpeed run has one trainer per rank (deepspeed_engine.py)
     backward = staticmethod(torch.Tensor.backward)   # every backward of an iteration; DeepSpeed: engine.backward
+    loss_weight = 1.0       # of an iteration's gradient; average_gradients divides the sum (DeepSpeed: 1 / grad_accum)
 
     def __init__(self, cfg: Config, progress: bool = True):
         parts = resolve_weights(cfg)     # Hub ids -> local snapshot folders; self.cfg keeps them as written
@@ -69,6 +72,7 @@ class Trainer:
         o = cfg.optim
         self.optimizer = torch.optim.AdamW(self.roles.trainable.values(), lr=o.lr, betas=tuple(o.betas), eps=o.eps,
                                            weight_decay=o.weight_decay)
+        self.scheduler = build_scheduler(self.optimizer, cfg)     # optim.scheduler + warm-up, per optimizer step
         self.text_encoder, self.mm_encoder = build_contexts(parts, self.plan.arch, self.device)
         self.family = model_family(self.plan.arch)      # everything that differs between model families
         self.flow = self.family.flow
@@ -77,7 +81,7 @@ class Trainer:
         self.sigmas = self.plan.sigmas                  # at data.image_size; batches of other sizes: _sigmas_for
         self.sample_sigmas = self.sampler_sigmas(cfg.sample.steps)
         self.noise = torch.Generator().manual_seed(cfg.train.seed)
-        self.step = 0
+        self.step, self.micro_batch = 0, 0     # micro_batch: which of optim.grad_accum iterations of the step
         self.bad_steps = BadSteps(cfg.train.max_bad_steps)     # updates skipped for a NaN/Inf loss or grad norm
         self.progress = progress
 
@@ -89,7 +93,7 @@ class Trainer:
         sigmas = self._sigmas_for(shapes)
         out = dopsd_step(self.roles, self.flow, self._cast(c_s), self._cast(c_t), shapes, sigmas,
                          self.cfg.method.loss, self.cfg.method.per_step_backward, self.noise, self.dtype,
-                         backward=self.backward)
+                         backward=self.backward, weight=self.loss_weight)
         lora = (self.cfg.adapter.rank, self.roles.targets) if self.cfg.adapter.mode == "lora" else None
         out.flops = sum(self.family.iteration_flops(self.plan.arch, shape, s, t, len(sigmas) - 1, lora)
                         for shape, s, t in zip(shapes, c_s, c_t))
@@ -109,9 +113,36 @@ class Trainer:
         return self.family.sampling_sigmas(steps, self.cfg.sample.shift, self.family.latent_shape(self.cfg, self.plan.arch))
 
     def learning_rate(self) -> float:
-        """The learning rate of the coming optimizer step: linear warm-up, then constant (a function of the step)."""
-        o = self.cfg.optim
-        return o.lr * min(1.0, (self.step + 1) / o.warmup_steps) if o.warmup_steps else o.lr
+        """The learning rate of the coming optimizer step: the scheduler's (train/optim.py, a function of the step)."""
+        return self.scheduler.get_last_lr()[0]
+
+    def accumulate(self) -> StepOutput:
+        """One optimizer step's gradients: optim.grad_accum iterations on consecutive batches, each one's gradients
+        added into ``.grad``, the sum then divided by their number (the gradient of the mean loss, as one iteration
+        on all their rows would give); the returned losses are the iterations' means, FLOPs and tokens their sums."""
+        n, outs = self.cfg.optim.grad_accum, []
+        for self.micro_batch in range(n):      # DeepSpeed's ZeRO-3 clears its gradient partitions before the first
+            outs.append(self.forward_backward_step(next(self.stream)))
+        if n == 1:
+            return outs[0]
+        self.average_gradients(n)
+        return StepOutput(loss=sum(o.loss for o in outs) / n,
+                          losses=[sum(ls) / n for ls in zip(*(o.losses for o in outs))],
+                          flops=sum(o.flops for o in outs), flops_verl_omni=sum(o.flops_verl_omni for o in outs),
+                          tokens=sum(o.tokens for o in outs))
+
+    def average_gradients(self, n: int) -> None:
+        """The sum of ``n`` iterations' gradients -> their mean (DeepSpeed: each iteration's weighs 1 / n)."""
+        grads = [p.grad for p in self.roles.trainable.values() if p.grad is not None]
+        if grads:
+            with torch.no_grad():
+                torch._foreach_div_(grads, float(n))
+
+    def advance_schedule(self) -> None:
+        """After every optimizer step, skipped ones too: the learning rate stays a function of the step."""
+        with warnings.catch_warnings():     # a skipped first update: torch warns that AdamW has not stepped yet
+            warnings.simplefilter("ignore", UserWarning)
+            self.scheduler.step()
 
     def optimizer_step(self, loss: float = 0.0) -> float:
         """Clip, step AdamW, update the EMA teacher; returns the grad norm. With a NaN/Inf ``loss`` (the step's, on
@@ -169,9 +200,11 @@ class Trainer:
         while self.step < t.steps:
             tic = time.perf_counter()
             with telemetry.timer.section("forward_backward"):
-                result = self.forward_backward_step(next(self.stream))
+                result = self.accumulate()
+            lr = self.learning_rate()           # this step's; the scheduler then moves on to the next one's
             with telemetry.timer.section("optimizer_s"):
                 grad_norm = self.optimizer_step(result.loss)
+                self.advance_schedule()
             # a skipped update (self.bad_steps) still counts: its batch and noise were drawn, so a resume stays exact
             self.step += 1
             if self.model.checkpointing.measuring:      # model.checkpointing=auto, after its first iteration
@@ -181,12 +214,13 @@ class Trainer:
             history.append(result)
             sec = time.perf_counter() - tic
             row = {"step": self.step, "loss": result.loss, "losses": result.losses, "grad_norm": grad_norm,
-                   "lr": self.optimizer.param_groups[0]["lr"], "ema_decay": cfg.method.ema_decay, "sec": sec,
-                   "images_per_s": t.batch_size * self.world / sec, "model_tflop": result.flops / 1e12,
+                   "lr": lr, "ema_decay": cfg.method.ema_decay, "sec": sec,
+                   "images_per_s": t.batch_size * cfg.optim.grad_accum * self.world / sec,
+                   "model_tflop": result.flops / 1e12,
                    "model_tflops_per_s": result.flops / sec / 1e12, **telemetry.fields(result, sec),
                    **self.bad_steps.fields()}
             log.log(row, show=self.step % t.log_every == 0 or self.step == t.steps or self.bad_steps.skipped)
-            self.bad_steps.raise_if_diverged(self.step, self.optimizer.param_groups[0]["lr"])   # before this save
+            self.bad_steps.raise_if_diverged(self.step, lr)   # before this save
             if validation is not None and validation.due(self.step):
                 validation.run(self.step, log)
                 telemetry.timer.take()
@@ -205,7 +239,8 @@ class Trainer:
         opt_tensors, groups = ckpt.optimizer_tensors(self.optimizer, names)
         rng = {"noise": self.noise.get_state(), "torch": torch.get_rng_state()}
         state = {"step": self.step, "data": self.stream.state_dict(), "param_groups": groups,
-                 "config": self.cfg.to_dict(), "bad_steps": self.bad_steps.state_dict()}
+                 "scheduler": scheduler_state(self.scheduler), "config": self.cfg.to_dict(),
+                 "bad_steps": self.bad_steps.state_dict()}
         parts = {"student": dict(self.roles.trainable), "teacher": self.roles.ema.state_dict(),
                  "optimizer": opt_tensors, "rng": rng}
         files = self.lora_files(parts["student"])
@@ -289,6 +324,7 @@ class Trainer:
         torch.set_rng_state(rng["torch"])
         self.stream.load_state_dict(state["data"])
         self.step = int(state["step"])
+        load_scheduler(self.scheduler, state.get("scheduler"), self.step, path / "state.json")
         self.bad_steps.load_state_dict(state.get("bad_steps"), path / "state.json")
         return changes
 
@@ -361,36 +397,6 @@ class SFTTrainer(Trainer):
         out.flops = out.flops_verl_omni = sum(3 * self.family.forward_flops(self.plan.arch, tuple(x.shape), c).total
                                               for x, c in zip(x0, c_s))
         return out
-
-
-def load_for_sampling(run_dir: Path, checkpoint: str | None = None) -> Trainer:
-    """Rebuild a run's student from ``<run_dir>/config.yaml``, its base weights and a checkpoint's student tensors."""
-    cfg_path = run_dir / "config.yaml"
-    if not cfg_path.is_file():
-        raise ckpt.CheckpointError(f"{cfg_path}: missing; pass the output_dir of a `dopsd train` run")
-    # adapter.init_from=null: the checkpoint's student replaces the initial LoRA, which need not be there any more;
-    # data.encode_missing=true: new prompts load the text encoder (and the VAE decodes on train.device)
-    cfg = load_config(str(cfg_path), ["train.resume=null", f"train.output_dir={json.dumps(str(run_dir))}",
-                                      "adapter.init_from=null", "data.encode_missing=true"])
-    trainer = Trainer(cfg, progress=False)
-    base = run_dir / "base.safetensors"
-    if cfg.model.pretrained is None:
-        base_sd = ckpt.load_tensors(base, trainer.base_state)
-        with torch.no_grad():
-            for k, v in trainer.model.state_dict().items():
-                if k in base_sd:
-                    v.copy_(base_sd[k])
-    found = ckpt.list_checkpoints(trainer.checkpoint_root)
-    if checkpoint is None and not found:
-        raise ckpt.CheckpointError(f"{trainer.checkpoint_root}: no complete checkpoint; train first or pass --checkpoint")
-    path = ckpt.find_checkpoint(trainer.checkpoint_root, checkpoint) if checkpoint else found[-1]
-    student = ckpt.load_tensors(path / "student.safetensors", dict(trainer.roles.trainable))
-    with torch.no_grad():
-        for k, p in trainer.roles.trainable.items():
-            p.copy_(student[k])
-    trainer.roles.trainable_changed()
-    trainer.loaded_from = path
-    return trainer
 
 
 def make_trainer(cfg: Config, progress: bool = True) -> Trainer:
