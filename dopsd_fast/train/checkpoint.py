@@ -189,10 +189,23 @@ def save_checkpoint(root: Path, step: int, parts: dict[str, dict[str, Tensor]], 
         for name, (tensors, header) in files.items():
             save_file_with_header(tmp / name, tensors, header)
         return publish_checkpoint(root, step, state, keep_last)
-    except (OSError, SafetensorError) as err:     # safetensors reports a full disk as SafetensorError, not OSError
-        shutil.rmtree(pending_dir(root, step), ignore_errors=True)
-        raise CheckpointError(f"{root / f'step-{step:06d}'}: not written: {describe_os_error(err)}; the complete "
-                              f"checkpoints in {root} are kept (resume from the newest)") from None
+    except WRITE_ERRORS as err:
+        raise write_failed(root, step, err) from None
+
+
+# What writing a checkpoint raises when the disk refuses: safetensors reports a full disk as SafetensorError, not
+# OSError; torch.save (DeepSpeed's shards) as a RuntimeError of its stream writer, which write_failed tells apart.
+WRITE_ERRORS = (OSError, SafetensorError, RuntimeError)
+
+
+def write_failed(root: Path, step: int, err: Exception) -> Exception:
+    """The error to raise for ``err`` while writing checkpoint ``step``: its pending folder removed, a CheckpointError
+    naming it and the fix; a RuntimeError that is not a failed write comes back as it was (a bug, not the disk)."""
+    if isinstance(err, RuntimeError) and not isinstance(err, SafetensorError) and "write" not in str(err).lower():
+        return err
+    shutil.rmtree(pending_dir(root, step), ignore_errors=True)
+    return CheckpointError(f"{root / f'step-{step:06d}'}: not written: {describe_os_error(err)}; the complete "
+                           f"checkpoints in {root} are kept (resume from the newest)")
 
 
 def describe_os_error(err: Exception) -> str:

@@ -252,6 +252,12 @@ class DeepSpeedMixin:
         if dist.any_over_ranks(refused is not None):
             raise refused or ckpt.CheckpointError(f"{root / f'step-{self.step:06d}'}: not written: rank 0 found a "
                                                   "NaN or Inf tensor (its message names it)")
+        try:        # a full or read-only disk: exit 2 naming the checkpoint (a peer still waiting ends by the watchdog)
+            return self._write(root, student, teacher, optim)
+        except ckpt.WRITE_ERRORS as err:
+            raise ckpt.write_failed(root, self.step, err) from None
+
+    def _write(self, root: Path, student: dict, teacher: dict, optim: dict) -> Path:
         if self.is_main:
             ckpt.begin_checkpoint(root, self.step)
         dist.barrier()

@@ -209,3 +209,37 @@ def test_grad_accum_2_at_batch_1_is_the_plain_trainer_at_batch_2(tmp_path, plain
         assert a["losses"] == pytest.approx(b["losses"], rel=1e-5)
         if a["grad_norm"] is not None:      # ZeRO-0 in fp32: DeepSpeed reports none
             assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)
+
+
+# ---------------------------------------------------------------- a disk that refuses the checkpoint
+@pytest.mark.parametrize("where", ["shards", "safetensors", "bug"])
+def test_a_full_disk_while_saving_exits_2_naming_the_checkpoint(tmp_path, monkeypatch, where):
+    """DeepSpeed's own shards (torch.save: a RuntimeError of its stream writer) or our safetensors (OSError) meeting a
+    full disk: a CheckpointError naming the checkpoint and the fix (the CLI's exit 2), no checkpoint published and
+    its pending folder gone; any other RuntimeError is not the disk's and comes through as it was."""
+    import errno
+    import os
+
+    from dopsd_fast.train import checkpoint as ckpt
+
+    trainer = tiny_trainer(tmp_path, "deepspeed.stage=2", "train.steps=1", "train.checkpoint_every=1",
+                           "train.tensorboard=false")
+    if where == "safetensors":
+        def refuse(path, tensors):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        monkeypatch.setattr(ckpt, "save_tensors", refuse)
+    else:
+        text = ("[enforce fail at inline_container.cc:664] . PytorchStreamWriter failed writing file data/0: file "
+                "write failed" if where == "shards" else "an unrelated bug")
+
+        def refuse(*args, **kwargs):
+            raise RuntimeError(text)
+        monkeypatch.setattr(trainer.engine, "save_checkpoint", refuse)
+    if where == "bug":
+        with pytest.raises(RuntimeError, match="an unrelated bug"):
+            trainer.train()
+        return
+    with pytest.raises(CheckpointError, match="step-000001: not written: .*(disk is full|write failed)"):
+        trainer.train()
+    root = trainer.checkpoint_root
+    assert list_checkpoints(root) == [] and not list(root.glob("step-*"))
