@@ -26,6 +26,18 @@ def sample(model, flow: FlowConvention, cap_feats: list[Tensor], latent_shape: t
     return x
 
 
+def decoded_samples(model, flow: FlowConvention, cap_feats: list[Tensor], codec, size: int, sigmas: list[float],
+                    seed: int, dtype: torch.dtype, backend: str) -> list[Tensor]:
+    """(3, size, size) images in [-1, 1], one per context: sample ``i`` starts from the i-th noise draw of a generator
+    seeded with ``seed``; ``codec`` gives the latent shape and decodes; the ops run on ``backend``."""
+    from .ops._dispatch import use_backend
+
+    g = torch.Generator().manual_seed(seed)
+    with use_backend(backend):
+        latents = sample(model, flow, cap_feats, codec.latent_shape(size, size), sigmas, g, dtype)
+    return [codec.decode(x.float()) for x in latents]
+
+
 def square_crop(image: Tensor, size: int) -> Tensor:
     """Centre square of a (3, H, W) image (a bucketed, maybe non-square target) at ``size`` x ``size``."""
     h, w = image.shape[-2:]

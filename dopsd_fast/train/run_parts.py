@@ -19,8 +19,7 @@ from torch import Tensor, nn
 from ..method.roles import Roles
 from ..models.adapter import model_family
 from ..models.compile import compile_blocks
-from ..ops._dispatch import use_backend
-from ..sample import sample
+from ..sample import decoded_samples
 from . import checkpoint as ckpt
 from .build import DTYPES, Plan, build_contexts, build_model, build_roles, resolve_device, resolve_plan, resolve_weights
 from .build_qwen import build_codec
@@ -49,13 +48,10 @@ class RunParts:
 
     def sample_student(self, prompts: list[str], sigmas: list[float], seed: int | None = None) -> list[Tensor]:
         """(3, S, S) images in [-1, 1], one per prompt, as Trainer.sample_student (same noise, same decode)."""
-        g = torch.Generator().manual_seed(self.cfg.sample.seed if seed is None else seed)
-        size = self.cfg.data.image_size
         feats = [f.to(self.device, self.dtype) for f in self.text_encoder(prompts)]
-        with use_backend(self.cfg.model.ops_backend):
-            latents = sample(self.roles.use("student"), self.family.flow, feats, self.codec.latent_shape(size, size),
-                             sigmas, g, self.dtype)
-        return [self.codec.decode(x.float()) for x in latents]
+        return decoded_samples(self.roles.use("student"), self.family.flow, feats, self.codec, self.cfg.data.image_size,
+                               sigmas, self.cfg.sample.seed if seed is None else seed, self.dtype,
+                               self.cfg.model.ops_backend)
 
     def data_prompts(self, n: int = 4) -> list[str]:
         """The captions a training grid shows (Trainer.grid_pairs): the first ``n`` pairs' second caption variant.

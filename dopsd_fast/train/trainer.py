@@ -25,7 +25,7 @@ from ..models.export import lora_files
 from ..models.loading import WeightsError
 from ..models.lora_load import lora_file, read_lora
 from ..method.step import StepOutput, dopsd_step, sft_step
-from ..sample import sample, save_grid, square_crop
+from ..sample import decoded_samples, save_grid, square_crop
 from . import checkpoint as ckpt
 from .build import (DTYPES, build_contexts, build_data, build_model, build_roles, check_buildable, resolve_device,
                     resolve_plan, resolve_weights)
@@ -375,11 +375,8 @@ class Trainer:
     def sample_images(self, model, feats, sigmas: list[float], seed: int | None = None):
         """(3, S, S) images at data.image_size from ``model`` on context features (c_s or c_t), one per feature;
         sample ``i`` starts from the i-th noise draw of a generator seeded with ``seed`` (default sample.seed)."""
-        g = torch.Generator().manual_seed(self.cfg.sample.seed if seed is None else seed)
-        shape = self.codec.latent_shape(self.cfg.data.image_size, self.cfg.data.image_size)
-        with use_backend(self.cfg.model.ops_backend):
-            latents = sample(model, self.flow, self._cast(feats), shape, sigmas, g, self.dtype)
-        return [self.codec.decode(x.float()) for x in latents]
+        return decoded_samples(model, self.flow, self._cast(feats), self.codec, self.cfg.data.image_size, sigmas,
+                               self.cfg.sample.seed if seed is None else seed, self.dtype, self.cfg.model.ops_backend)
 
     def _cast(self, feats):
         """Encoder outputs (features, latents; CPU or cached) -> the transformer's device and dtype."""
