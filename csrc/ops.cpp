@@ -325,6 +325,9 @@ void register_kernels(torch::Library& m) {
 
 // The schemas of the Python custom ops in dopsd_fast/ops/, verbatim (tests/csrc checks they stay equal).
 TORCH_LIBRARY(dopsd_C, m) {
+  // not an op: the torch this library was compiled against (CMakeLists.txt reads it from that torch's version.py);
+  // dopsd_fast/ops/_dispatch.py uses the extension only when it equals the running torch's version
+  m.def("torch_version() -> str", [] { return std::string(DOPSD_TORCH_VERSION); });
   m.def("rollout_step(Tensor x, Tensor out_s, Tensor out_t, Tensor cu_seqlens, Tensor step_coef, Tensor loss_coef, "
         "bool compute_grad) -> (Tensor, Tensor, Tensor)");
   m.def("rollout_step_backward(Tensor grad, Tensor cu_seqlens, Tensor grad_sq_sum, ScalarType dtype) -> Tensor");

@@ -3,9 +3,10 @@
 #   versions  -> what the machine has
 #   wheels    -> pip-installs the carried .device_wheels/*.whl it lacks (scripts/fetch_device_wheels.sh), --no-deps
 #   package   -> pip install -e . against the machine's torch (no deps, no build isolation, no native build), then
-#   extension -> the same install building the CUDA extension csrc/ -> dopsd_fast._C when setup.py provides it
-#   e2e       -> the Pareto bench (bench/bench_e2e.py): every configuration of ours and of the released loop at
-#                Z-Image 6B 512^2 and 1024^2, equivalence asserted, fastest that fits per memory budget
+#   extension -> the same install building the CUDA extension csrc/ -> dopsd_fast._C (scikit-build-core + CMake)
+#   e2e       -> the Pareto bench (bench/bench_e2e.py): every configuration of ours, of the released loop and of the
+#                released loop after apply_dopsd_kernels ("patched") at Z-Image 6B 512^2 and 1024^2, equivalence
+#                asserted, fastest that fits per memory budget
 #   bench_ops -> the op benches but attention; bench_attention -> bench_packed_attention.py at the Z-Image shapes
 #                (its fp32 math oracle and the fwd+bwd "full" pass left out: ATTN_K)
 # and prints the summary table LAST (scripts/summarize_bench.py). Optional stages (STAGES="ops csrc train" or
@@ -137,10 +138,10 @@ package() {
     DOPSD_SKIP_NATIVE=1 "$PY" -m pip install -q --no-index --no-deps --no-build-isolation -e .
 }
 
-# The CUDA extension csrc/ -> dopsd_fast._C, through the same pip install (setup.py drives CMake). If it fails or
+# The CUDA extension csrc/ -> dopsd_fast._C, through the same pip install (scikit-build-core: CMake). If it fails or
 # times out, pip keeps the install above and the ops run their Triton / reference paths.
 extension() {
-    if [[ ! -f setup.py || ! -d csrc ]]; then echo "no csrc/ extension build (setup.py) in this tree: skipped"; return 0; fi
+    if [[ ! -f CMakeLists.txt || ! -d csrc ]]; then echo "no csrc/ extension build in this tree: skipped"; return 0; fi
     if [[ "$MODE" == cpu ]]; then echo "--cpu: the extension's CPU build is CI's (tests/csrc); not rebuilt here"; return 0; fi
     echo "building dopsd_fast._C (CMake, DOPSD_CUDA_ARCHS=$DOPSD_CUDA_ARCHS, CUDA_HOME=$CUDA_HOME)"
     "$PY" -m pip install --no-index --no-deps --no-build-isolation -e . &&

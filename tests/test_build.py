@@ -1,12 +1,18 @@
-"""The native build is driven by CMakeLists.txt: it must configure on a CPU-only machine. The Triton kernels ship
-as dopsd_fast._kernels and never shadow the installed `kernels` package."""
+"""The native build is driven by CMakeLists.txt through scikit-build-core: it must configure on a CPU-only machine
+and compile against the target environment's torch (csrc/find_torch.py). The wheel holds the package, its presets
+and the world's weights; the Triton kernels ship as dopsd_fast._kernels and never shadow the installed `kernels`."""
+import importlib.util
 import os
+import re
 import shutil
 import subprocess
 import sys
+import tomllib
+import zipfile
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -28,7 +34,62 @@ def test_kernels_ship_inside_the_package_not_as_top_level_kernels():
     assert Path(rollout_step.__file__).resolve() == ROOT / "kernels" / "rollout_step.py"
     # kernels/README.md: an __init__.py would make the folder shadow the installed `kernels` from the repo root
     assert not (ROOT / "kernels" / "__init__.py").exists()
-    assert (ROOT / "dopsd_fast" / "_kernels").resolve() == ROOT / "kernels"     # the editable install's way in
+    assert (ROOT / "dopsd_fast" / "_kernels").resolve() == ROOT / "kernels"     # the wheel's and editable's way in
+    assert (ROOT / "dopsd_fast" / "configs").resolve() == ROOT / "configs"
+
+
+def _find_torch():
+    spec = importlib.util.spec_from_file_location("find_torch", ROOT / "csrc" / "find_torch.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_build_requires_torch_only_where_the_target_has_none(monkeypatch):
+    """The dynamic-metadata entry adds the README's torch pin to the build requirements only when the environment
+    being installed into has no torch (a fresh venv); otherwise CMake compiles against the torch already there."""
+    find_torch = _find_torch()
+    entry = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["dynamic-metadata"][0]
+    assert entry["provider"] == {"path": "csrc", "module": "find_torch"}
+    settings = {k: v for k, v in entry.items() if k != "provider"}
+    readme_pin = re.search(r"pip install -q (torch==\S+)", (ROOT / "README.md").read_text()).group(1)
+    assert settings["pinned"] == readme_pin
+    monkeypatch.delenv("DOPSD_SKIP_NATIVE", raising=False)
+    assert find_torch.get_requires_for_dynamic_metadata(settings) == []       # this environment has torch
+    monkeypatch.setattr(find_torch, "target_torch_dir", lambda: None)
+    assert find_torch.get_requires_for_dynamic_metadata(settings) == [readme_pin]
+    monkeypatch.setenv("DOPSD_SKIP_NATIVE", "1")
+    assert find_torch.get_requires_for_dynamic_metadata(settings) == []
+
+
+def test_cmake_finds_the_target_torch_through_build_isolation(tmp_path):
+    """pip's build isolation: PYTHONNOUSERSITE and a PYTHONPATH whose sitecustomize drops site-packages. The script
+    CMake runs still names the torch of the environment being installed into."""
+    (tmp_path / "sitecustomize.py").write_text(
+        "import sys\nsys.path[:] = [p for p in sys.path if 'site-packages' not in p]\n")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path), "PYTHONNOUSERSITE": "1"}
+    hidden = subprocess.run([sys.executable, "-c", "import torch"], env=env, capture_output=True, text=True)
+    assert hidden.returncode != 0                                               # the isolation works
+    out = subprocess.run([sys.executable, str(ROOT / "csrc" / "find_torch.py")], env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == str(Path(torch.__file__).parent)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("scikit_build_core") is None, reason="needs scikit-build-core ([dev])")
+def test_the_wheel_holds_the_package_presets_kernels_and_world(tmp_path):
+    """The pure-Python part of the wheel (DOPSD_SKIP_NATIVE=1: no compile), built as pip builds it."""
+    out = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+                          "--no-index", "-w", str(tmp_path), str(ROOT)], capture_output=True, text=True,
+                         timeout=300, env={**os.environ, "DOPSD_SKIP_NATIVE": "1"})
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    names = set(zipfile.ZipFile(next(tmp_path.glob("dopsd_fast-*.whl"))).namelist())
+    assert {n.split("/")[0] for n in names} == {"dopsd_fast", "dopsd_fast-0.1.0.dist-info"}   # no top-level kernels
+    assert {f"dopsd_fast/_kernels/{p.name}" for p in (ROOT / "kernels").glob("*.py")} <= names
+    assert {f"dopsd_fast/configs/{p.name}" for p in (ROOT / "configs").glob("*.yaml")} <= names
+    assets = ROOT / "dopsd_fast" / "world" / "assets"
+    assert {f"dopsd_fast/world/assets/{p.relative_to(assets)}" for p in assets.rglob("*") if p.is_file()} <= names
+    assert "dopsd_fast/cli.py" in names and "dopsd_fast/ops/_dispatch.py" in names
 
 
 def _from_root(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:

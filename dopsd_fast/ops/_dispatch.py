@@ -64,11 +64,25 @@ def _load_native() -> str | None:
     else:
         try:
             torch.ops.load_library(spec.origin)
-            return None
-        except OSError as err:   # e.g. built against another torch than the one installed now
+        except OSError as err:   # e.g. built against another torch whose symbols differ
             why = f"{spec.origin} failed to load ({err}); rebuild it with `pip install -e .` against this torch"
+        else:
+            # a library built against another torch may load and still break (C++ ABI, dispatcher): same version only
+            built = built_torch_version()
+            if built == torch.__version__:
+                return None
+            why = (f"dopsd_fast._C was built against torch {built} but torch {torch.__version__} is running; "
+                   "rebuild it with `pip install -e .`")
     warnings.warn(f"{why}. The cpp backend is unavailable; ops use Triton / the reference.", stacklevel=3)
     return why
+
+
+def built_torch_version() -> str:
+    """The torch version dopsd_fast._C was compiled against (after it is loaded)."""
+    try:
+        return torch.ops.dopsd_C.torch_version()
+    except AttributeError:   # a build from before the extension reported it
+        return "unknown"
 
 
 def native_available(cuda: bool = False) -> bool:
