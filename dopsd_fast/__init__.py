@@ -4,7 +4,9 @@ Data flow: data -> contexts -> roll-out -> teacher/student predictions -> diverg
 The method lives in ``dopsd_fast.method`` (start with ``method/step.py``); the trainer in ``dopsd_fast.train``;
 the fused ops (Triton on CUDA, PyTorch reference elsewhere; ``use_backend`` forces one) in ``dopsd_fast.ops``.
 """
+from .method.divergence import rollout_update
 from .method.roles import FullRoles, LoRARoles
+from .method.rollout import distill_rollout
 from .method.schedule import FLUX2, Z_IMAGE, FlowConvention, empirical_mu_sigmas, rollout_sigmas, shifted_sigmas
 from .method.step import dopsd_step, sft_step
 from .models.adapter import model_family
@@ -26,7 +28,8 @@ from .train.trainer import SFTTrainer, Trainer, make_trainer
 __all__ = [
     # method and model
     "FlowConvention", "FullRoles", "LoRALinear", "LoRARoles", "Z_IMAGE", "ZImageConfig", "ZImageTransformer",
-    "dopsd_step", "load_zimage_transformer", "rollout_sigmas", "sft_step", "shifted_sigmas",
+    "distill_rollout", "dopsd_step", "load_zimage_transformer", "rollout_sigmas", "rollout_update", "sft_step",
+    "shifted_sigmas",
     "FLUX2", "Flux2KleinConfig", "Flux2KleinTransformer", "empirical_mu_sigmas", "load_flux2_klein_transformer",
     "model_family",
     # fused ops

@@ -1,7 +1,7 @@
 """One D-OPSD iteration, read top to bottom: the table of contents of the method.
 
 fresh noise -> for k in 0..K-1: teacher(x_k, c_t) and student(x_k, c_s) at the student's state ->
-divergence (teacher stopped) -> backward -> next state from the STUDENT's output (detached).
+divergence (teacher stopped) -> backward -> next state from the STUDENT's output (detached)  (rollout.py).
 The caller then clips, steps the optimizer and updates the EMA teacher.
 """
 from __future__ import annotations
@@ -12,8 +12,9 @@ from typing import Callable, Literal
 import torch
 from torch import Tensor
 
-from .divergence import flat, rollout_update
+from .divergence import flat
 from .roles import Roles, detached_context
+from .rollout import distill_rollout
 from .schedule import FlowConvention
 
 
@@ -41,30 +42,18 @@ def dopsd_step(roles: Roles, flow: FlowConvention, c_s: list[Tensor], c_t: list[
     multiplies the gradient (1 / N for one of N iterations accumulated into one optimizer step); the caption
     path's backward carries it through the leaf's gradient, so it is applied once.
     """
-    K = len(sigmas) - 1
     ctx_t = roles.context("teacher", c_t)
     ctx_s_graph = roles.context("student", c_s)
     ctx_s = detached_context(ctx_s_graph) if per_step_backward else ctx_s_graph
     device = c_s[0].device    # noise comes from the host generator: one seed, one roll-out, on any device
     x = [torch.randn(s, generator=generator, dtype=torch.float32).to(device, dtype) for s in latent_shapes]
-    held = []
-    for k in range(K):
-        sigma, sigma_next = sigmas[k], sigmas[k + 1]
-        t = flow.time(torch.full((len(x),), sigma, dtype=torch.float32, device=device))
-        out_t = roles.teacher(x, t, ctx_t)
-        out_s = roles.student(x, t, ctx_s)
-        loss_k, x = rollout_update(flow, x, out_s, out_t, sigma, sigma_next, loss_kind)   # x: next state, detached
-        if per_step_backward:
-            backward(loss_k / K * weight)
-        held.append(loss_k.detach() if per_step_backward else loss_k)
-    if per_step_backward:
-        if ctx_s is not ctx_s_graph:
-            # as a scalar <tokens, grad>, whose gradient w.r.t. tokens is exactly grad
-            backward((ctx_s_graph.tokens * ctx_s.tokens.grad).sum())
-    else:
-        backward(torch.stack(held).sum() / K * weight)
-    losses = torch.stack(held).detach().tolist()      # one device sync per iteration, not one per roll-out step
-    return StepOutput(loss=sum(losses) / K, losses=losses)
+    held = distill_rollout(lambda x, t: roles.teacher(x, t, ctx_t), lambda x, t: roles.student(x, t, ctx_s), x,
+                           sigmas, flow, loss_kind, per_step_backward, backward, weight)
+    if ctx_s is not ctx_s_graph:
+        # as a scalar <tokens, grad>, whose gradient w.r.t. tokens is exactly grad
+        backward((ctx_s_graph.tokens * ctx_s.tokens.grad).sum())
+    losses = held.tolist()      # one device sync per iteration, not one per roll-out step
+    return StepOutput(loss=sum(losses) / len(losses), losses=losses)
 
 
 def sft_step(roles: Roles, flow: FlowConvention, c_s: list[Tensor], x0: list[Tensor], shift: float,
