@@ -57,14 +57,16 @@ def save_grid(rows: list[list[Tensor | None]], path: Path, upscale: int = 4, pad
               row_labels: list[str] | None = None, col_labels: list[str] | None = None) -> Path:
     """Save a grid of (3, H, W) images in [-1, 1] (all the same size) as a PNG; a None tile stays blank.
 
-    ``row_labels`` are written in a left margin, ``col_labels`` in a strip above the columns (cut to the tile
-    width); without labels the PNG is exactly the tiles, each upscaled and padded by ``pad`` pixels.
+    ``row_labels`` are written in a left margin (cut to two tile widths: prompts can be long), ``col_labels`` in a
+    strip above the columns (cut to the tile width); without labels the PNG is exactly the tiles, each upscaled and
+    padded by ``pad`` pixels.
     """
     h, w = next(img for row in rows for img in row if img is not None).shape[-2:]
     th, tw = h * upscale, w * upscale
     cols = max(len(r) for r in rows)
     font = ImageFont.load_default()
     line = font.getbbox("Ag")[3]
+    row_labels = [_fit(s, font, 2 * tw) for s in row_labels] if row_labels else None
     left = math.ceil(max(font.getlength(s) for s in row_labels)) + 3 * pad if row_labels else 0
     top = line + pad if col_labels else 0
     canvas = np.full((top + len(rows) * (th + pad) + pad, left + cols * (tw + pad) + pad, 3), 255, np.uint8)

@@ -163,10 +163,10 @@ def comm_ms_since_last(comms_dict: dict) -> float:
 
 
 def open_tensorboard(log_dir, purge_step: int | None = None) -> TensorBoard | None:
-    """The TensorBoard writer of ``train.tensorboard``, or None when the tensorboard package is missing;
+    """The TensorBoard writer of ``train.report_to: [tensorboard]``, or None when the tensorboard package is missing;
     ``purge_step``: TensorBoard hides this log dir's events from that step on (a resumed run's first step).
 
-    train.tensorboard defaults to true, yet tensorboard stays in the [telemetry] extra rather than the
+    train.report_to lists tensorboard by default, yet tensorboard stays in the [telemetry] extra rather than the
     dependencies: its event files are a view of the rows metrics.jsonl already holds, and it would bring a server
     stack (grpcio, protobuf, werkzeug, tensorboard-data-server: ~60 MB) into every install of a package whose ops
     other trainers import. So without it a run loses no data: it says so in one line and writes metrics.jsonl."""
@@ -179,13 +179,25 @@ def _tensorboard_installed() -> bool:
     if importlib.util.find_spec("tensorboard") is not None:
         return True
     logging.getLogger(__name__).warning(
-        "dopsd: warning: train.tensorboard is on but the tensorboard package is not installed; metrics go to "
-        "metrics.jsonl only (pip install \"dopsd_fast[telemetry]\", or --set train.tensorboard=false)")
+        "dopsd: warning: train.report_to lists tensorboard but the tensorboard package is not installed; metrics go "
+        "to the other sinks only (pip install \"dopsd_fast[telemetry]\", or --set 'train.report_to=[jsonl]')")
     return False
 
 
+def scalars(row: dict) -> dict[str, float]:
+    """The numeric fields of a JSONL row but its step, lists as ``name/k`` (losses/0 ...): what TensorBoard and wandb
+    plot; null (a NaN/Inf step's) and true/false fields are left out."""
+    out = {}
+    for key, value in row.items():
+        values = value if isinstance(value, list) else [value]
+        for i, v in enumerate(values):
+            if key != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
+                out[f"{key}/{i}" if isinstance(value, list) else key] = v
+    return out
+
+
 class TensorBoard:
-    """Every numeric field of a JSONL row as a scalar (lists as ``name/k``)."""
+    """Every numeric field of a JSONL row as a scalar (``scalars``)."""
 
     def __init__(self, log_dir, purge_step: int | None = None):
         from torch.utils.tensorboard import SummaryWriter
@@ -193,14 +205,8 @@ class TensorBoard:
         self.writer = SummaryWriter(str(log_dir), purge_step=purge_step)
 
     def log(self, row: dict) -> None:
-        step = row["step"]
-        for key, value in row.items():
-            if key == "step" or value is None:
-                continue
-            values = value if isinstance(value, list) else [value]
-            for i, v in enumerate(values):
-                if isinstance(v, (int, float)) and not isinstance(v, bool):
-                    self.writer.add_scalar(f"{key}/{i}" if isinstance(value, list) else key, v, step)
+        for key, value in scalars(row).items():
+            self.writer.add_scalar(key, value, row["step"])
 
     def image(self, tag: str, path, step: int) -> None:
         """A PNG as an image at ``step``, shrunk to 2048 pixels on its long side (1024^2 grids stay viewable)."""

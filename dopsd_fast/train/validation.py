@@ -2,7 +2,7 @@
 
 Every ``validation.every`` steps and at the last step, rank 0 writes ``<output_dir>/validation/step-NNNNNN.png``,
 appends a line to ``validation/grids.jsonl`` (step, grid path, rows, column prompts, sigmas, seed, seconds) and
-adds the grid to TensorBoard. Rows, top to bottom, labelled in the PNG:
+adds the grid to the sinks of train.report_to (TensorBoard, wandb). Rows, top to bottom, labelled in the PNG:
 
   target   the data pair's image (centre square at data.image_size)
   base     the untouched model with the text context c_s (LoRA: adapters off)
@@ -34,6 +34,7 @@ import torch
 
 from ..method.roles import LoRARoles
 from ..nn.lora_linear import set_active_adapter
+from ..progress import progress
 from ..sample import save_grid, square_crop
 from . import checkpoint as ckpt
 from .config import ConfigError
@@ -66,12 +67,15 @@ class Validation:
         with tr.whole_weights():
             if not tr.is_main:
                 return None
-            with self._sampling():
+            with self._sampling(), progress(total=2, desc=f"validation grid, step {step}", unit="row",
+                                            enabled=tr.progress) as bar:
                 teacher = []
                 if self.pairs:          # c_t: prompt + the target image as the teacher sees it in training
                     c_t = tr.mm_encoder(captions, [p.image for p in self.pairs])
                     teacher = self._sample(tr.roles.use("teacher"), c_t)
+                bar.update()
                 student = self._sample(tr.roles.use("student"), tr.text_encoder(self.prompts))
+                bar.update()
         size = tr.cfg.data.image_size
         blank = [None] * (len(self.prompts) - len(self.pairs))
         rows = [[square_crop(p.image, size) for p in self.pairs] + blank, self.base_row, teacher + blank, student]

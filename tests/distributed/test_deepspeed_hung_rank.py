@@ -18,7 +18,7 @@ TIMEOUT_S = 10
 def test_hung_or_dead_peer_ends_the_survivor_within_timeout(tmp_path, sig):
     out = tmp_path / "run"
     ranks = bare_ranks(out, "train.steps=100000", "train.checkpoint_every=100000", "deepspeed.stage=2",
-                       f"deepspeed.timeout_s={TIMEOUT_S}", "train.tensorboard=false")
+                       f"deepspeed.timeout_s={TIMEOUT_S}", "train.report_to=[jsonl]")
     try:
         wait_for_rows(out, 3, ranks[0])             # mid-run: past startup, both ranks stepping
         assert ranks[1].poll() is None

@@ -18,7 +18,7 @@ from dopsd_fast.train.checkpoint import list_checkpoints, load_tensors  # noqa: 
 
 STEPS = 4
 RUN = [f"train.steps={STEPS}", "train.checkpoint_every=1", "train.keep_last=2", "deepspeed.stage=2",
-       "optim.warmup_steps=3", "train.tensorboard=false",
+       "optim.warmup_steps=3", "train.report_to=[jsonl]",
        "validation.every=2", "validation.pairs=2", "validation.steps=2"]      # grids on rank 0 must not shift a loss
 
 

@@ -9,7 +9,7 @@ from ds_launch import finish, logged_rows, torchrun  # noqa: E402
 from dopsd_fast.testing import tiny_trainer  # noqa: E402
 
 RUN = ["train.steps=5", "train.checkpoint_every=1", "optim.scheduler=cosine", "optim.warmup_steps=2",
-       "train.tensorboard=false"]
+       "train.report_to=[jsonl]"]
 
 
 def test_deepspeed_runs_the_single_process_lr_schedule_and_resumes_it(tmp_path):

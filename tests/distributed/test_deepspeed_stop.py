@@ -15,7 +15,7 @@ from dopsd_fast.train.stop import EXIT_STOPPED  # noqa: E402
 def test_signal_to_one_rank_stops_both_at_one_checkpoint(tmp_path):
     out = tmp_path / "run"
     ranks = bare_ranks(out, "train.steps=100000", "train.checkpoint_every=100000", "deepspeed.stage=2",
-                       "deepspeed.timeout_s=60", "train.tensorboard=false")
+                       "deepspeed.timeout_s=60", "train.report_to=[jsonl]")
     try:
         wait_for_rows(out, 2, ranks[0])             # mid-run, no checkpoint yet
         assert ranks[1].poll() is None and list_checkpoints(out / "checkpoints") == []

@@ -12,7 +12,7 @@ K = 4                 # tiny-cpu: sigmas 1, .9, .75, .5 -> 0
 STEPS = 3
 # No "persistent" parameters in either run: DeepSpeed would keep the tiny model's (all under its 1e5-element
 # threshold) whole on every rank, and the per-forward run would gather nothing.
-RUN = [f"train.steps={STEPS}", "train.checkpoint_every=1", "deepspeed.stage=3", "train.tensorboard=false",
+RUN = [f"train.steps={STEPS}", "train.checkpoint_every=1", "deepspeed.stage=3", "train.report_to=[jsonl]",
        "train.batch_size=2", "optim.warmup_steps=2", "deepspeed.extra={zero_optimization: "
        "{stage3_param_persistence_threshold: 0}}"]
 

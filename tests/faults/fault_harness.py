@@ -49,7 +49,7 @@ RUN = [f"train.steps={STEPS}", "train.checkpoint_every=1", "train.keep_last=2", 
 COMPARED = ("loss", "losses", "grad_norm", "lr", "skipped", "bad_steps")     # not the timings
 DS_TIMEOUT_S = 10
 DS_RUN = [f"train.steps={STEPS}", "train.checkpoint_every=1", "train.keep_last=2", "deepspeed.stage=2",
-          f"deepspeed.timeout_s={DS_TIMEOUT_S}", "train.tensorboard=false"]
+          f"deepspeed.timeout_s={DS_TIMEOUT_S}", "train.report_to=[jsonl]"]
 MIB = 1 << 20
 BASE_BYTES = 2_343_520          # tiny-cpu's base.safetensors
 

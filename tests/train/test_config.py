@@ -128,6 +128,17 @@ def test_retired_key_says_what_became_of_it(tmp_path):
         load_config(str(f))
 
 
+def test_train_tensorboard_names_report_to():
+    with pytest.raises(ConfigError, match=r"'train.tensorboard' was replaced by train.report_to, a list of tensorboard "
+                                          r"\| wandb \| jsonl \(tensorboard: true is report_to: \[tensorboard, jsonl\]"):
+        load_config("tiny-cpu", ["train.tensorboard=false"])
+    assert load_config("tiny-cpu").train.report_to == ["tensorboard", "jsonl"]
+    with pytest.raises(ConfigError, match=r"train.report_to\[1\]: 'mlflow' is not one of 'tensorboard', 'wandb', 'jsonl'"):
+        load_config("tiny-cpu", ["train.report_to=[jsonl,mlflow]"])
+    with pytest.raises(ConfigError, match=r"train.report_to: lists a sink twice"):
+        load_config("tiny-cpu", ["train.report_to=[jsonl,jsonl]"])
+
+
 def test_unknown_key_without_near_match_lists_valid_keys():
     with pytest.raises(ConfigError) as e:
         load_config("tiny-cpu", ["train.zzzzzz=1"])

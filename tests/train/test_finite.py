@@ -17,7 +17,7 @@ from dopsd_fast.testing import randomize_adapters, tiny_trainer
 from dopsd_fast.train.checkpoint import CheckpointError, list_checkpoints, save_checkpoint
 from dopsd_fast.train.finite import EXIT_DIVERGED, BadSteps, TrainingDiverged, strict_row
 
-FAST = ["--set", "train.tensorboard=false", "--set", "train.checkpoint_every=1"]
+FAST = ["--set", "train.report_to=[jsonl]", "--set", "train.checkpoint_every=1"]
 
 
 def train(out: Path, *sets: str) -> int:

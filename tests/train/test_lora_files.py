@@ -17,7 +17,7 @@ from dopsd_fast.ops._dispatch import use_backend
 from dopsd_fast.train.config import ConfigError, load_config
 from dopsd_fast.train.trainer import make_trainer
 
-FAST = ["--set", "train.tensorboard=false", "--set", "train.checkpoint_every=1", "--set", "train.resume=null"]
+FAST = ["--set", "train.report_to=[jsonl]", "--set", "train.checkpoint_every=1", "--set", "train.resume=null"]
 
 
 def train(out: Path, *sets: str) -> int:
@@ -159,7 +159,7 @@ def test_a_resume_may_change_the_export_formats(tmp_path):
     out = tmp_path / "run"
     assert train(out, "train.steps=1") == 0
     assert main(["train", "--no-progress", "--no-samples", "--set", f"train.output_dir={json.dumps(str(out))}",
-                 "--set", "train.tensorboard=false", "--set", "train.steps=2",
+                 "--set", "train.report_to=[jsonl]", "--set", "train.steps=2",
                  "--set", "train.export_formats=[diffusers, comfyui]"]) == 0
     assert COMFYUI_FILE not in {p.name for p in (out / "checkpoints" / "step-000001").iterdir()}
     assert {LORA_FILE, COMFYUI_FILE} <= {p.name for p in (out / "checkpoints" / "step-000002").iterdir()}

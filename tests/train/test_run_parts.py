@@ -83,7 +83,8 @@ def test_sample_builds_no_data_stream_and_no_teacher(lora_run, tmp_path, capsys,
     capsys.readouterr()
     t = _oracle(lora_run)
     images = t.sample_student(["a red circle", "two blue squares"], t.sampler_sigmas(2), seed=3)
-    save_grid([[im] for im in images], tmp_path / "old.png")
+    save_grid([[im] for im in images], tmp_path / "old.png", row_labels=["a red circle", "two blue squares"],
+              col_labels=["student, 2 steps"])
     assert png.read_bytes() == (tmp_path / "old.png").read_bytes()
 
 
@@ -95,5 +96,6 @@ def test_sample_without_prompts_reads_the_data_sets_captions_not_its_stream(lora
     t = _oracle(lora_run)
     prompts = t.grid_pairs()[1]
     assert report["prompts"] == prompts and len(prompts) == 3
-    save_grid([[im] for im in t.sample_student(prompts, t.sampler_sigmas(1), seed=0)], tmp_path / "old.png")
+    save_grid([[im] for im in t.sample_student(prompts, t.sampler_sigmas(1), seed=0)], tmp_path / "old.png",
+              row_labels=prompts, col_labels=["student, 1 steps"])
     assert png.read_bytes() == (tmp_path / "old.png").read_bytes()

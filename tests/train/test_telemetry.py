@@ -40,7 +40,7 @@ def test_jsonl_telemetry_fields(tmp_path):
 
 
 def test_no_mfu_without_a_known_peak(tmp_path):
-    tr = tiny_trainer(tmp_path, "train.steps=1", "train.tensorboard=false")
+    tr = tiny_trainer(tmp_path, "train.steps=1", "train.report_to=[jsonl]")
     tr.train()
     row = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])
     assert "mfu" not in row and "mfu_verl_omni" not in row and not (tmp_path / "tensorboard").exists()

@@ -94,7 +94,7 @@ def test_resumed_full_fine_tune_keeps_its_base_row(tmp_path):
 
 def test_tensorboard_gets_the_grid(tmp_path):
     event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
-    tiny_trainer(tmp_path, "train.steps=1", "train.tensorboard=true", "validation.every=1", "validation.pairs=1",
+    tiny_trainer(tmp_path, "train.steps=1", "train.report_to=[tensorboard,jsonl]", "validation.every=1", "validation.pairs=1",
                  "validation.steps=1").train()
     acc = event_accumulator.EventAccumulator(str(tmp_path / "tensorboard"))
     acc.Reload()
