@@ -1,18 +1,81 @@
-"""The learning-rate schedule (optim.scheduler, optim.warmup_steps): a ``torch.optim.lr_scheduler.LambdaLR`` over
-AdamW's param groups, stepped once per optimizer step; its state goes into each checkpoint's ``state.json``.
+"""The optimizer (optim.name) and its learning-rate schedule (optim.scheduler, optim.warmup_steps): a
+``torch.optim.lr_scheduler.LambdaLR`` over its param groups, stepped once per optimizer step; its state goes into each
+checkpoint's ``state.json``.
 
 The factor is a pure function of the optimizer step, so a resumed run's learning rates equal an uninterrupted
 run's: the saved ``last_epoch`` is checked against the checkpoint's step rather than trusted blindly.
 """
 from __future__ import annotations
 
+import logging
 import math
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
+from .._extras import require
 from .config import Config
+
+
+def build_optimizer(params: Iterable[torch.Tensor], cfg: Config) -> torch.optim.Optimizer:
+    """AdamW over the fp32 trainable ``params``; optim.name=adamw8bit: torchao's AdamW8bit, whose moments of every
+    tensor of >= 4096 values are 8-bit codes with one fp32 scale per 256 values (block-wise dynamic quantisation,
+    arXiv 2110.02861): about 2 bytes of state per trainable value instead of 8, the weights still fp32. torchao over
+    bitsandbytes: PyTorch's own library, written in torch and compiled by torch.compile (one graph per parameter
+    shape, at the first step), so it runs, and is tested, on the CPU too; its state is a tensor subclass whose parts
+    save and restore bit for bit (``state_entries``)."""
+    o = cfg.optim
+    kwargs = dict(lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+    if o.name == "adamw":
+        return torch.optim.AdamW(params, **kwargs)
+    # its CUDA kernels' libraries fail to load on a CPU torch, each with a warning; the optimizer does not use them
+    torchao_log = logging.getLogger("torchao")
+    level, torchao_log.level = torchao_log.level, logging.ERROR
+    try:
+        lowbit = require("torchao.optim", "lowbit", "optim.name=adamw8bit")
+    finally:
+        torchao_log.setLevel(level)
+    return lowbit.AdamW8bit(params, **kwargs)
+
+
+def set_lr(group: dict[str, Any], lr: float) -> None:
+    """Set a param group's learning rate: in place where it is a tensor (AdamW8bit keeps it so, for its compiled
+    step, and refuses a float)."""
+    if torch.is_tensor(group["lr"]):
+        group["lr"].fill_(lr)
+    else:
+        group["lr"] = lr
+
+
+def state_entries(key: str, value: torch.Tensor) -> dict[str, torch.Tensor]:
+    """One optimizer state tensor as checkpoint entries: itself, or an 8-bit moment's parts (``key.codes`` uint8,
+    ``key.scale`` fp32 per block, ``key.qmap``: its code book), which ``join_state_entries`` turns back into the
+    same moment bit for bit (dequantised fp32 would requantise to other block scales)."""
+    if not hasattr(value, "__tensor_flatten__"):        # a plain tensor (torch.Tensor has no flatten protocol)
+        return {key: value}
+    attrs, _ = value.__tensor_flatten__()
+    return {f"{key}.{attr}": getattr(value, attr) for attr in attrs}
+
+
+def join_state_entries(fields: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A parameter's state fields read back (``state_entries``' keys after ``name::``), 8-bit moments reassembled."""
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    out = {}
+    for field, t in fields.items():
+        base, dot, attr = field.partition(".")
+        if dot:
+            parts.setdefault(base, {})[attr] = t
+        else:
+            out[field] = t
+    for base, p in parts.items():
+        if set(p) != {"codes", "scale", "qmap"}:
+            raise ValueError(f"{base} has parts {sorted(p)}, expected codes, scale and qmap")
+        state8 = require("torchao.optim.subclass_8bit", "lowbit", "an optim.name=adamw8bit checkpoint")
+        # the code book of a signed moment (exp_avg) has negative codes, the unsigned one (exp_avg_sq) does not
+        out[base] = state8.OptimState8bit(p["codes"], p["scale"], p["qmap"], signed=bool(p["qmap"].min() < 0),
+                                          dtype=torch.float32)
+    return out
 
 
 def lr_factor(step: int, scheduler: str, warmup_steps: int, total_steps: int) -> float:
@@ -37,13 +100,16 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Config) -> LambdaLR:
     its ``get_last_lr()`` is the learning rate of the coming optimizer step."""
     o, steps = cfg.optim, cfg.train.steps
     for group in optimizer.param_groups:
-        group["lr"] = group["initial_lr"] = o.lr
+        group["initial_lr"] = o.lr
+        set_lr(group, o.lr)
     return LambdaLR(optimizer, lambda s: lr_factor(s, o.scheduler, o.warmup_steps, steps))
 
 
 def scheduler_state(scheduler: LambdaLR) -> dict[str, Any]:
     """The JSON-able part of the scheduler's state (state.json "scheduler"); its lambda is rebuilt from the config."""
-    return {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
+    def plain(v):       # AdamW8bit's tensor learning rates as numbers
+        return [plain(x) for x in v] if isinstance(v, list) else v.item() if torch.is_tensor(v) else v
+    return {k: plain(v) for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
 
 
 def load_scheduler(scheduler: LambdaLR, state: dict[str, Any] | None, step: int, where: str) -> None:
@@ -60,5 +126,5 @@ def load_scheduler(scheduler: LambdaLR, state: dict[str, Any] | None, step: int,
     # the learning rate of the coming step, from this run's lambda (the config's schedule and train.steps)
     lrs = [base * fn(scheduler.last_epoch) for base, fn in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
     for group, lr in zip(scheduler.optimizer.param_groups, lrs):
-        group["lr"] = lr
+        set_lr(group, lr)
     scheduler._last_lr = lrs
