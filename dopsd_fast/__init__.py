@@ -18,6 +18,7 @@ from .nn.lora_linear import LoRALinear
 from .ops._dispatch import use_backend
 from .ops.ema_update import ema_update
 from .ops.epilogues import gated_residual, modulated_layer_norm, modulated_rms_norm, qk_norm_rope
+from .ops.fp8_linear import fp8_linear
 from .ops.lora_linear import lora_linear
 from .ops.merge_state import merge_state
 from .ops.packed_attention import PrefixPlan, packed_attention, packed_attention_with_lse, prefix_attention
@@ -33,7 +34,7 @@ __all__ = [
     "FLUX2", "Flux2KleinConfig", "Flux2KleinTransformer", "empirical_mu_sigmas", "load_flux2_klein_transformer",
     "model_family",
     # fused ops
-    "PrefixPlan", "ema_update", "gated_residual", "lora_linear", "merge_state", "modulated_layer_norm",
+    "PrefixPlan", "ema_update", "fp8_linear", "gated_residual", "lora_linear", "merge_state", "modulated_layer_norm",
     "modulated_rms_norm", "packed_attention", "packed_attention_with_lse", "prefix_attention", "qk_norm_rope",
     "rollout_coefs", "rollout_step", "use_backend",
     # trainer

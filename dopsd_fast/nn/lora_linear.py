@@ -12,6 +12,9 @@ compute stays in ``model.dtype`` and the gradient reaching the fp32 adapter is t
 ``forward`` runs the one active adapter (plain torch, what the trainer uses); ``forward_segments`` runs packed
 rows whose segments use different adapters in one call of the fused op ``dopsd_fast.ops.lora_linear.lora_linear``:
 one base GEMM, a LoRA term per segment.
+
+``quantize_base`` (``model.base_precision=fp8``) turns the frozen base into e4m3 with per-output-row fp32 scales
+(ops/fp8_linear.py); ``forward`` then runs the base through ``fp8_linear`` and the adapters as before.
 """
 from __future__ import annotations
 
@@ -21,7 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..ops.fp8_linear import INPUT_GRADS, fp8_linear
 from ..ops.lora_linear import lora_linear
+from ..ops.reference import quantize_rowwise
 
 
 class LoRALinear(nn.Module):
@@ -40,9 +45,30 @@ class LoRALinear(nn.Module):
             self.lora_A[name] = nn.Parameter(torch.randn(rank, self.in_features, device=w.device) / rank)
             self.lora_B[name] = nn.Parameter(torch.zeros(self.out_features, rank, device=w.device))
         self.active_adapter: str | None = adapters[0]
+        self.register_buffer("weight_scale", None, persistent=False)   # (out,) fp32 once quantize_base ran
+        self.input_grad = "bf16"
+
+    def quantize_base(self, input_grad: str = "bf16") -> None:
+        """The frozen base weight -> e4m3 (out, in) + one fp32 scale per output row, in place, once.
+
+        ``weight`` stays a frozen parameter of that name (now float8_e4m3fn); the scales are a non-persistent buffer:
+        the quantised base is derived at load from the original weights and never saved. ``input_grad`` "bf16" |
+        "e5m2": the precision of the input-gradient GEMM (ops/fp8_linear.py).
+        """
+        if self.weight.requires_grad:
+            raise ValueError("quantize_base: the base weight is trainable; only a frozen base (LoRA) can be FP8")
+        if input_grad not in INPUT_GRADS:
+            raise ValueError(f"input_grad={input_grad!r}: expected one of {INPUT_GRADS}")
+        q, scale = quantize_rowwise(self.weight.detach())
+        self.weight = nn.Parameter(q, requires_grad=False)
+        self.weight_scale = scale
+        self.input_grad = input_grad
 
     def forward(self, x: Tensor) -> Tensor:
-        y = F.linear(x, self.weight, self.bias)
+        if self.weight_scale is None:
+            y = F.linear(x, self.weight, self.bias)
+        else:
+            y = fp8_linear(x, self.weight, self.weight_scale, self.bias, self.input_grad)
         if self.active_adapter is None:
             return y
         a, b = self.lora_A[self.active_adapter], self.lora_B[self.active_adapter]
@@ -63,6 +89,8 @@ class LoRALinear(nn.Module):
         ``forward`` with that adapter active; gradients reach only the adapters that require grad. The fused op
         reads the fp32 adapters in x's dtype itself (and returns their gradients in fp32).
         """
+        if self.weight_scale is not None:
+            raise NotImplementedError("forward_segments needs a bf16/fp32 base; an FP8 base runs through forward")
         if not isinstance(seg_offsets, Tensor):
             seg_offsets = torch.tensor(list(seg_offsets), dtype=torch.int32, device=x.device)
         if not isinstance(seg_adapters, Tensor):
@@ -74,7 +102,8 @@ class LoRALinear(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, rank={self.rank}, alpha={self.alpha}, "
-                f"adapters={list(self.lora_A.keys())}, active={self.active_adapter}")
+                f"adapters={list(self.lora_A.keys())}, active={self.active_adapter}"
+                + ("" if self.weight_scale is None else f", base=fp8 e4m3 (input_grad={self.input_grad})"))
 
 
 def inject_lora(model: nn.Module, targets: list[str], adapters: list[str], rank: int, alpha: float) -> list[str]:
@@ -90,6 +119,14 @@ def inject_lora(model: nn.Module, targets: list[str], adapters: list[str], rank:
         raise ValueError(f"adapter.targets {targets} matched no nn.Linear in {type(model).__name__}; "
                          f"check the module names (e.g. 'attention.to_q')")
     return replaced
+
+
+def quantize_base(model: nn.Module, input_grad: str = "bf16") -> int:
+    """Every LoRALinear's frozen base -> FP8 (LoRALinear.quantize_base); returns how many were quantised."""
+    modules = [m for m in model.modules() if isinstance(m, LoRALinear) and m.weight_scale is None]
+    for m in modules:
+        m.quantize_base(input_grad)
+    return len(modules)
 
 
 def set_active_adapter(model: nn.Module, name: str | None) -> None:

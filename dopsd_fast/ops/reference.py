@@ -548,3 +548,53 @@ def packed_attention_lse_bwd_ref(
         dq[q0:q1] = scale * (ds @ ks).transpose(0, 1)
         dk[k0:k1] = scale * (ds.transpose(1, 2) @ qs).transpose(0, 1)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+# Largest finite magnitudes of the two FP8 formats (OCP FP8: e4m3fn has no infinities, e5m2 is IEEE-like).
+FP8_MAX = {torch.float8_e4m3fn: 448.0, torch.float8_e5m2: 57344.0}
+
+
+def quantize_rowwise(t: Tensor, dtype: torch.dtype = torch.float8_e4m3fn) -> tuple[Tensor, Tensor]:
+    """FP8 values and one fp32 scale per row: ``t ~= q * scale[..., None]``, scale = row amax / FP8 max.
+
+    t: (..., n) any float dtype; returns q (..., n) ``dtype`` and scale (...,) fp32. The row's largest magnitude
+    maps to the format's largest finite value; rounding is the cast's round-to-nearest-even, saturating (the clamp:
+    an fp32 quotient a hair above the max would otherwise become NaN in e4m3fn). A zero row gets scale 1 (all-zero
+    q, no 0/0). This one function quantises on every device, so the CUDA path and the CPU emulation round alike.
+    """
+    fmax = FP8_MAX[dtype]
+    amax = t.abs().amax(dim=-1).float()
+    scale = torch.where(amax > 0, amax / fmax, torch.ones_like(amax))
+    q = (t.float() / scale.unsqueeze(-1)).clamp(-fmax, fmax).to(dtype)
+    return q, scale
+
+
+def dequantize_rowwise(q: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor:
+    """``q * scale[..., None]`` in fp32, rounded once to ``dtype``."""
+    return (q.float() * scale.unsqueeze(-1)).to(dtype)
+
+
+def fp8_linear_ref(x: Tensor, weight: Tensor, weight_scale: Tensor, bias: Tensor | None) -> Tensor:
+    """A linear layer on an e4m3 weight, emulated: what ``torch._scaled_mm`` computes, in fp32 on any device.
+
+    x: (T, in) any float dtype, quantised per row to e4m3 here (quantize_rowwise); weight: (out, in) e4m3 with
+    weight_scale (out,) fp32 (quantize_rowwise of the original weight); bias: (out,) or None. Returns (T, out) in
+    x's dtype: (Xq Wq^T) * sx sw^T + b. The FP8 products are exact in fp32 and the scales multiply the fp32 sums,
+    as the GPU kernel applies them after its fp32 accumulation; only the summation order differs from it.
+    """
+    xq, x_scale = quantize_rowwise(x)
+    y = (xq.float() @ weight.float().t()) * x_scale.unsqueeze(-1) * weight_scale
+    return (y if bias is None else y + bias.float()).to(x.dtype)
+
+
+def fp8_linear_input_grad_ref(dy: Tensor, weight: Tensor, weight_scale: Tensor, grad_dtype: str = "bf16") -> Tensor:
+    """dX = dY W for the dequantised weight W = Wq * sw[:, None]; dy (T, out) -> (T, in) in dy's dtype.
+
+    grad_dtype "bf16": the GEMM in dy's dtype on the dequantised weight (rounded once to that dtype). "e5m2": W's row
+    scales move onto dY's columns (they lie along this GEMM's reduction dimension, where a row-wise scaled FP8 GEMM
+    cannot apply them), dY * sw is quantised per row to e5m2 and multiplied with the unscaled e4m3 weight in fp32.
+    """
+    if grad_dtype == "bf16":
+        return dy @ dequantize_rowwise(weight, weight_scale, dy.dtype)
+    gq, g_scale = quantize_rowwise(dy.float() * weight_scale, torch.float8_e5m2)
+    return ((gq.float() @ weight.float()) * g_scale.unsqueeze(-1)).to(dy.dtype)
