@@ -104,3 +104,19 @@ def same_contents(a: dict, b: dict) -> bool:
                                                        for n in ta):
                 return False
     return True
+
+
+def image_folder(root: Path, n: int = 10) -> Path:
+    """``n`` random PNGs in ``root`` (created) in three aspect buckets (square, wide, tall), each with two caption
+    variants in metadata.jsonl."""
+    from PIL import Image
+
+    root.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for i in range(n):
+        w, h = [(64, 64), (120, 48), (48, 120)][i % 3]
+        g = torch.Generator().manual_seed(i)
+        Image.fromarray(torch.randint(0, 256, (h, w, 3), generator=g, dtype=torch.uint8).numpy()).save(root / f"{i}.png")
+        lines.append(json.dumps({"file_name": f"{i}.png", "caption": [f"short {i}", f"long {i}"]}))
+    (root / "metadata.jsonl").write_text("\n".join(lines))
+    return root

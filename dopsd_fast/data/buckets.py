@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from .loader import Batch, ResumableStream
+from .loader import ResumableStream, Rows
 
 MAX_ASPECT = 1344 / 576
 
@@ -127,14 +127,10 @@ class BucketBatches(ResumableStream):
             if not self._batches():         # the epoch was finished: the next one starts whole
                 self.epoch, self.resharded = self.epoch + 1, []
 
-    def __next__(self) -> Batch:
+    def plan(self) -> Rows:
         if self.position >= len(self._batches()):
             self.epoch, self.position, self.resharded = self.epoch + 1, 0, []
         g = self.position_generator()
-        images, prompts = [], []
-        for i in self._batches()[self.position]:
-            pair = self.dataset[i]
-            images.append(pair.image)
-            prompts.append(self.draw_caption(pair, g))
+        rows = [(i, self.draw_caption(self.dataset.captions(i), g)) for i in self._batches()[self.position]]
         self.position += 1
-        return Batch(images, prompts)
+        return rows

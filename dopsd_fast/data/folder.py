@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import io
 import json
 import logging
 import math
@@ -36,7 +37,9 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
+from torch import Tensor
 
+from ..progress import progress as progress_bar
 from .buckets import cover_size, make_buckets, nearest_bucket, resize_center_crop
 from .synthetic import Pair
 
@@ -53,6 +56,8 @@ DEEP_PNG_RAWMODES = {"RGB;16B", "I;16B"}
 # The share of an image's area its centre crop must keep before it is warned about: below half, most of what
 # the caption describes may be cut away (a 5:1 panorama in a 2.33:1 bucket keeps 47%).
 MIN_CROP_KEEP = 0.5
+# Bump when a Record's fields or the checks change: index files of older scans then no longer match and rebuild.
+INDEX_VERSION = 1
 
 
 class DataError(ValueError):
@@ -67,10 +72,18 @@ class Record:
     width: int
     bucket: int
     digest: str          # sha256 of the file bytes (cache key, duplicate detection)
+    span: list | None = None    # inside a tar shard: [shard relative to the root, byte offset, size]; else None
 
 
 class ImageFolder:
-    def __init__(self, root: str | Path, side: int, buckets: int = 11, min_side: int | None = None):
+    """``index_dir``: where the scan's result is kept (``index_file``), keyed by the folder's listing; a later
+    ImageFolder on an unchanged folder reads it instead of hashing and decoding every image. ``index``: a scan's
+    result (``self.index``, e.g. rank 0's), used as it is, without reading the folder."""
+
+    kind = "folder"     # its data.kind
+
+    def __init__(self, root: str | Path, side: int, buckets: int = 11, min_side: int | None = None,
+                 index_dir: str | Path | None = None, progress: bool = False, index: dict | None = None):
         self.root = Path(root)
         if not self.root.is_dir():
             raise DataError(f"data.path: {self.root} is not a directory of images")
@@ -79,20 +92,68 @@ class ImageFolder:
         self.skipped: dict[str, list[str]] = {}
         self.warned: dict[str, list[str]] = {}      # used, but flagged (extreme aspect ratio)
         self.caption_problems: dict[Path, tuple[str, str]] = {}     # image -> (reason, detail) of its bad caption
-        self.records = self._scan()
+        self.index_hit = False
+        self.index = index if index is not None else self._indexed(index_dir, progress)
+        self.records = [Record(self.root / rel, *rest) for rel, *rest in self.index["records"]]
+        self.skipped, self.warned = self.index["skipped"], self.index["warned"]
         if not self.records:
             reasons = ", ".join(f"{len(v)} {k}" for k, v in self.skipped.items()) or "no image files"
             raise DataError(f"data.path: {self.root} has no usable image-caption pairs ({reasons}); "
                             f"images need a caption (.txt sidecar or metadata.jsonl) and {sorted(IMAGE_SUFFIXES)}")
 
+    # ------------------------------------------------------------------ the index
+    def _listing(self) -> str:
+        """A hash of every entry's relative path, size, mtime and type: adding, removing, editing or touching an
+        image, a sidecar or metadata.jsonl changes it (a stat per entry; nothing is read)."""
+        h = hashlib.sha256()
+        for path in sorted(self.root.rglob("*")):
+            try:
+                st = path.stat()
+                h.update(f"{path.relative_to(self.root)}\0{st.st_size}\0{st.st_mtime_ns}\0{stat.S_IFMT(st.st_mode)}\n"
+                         .encode("utf-8", "surrogateescape"))
+            except OSError as err:          # broken links and loops are listed by their error
+                h.update(f"{path.relative_to(self.root)}\0{err.errno}\n".encode("utf-8", "surrogateescape"))
+        return h.hexdigest()
+
+    def index_file(self, index_dir: str | Path) -> Path:
+        """This folder's index under ``index_dir``: one file per folder and scan setting (buckets, min_side)."""
+        key = json.dumps([INDEX_VERSION, type(self).__name__, str(self.root.resolve()), self.buckets, self.min_side])
+        return Path(index_dir) / f"{self.kind}-{hashlib.sha256(key.encode()).hexdigest()[:20]}.json"
+
+    def _indexed(self, index_dir: str | Path | None, progress: bool) -> dict:
+        """The saved index when the folder's listing still matches it (``index_hit``), else a new scan, saved."""
+        if index_dir is None:
+            return self._scan(progress)
+        path, listing = self.index_file(index_dir), self._listing()
+        try:
+            saved = json.loads(path.read_text(encoding="utf-8"))
+            if saved["listing"] == listing:
+                self.index_hit = True
+                if saved["skipped"]:
+                    counts = {k: len(v) for k, v in saved["skipped"].items()}
+                    log.warning(f"data: skipping {sum(counts.values())} files as the index {path} recorded {counts}; "
+                                "their names are in the run's data_summary.json")
+                return saved
+        except (OSError, ValueError, KeyError, TypeError):
+            pass                        # no index yet, or a torn or foreign file: scan and replace it
+        index = {**self._scan(progress), "listing": listing}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(index, ensure_ascii=False), encoding="utf-8")
+        os.replace(tmp, path)
+        return index
+
     # ------------------------------------------------------------------ scanning
     def _skip(self, path: Path | str, reason: str, detail: str = "", counts: dict | None = None,
               verb: str = "skipping") -> None:
         """Count ``path`` (or a ``metadata.jsonl:LINE``) under ``reason`` and warn naming it."""
-        rel = path if isinstance(path, str) else (str(path.relative_to(self.root)) if path.is_relative_to(self.root)
-                                                  else str(path))
+        rel = path if isinstance(path, str) else self._rel(path)
         (self.skipped if counts is None else counts).setdefault(reason, []).append(rel)
         log.warning(f"data: {verb} {rel}: {reason}{': ' + detail if detail else ''}")
+
+    def _rel(self, path: Path) -> str:
+        """``path`` relative to the folder; one outside it (a metadata.jsonl entry may point there) as it is."""
+        return str(path.relative_to(self.root)) if path.is_relative_to(self.root) else str(path)
 
     def _images(self) -> list[Path]:
         """Every non-hidden entry with an image suffix that is not a directory: regular files, and the FIFOs, broken
@@ -141,10 +202,14 @@ class ImageFolder:
             self.caption_problems[image] = ("non-UTF-8 caption", f"re-save {txt.name} as UTF-8")
             return None
 
-    def _scan(self) -> list[Record]:
+    def _scan(self, progress: bool = False) -> dict:
+        """Every entry checked, the images decoded once: {"records": [[relative path, captions, height, width,
+        bucket, digest, span]], "skipped": {reason: [names]}, "warned": {reason: [names]}} (Record's fields)."""
         records, seen = [], {}
-        for path, captions in self._captions().items():
-            problem = _not_regular(path)
+        entries = self._captions()
+        for path, captions in progress_bar(entries.items(), total=len(entries), desc=f"data: scanning {self.root}",
+                                           unit="image", enabled=progress):
+            problem = self._entry_problem(path)
             if problem is not None:
                 self._skip(path, *problem)
                 continue
@@ -158,15 +223,15 @@ class ImageFolder:
                 self._skip(path, "empty caption")
                 continue
             try:
-                data = path.read_bytes()
+                data = self._read(path)
             except OSError as err:
                 self._skip(path, "unreadable file", f"{err.strerror}; fix its permissions")
                 continue
             digest = hashlib.sha256(data).hexdigest()
             if digest in seen:
-                self._skip(path, "duplicate", f"same bytes as {seen[digest].relative_to(self.root)}")
+                self._skip(path, "duplicate", f"same bytes as {self._rel(seen[digest])}")
                 continue
-            size = self._check_image(path)
+            size = self._check_image(path, data)
             if size is None:
                 continue
             seen[digest] = path
@@ -178,19 +243,32 @@ class ImageFolder:
                 self._skip(path, "extreme aspect ratio", f"{w}x{h}: its centre crop to the {bw}x{bh} bucket keeps "
                            f"{kept:.0%} of it (below {MIN_CROP_KEEP:.0%}); crop it to what the caption describes",
                            counts=self.warned, verb="using")
-            records.append(Record(path, captions, h, w, bucket, digest))
-        return records
+            records.append([self._rel(path), captions, h, w, bucket, digest, self._span(path)])
+        return {"records": records, "skipped": self.skipped, "warned": self.warned}
 
-    def _check_image(self, path: Path) -> tuple[int, int] | None:
+    # How an entry is read: a file of the folder here; TarShards (shards.py) reads members of tar files instead.
+    def _entry_problem(self, path: Path) -> tuple[str, str] | None:
+        return _not_regular(path)
+
+    def _read(self, path: Path) -> bytes:
+        return path.read_bytes()
+
+    def _span(self, path: Path) -> list | None:
+        return None
+
+    def _check_image(self, path: Path, data: bytes) -> tuple[int, int] | None:
+        """(height, width) of the image ``path`` whose bytes are ``data``, or None when it is skipped."""
         try:
-            with Image.open(path) as img:
+            with Image.open(io.BytesIO(data)) as img:
                 mode, info, deep = img.mode, img.info, _deep_rawmode(img)
                 img.load()                       # decodes every byte: catches truncated files
                 w, h = img.size
             if deep:
-                read_deep_png(path)              # the low bytes too
+                read_deep_png(data)              # the low bytes too
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-            self._skip(path, "corrupt image", str(err))
+            # Pillow names the in-memory buffer, not the file, in its "cannot identify image file" message
+            self._skip(path, "corrupt image", "not an image file Pillow can read" if isinstance(
+                err, UnidentifiedImageError) else str(err))
             return None
         if "transparency" in info or (mode not in SUPPORTED_MODES and not deep):
             what = ("alpha channel" if "A" in mode or "transparency" in info else "more than 8 bits" if mode[0] in "IF"
@@ -207,12 +285,20 @@ class ImageFolder:
         return len(self.records)
 
     def __getitem__(self, i: int) -> Pair:
+        return Pair(self.image(i), self.captions(i))
+
+    def captions(self, i: int) -> list[str]:
+        return self.records[i].captions
+
+    def image(self, i: int) -> Tensor:
+        """Record i decoded, resized and centre-cropped to its bucket: (3, h, w) in [-1, 1]."""
         r = self.records[i]
         h, w = self.buckets[r.bucket]
-        with Image.open(r.path) as img:
+        source = r.path if r.span is None else io.BytesIO(read_span(self.root / r.span[0], *r.span[1:]))
+        with Image.open(source) as img:
             if _deep_rawmode(img) is None:
-                return Pair(resize_center_crop(img, h, w), r.captions)
-        return Pair(resize_center_crop(read_deep_png(r.path), h, w), r.captions)
+                return resize_center_crop(img, h, w)
+        return resize_center_crop(read_deep_png(source), h, w)
 
     def bucket_members(self) -> dict[int, list[int]]:
         out: dict[int, list[int]] = {}
@@ -283,20 +369,38 @@ def _deep_rawmode(img: Image.Image) -> str | None:
     return raw if raw in DEEP_PNG_RAWMODES else None
 
 
-def read_deep_png(path: Path) -> np.ndarray:
+def read_span(path: Path, offset: int, size: int) -> bytes:
+    """``size`` bytes of ``path`` from ``offset`` (a tar member's data); OSError when the file ends before."""
+    with open(path, "rb") as f:
+        f.seek(offset)
+        data = f.read(size)
+    if len(data) < size:
+        raise OSError(errno.EIO, f"{path} ends {size - len(data)} bytes into a member (a truncated shard)")
+    return data
+
+
+def read_deep_png(source: Path | bytes | io.BytesIO) -> np.ndarray:
     """A 16-bit RGB or greyscale PNG -> (H, W, 3) float32 in [0, 1], sample / 65535, every bit kept.
 
     Pillow has no 16-bit RGB mode: it unpacks each big-endian sample to its high byte ("RGB;16B"). Unpacking the
     same pixels as little-endian ("RGB;16L": same 48-bit pixels, so the same PNG unfiltering) yields the low bytes.
     """
-    with Image.open(path) as img:
+    if isinstance(source, bytes):
+        source = io.BytesIO(source)
+
+    def opened() -> Image.Image:        # the file is read twice; an in-memory one from its start each time
+        if isinstance(source, io.BytesIO):
+            source.seek(0)
+        return Image.open(source)
+
+    with opened() as img:
         raw = _deep_rawmode(img)
         if raw == "I;16B":
             return np.repeat(np.asarray(img).astype(np.float32)[..., None] / 65535.0, 3, axis=2)
         if raw != "RGB;16B":
-            raise ValueError(f"{path}: not a 16-bit PNG")
+            raise ValueError(f"{source}: not a 16-bit PNG")
         high = np.asarray(img).astype(np.uint16)
-    with Image.open(path) as img:
+    with opened() as img:
         t = img.tile[0]
         img.tile = [t._replace(args="RGB;16L") if hasattr(t, "_replace") else (*t[:3], "RGB;16L")]
         low = np.asarray(img).astype(np.uint16)

@@ -88,5 +88,10 @@ class SyntheticPairs:
         return len(self.scenes)
 
     def __getitem__(self, i: int) -> Pair:
-        scene = self.scenes[i]
-        return Pair(render(scene, self.image_size), scene.captions())
+        return Pair(self.image(i), self.captions(i))
+
+    def captions(self, i: int) -> list[str]:
+        return self.scenes[i].captions()
+
+    def image(self, i: int) -> Tensor:
+        return render(self.scenes[i], self.image_size)

@@ -17,6 +17,7 @@ from torch import nn
 from ..data.latents import PatchedPixelLatents, PixelLatents
 from ..method.schedule import FLUX2, Z_IMAGE, FlowConvention, empirical_mu_sigmas, rollout_sigmas, shifted_sigmas
 from ..metrics import flops
+from ..train.config import IMAGE_KINDS
 from .flux2_klein import KLEIN_4B, KLEIN_9B, Flux2KleinConfig, Flux2KleinTransformer, ReferenceCondition
 from .z_image import ZImageConfig, ZImageTransformer
 
@@ -133,7 +134,7 @@ class ZImageFamily(ModelFamily):
 
     def latent_shape(self, cfg, arch: ZImageConfig):
         s = cfg.data.image_size
-        return (arch.in_channels, 1, s // 8, s // 8) if cfg.data.kind == "folder" else PixelLatents().latent_shape(s, s)
+        return (arch.in_channels, 1, s // 8, s // 8) if cfg.data.kind in IMAGE_KINDS else PixelLatents().latent_shape(s, s)
 
     def image_tokens(self, arch: ZImageConfig, latent_shape):
         p = arch.all_patch_size[0]
@@ -175,7 +176,7 @@ class Flux2KleinFamily(ModelFamily):
 
     def codec(self, cfg, arch):
         # image folders go through the FLUX.2 VAE (vae_codec, built with the caches)
-        return None if cfg.data.kind == "folder" else PatchedPixelLatents(self.pixel_patch(arch))
+        return None if cfg.data.kind in IMAGE_KINDS else PatchedPixelLatents(self.pixel_patch(arch))
 
     def vae_codec(self, folder, dtype, device="cpu"):
         from ..data.flux2_vae_latents import Flux2VaeLatents
@@ -188,7 +189,7 @@ class Flux2KleinFamily(ModelFamily):
 
     def latent_shape(self, cfg, arch: Flux2KleinConfig):
         s = cfg.data.image_size
-        if cfg.data.kind == "folder":
+        if cfg.data.kind in IMAGE_KINDS:
             return (arch.in_channels, s // LATENT_FACTOR, s // LATENT_FACTOR)
         return PatchedPixelLatents(self.pixel_patch(arch)).latent_shape(s, s)
 

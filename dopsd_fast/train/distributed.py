@@ -1,4 +1,4 @@
-"""Process group, ranks, per-rank seeds and the rank-sharded batch stream.
+"""Process group, ranks, per-rank seeds and the collectives the trainer runs outside DeepSpeed.
 
 Launch with ``torchrun --nproc_per_node N`` (or ``--nnodes``), or the ``deepspeed`` launcher; both export
 RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT. A plain ``python`` start is a world of one.
@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
+import time
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
-from ..data.loader import Batch, PairStream
 from . import watchdog
 
 
@@ -102,29 +103,27 @@ def any_over_ranks(flag: bool) -> bool:
         return bool(t.item())
 
 
-class ShardedStream:
-    """Rank r's share of a global batch of ``batch_size * world`` pairs: rows [r*B, (r+1)*B).
+def from_rank0(make, what: str):
+    """``make()`` run on rank 0 only, its result on every rank; an exception it raises is raised on every rank.
 
-    Every rank walks the same global order (same seed), so the state is the global stream's (epoch, position)
-    and a resumed run, on any rank and any world size, continues exactly where the interrupted one stopped
-    (positions count samples; BucketBatches recuts the rest of an epoch for a new global batch). ``stream_cls``: the
-    single-process stream of the data kind (PairStream; BucketBatches for folders, so a global batch is one
-    aspect bucket and every rank's share stacks into one latent shape).
-    """
-
-    def __init__(self, dataset, batch_size: int, seed: int, rank: int, world: int, stream_cls=PairStream):
-        self.global_stream = stream_cls(dataset, batch_size * world, seed)
-        self.rows = slice(rank * batch_size, (rank + 1) * batch_size)
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> Batch:
-        batch = next(self.global_stream)
-        return Batch(batch.images[self.rows], batch.prompts[self.rows])
-
-    def state_dict(self) -> dict[str, int]:
-        return self.global_stream.state_dict()
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.global_stream.load_state_dict(state)
+    While rank 0 works (a data scan may outlast ``deepspeed.timeout_s``), all ranks meet in an all-reduce once a
+    second: no collective waits long enough to time out, and a rank 0 that dies or hangs still ends the others
+    through the watchdog. Then one broadcast hands the result over."""
+    if world_size() == 1:
+        return make()
+    box: list = [None]
+    if rank() == 0:
+        def run():
+            try:
+                box[0] = make()
+            except Exception as err:        # handed to every rank below
+                box[0] = err
+        worker = threading.Thread(target=run, name=f"dopsd-{what}", daemon=True)
+        worker.start()
+    while not any_over_ranks(rank() == 0 and not worker.is_alive()):
+        time.sleep(1.0)
+    with watchdog.guard(f"the broadcast of {what}"):
+        dist.broadcast_object_list(box, src=0)
+    if isinstance(box[0], Exception):
+        raise box[0]
+    return box[0]

@@ -4,9 +4,13 @@ import pytest
 import torch
 
 from dopsd_fast.data.buckets import BucketBatches
-from dopsd_fast.data.loader import PairStream
+from dopsd_fast.data.loader import BatchLoader, PairStream
 from dopsd_fast.data.synthetic import Pair
-from dopsd_fast.train.distributed import ShardedStream
+
+
+def rank_share(data, batch: int, seed: int, rank: int, world: int, stream_cls) -> BatchLoader:
+    """Rank ``rank``'s share of global batches of ``batch`` x ``world``, as the trainers build it."""
+    return BatchLoader(stream_cls(data, batch * world, seed), rank, world)
 
 
 class TwoBuckets:
@@ -26,10 +30,16 @@ class TwoBuckets:
     def __getitem__(self, i):
         return self.pairs[i]
 
+    def captions(self, i):
+        return self.pairs[i].captions
+
+    def image(self, i):
+        return self.pairs[i].image
+
 
 def test_rank_shares_of_bucketed_global_batches():
     data, world, batch = TwoBuckets(), 2, 2
-    ranks = [ShardedStream(data, batch, 5, r, world, BucketBatches) for r in range(world)]
+    ranks = [rank_share(data, batch, 5, r, world, BucketBatches) for r in range(world)]
     whole = BucketBatches(data, batch * world, 5)
     for _ in range(9):                          # over an epoch boundary
         shares, ref = [next(s) for s in ranks], next(whole)
@@ -39,7 +49,7 @@ def test_rank_shares_of_bucketed_global_batches():
         assert [p for s in shares for p in s.prompts] == ref.prompts
         assert all(torch.equal(a, b) for a, b in zip([i for s in shares for i in s.images], ref.images))
     state = ranks[1].state_dict()
-    resumed = ShardedStream(data, batch, 5, 1, world, BucketBatches)
+    resumed = rank_share(data, batch, 5, 1, world, BucketBatches)
     resumed.load_state_dict(state)
     assert next(resumed).prompts == next(ranks[1]).prompts
 
@@ -61,7 +71,7 @@ def _epoch_across_resumes(data, stream_cls, batch: int, worlds: list[int], iters
     state the one before it left (the global stream's, as a checkpoint holds it)."""
     seen, state = [], None
     for world, n in zip(worlds, iters):
-        ranks = [ShardedStream(data, batch, 5, r, world, stream_cls) for r in range(world)]
+        ranks = [rank_share(data, batch, 5, r, world, stream_cls) for r in range(world)]
         if state is not None:
             for s in ranks:
                 s.load_state_dict(state)
