@@ -16,6 +16,9 @@ Every adapted module of the file must be one of the model's LoRA modules with th
 update ``alpha / r * B A`` then trains on exactly as our own adapter would); modules the file does not adapt keep
 their fresh adapter (B = 0: no update). Tensors are read through safetensors only; a NaN or Inf is refused.
 Problems raise ``WeightsError`` naming the file, the tensor and the fix.
+
+``merge_loras`` (``model.merge_loras``) reads the same files into the base weights instead: any rank and alpha,
+our module names only, folded before the adapters exist (a continual plan's earlier stages, train/continual.py).
 """
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ import math
 import re
 from pathlib import Path
 
+import torch
 from safetensors import SafetensorError, safe_open
 from torch import Tensor, nn
 
@@ -83,6 +87,13 @@ def _header_alpha(path: Path, meta: dict[str, str]) -> float | None:
     return None if alpha is None else float(alpha)
 
 
+def _alpha(slot: dict[str, Tensor], header_alpha: float | None) -> float:
+    """A module's alpha: its own tensor, else the header's, else its rank (diffusers' default for neither)."""
+    if "alpha" in slot:
+        return float(slot["alpha"])
+    return header_alpha if header_alpha is not None else float(slot["down"].shape[0])
+
+
 def _group(path: Path, tensors: dict[str, Tensor]) -> dict[str, dict[str, Tensor]]:
     """File module (prefix dropped) -> {"down", "up", "alpha"}."""
     modules: dict[str, dict[str, Tensor]] = {}
@@ -132,7 +143,7 @@ def _split(path: Path, module: str, slot: dict[str, Tensor], parts: list, defaul
     """(our name, A, B) of each adapted part of file module ``module``, after checking rank, alpha and shapes."""
     down, up = slot["down"].float(), slot["up"].float()
     n, R = len(parts), down.shape[0]
-    alpha = float(slot["alpha"]) if "alpha" in slot else default_alpha if default_alpha is not None else float(R)
+    alpha = _alpha(slot, default_alpha)
     ref = next(p[1] for p in parts if p)
     r = ref.rank
     out_rows = up.shape[0] // n
@@ -194,3 +205,33 @@ def read_lora(source: str | Path, model: nn.Module, adapter: str = "student") ->
             out[f"{name}.lora_A.{adapter}"], out[f"{name}.lora_B.{adapter}"] = a.contiguous(), b.contiguous()
     missing = len(lora_modules(model, adapter)) - len(out) // 2
     return out, path, missing
+
+
+@torch.no_grad()
+def merge_loras(model: nn.Module, sources: list[str]) -> None:
+    """``model.merge_loras``: fold each LoRA of ``sources``, in order, into ``model``'s base weights before any
+    adapter is injected: ``W <- (W + alpha / r * B A)`` computed in fp32 and rounded once to W's dtype, as
+    ``export.merged_state_dict`` folds a trained adapter, so a continual plan's merged base equals the previous
+    stage's merged export bit for bit. Any rank and alpha (each file's own); module names ours (= diffusers'),
+    as ``pytorch_lora_weights.safetensors`` writes them."""
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    for source in sources:
+        try:
+            path = lora_file(source)
+        except WeightsError as err:
+            raise WeightsError(f"model.merge_loras: {err}") from None
+        tensors, meta = _read(path)
+        bad = first_nonfinite(tensors)
+        if bad is not None:
+            raise WeightsError(f"model.merge_loras: {path}: tensor {bad!r} holds NaN or Inf values")
+        default_alpha = _header_alpha(path, meta)
+        for module, slot in sorted(_group(path, tensors).items()):
+            m = linears.get(module)
+            down, up = slot["down"].float(), slot["up"].float()
+            if m is None or tuple(up.shape[:1]) + tuple(down.shape[1:]) != tuple(m.weight.shape):
+                raise WeightsError(f"model.merge_loras: {path}: module {module!r} is not a linear layer of this "
+                                   f"model with weight {tuple(up.shape[:1]) + tuple(down.shape[1:])}; merge a "
+                                   f"diffusers-named LoRA ({LORA_FILE}) trained on this model")
+            scale = _alpha(slot, default_alpha) / down.shape[0]
+            m.weight.copy_((m.weight.float() + scale * (up.to(m.weight.device) @ down.to(m.weight.device)))
+                           .to(m.weight.dtype))
