@@ -34,7 +34,8 @@ MODES: tuple[str, ...] = typing.get_args(Mode)
 _aten = torch.ops.aten
 # The policy sees ops below autograd: a linear is mm / addmm there (the position of mat1, mat2 follows), and the
 # dopsd:: ops, dispatcher ops too, come whole.
-GEMMS = {_aten.mm.default: 0, _aten.addmm.default: 1, _aten.bmm.default: 0}
+# (an FP8 base, ops/fp8_linear.py, is _scaled_mm on CUDA)
+GEMMS = {_aten.mm.default: 0, _aten.addmm.default: 1, _aten.bmm.default: 0, _aten._scaled_mm.default: 0}
 # Always kept: every attention (SDPA's backends, ours).
 KEPT = {
     _aten._scaled_dot_product_flash_attention.default, _aten._scaled_dot_product_flash_attention_for_cpu.default,
@@ -130,20 +131,25 @@ def run_block(plan: CheckpointPlan, index: int, fn: Callable[..., Tensor], *args
 def measure_block(fn: Callable[..., Tensor], args: tuple) -> BlockMemory:
     """Runs ``fn(*args)`` once unchecked and drops the result (one block's activations, briefly), counting the
     storages autograd saves that are neither parameters nor anything the arguments hold (held anyway)."""
-    held = {t.untyped_storage().data_ptr() for t in _tensors(args, deep=True)}
-    held |= {p.untyped_storage().data_ptr() for m in (fn, *args) if isinstance(m, nn.Module) for p in m.parameters()}
+    held = {storage_key(t) for t in _tensors(args, deep=True)}
+    held |= {storage_key(p) for m in (fn, *args) if isinstance(m, nn.Module) for p in m.parameters()}
     saved: dict[int, int] = {}
 
     def pack(t: Tensor) -> Tensor:
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in held:
-            saved[storage.data_ptr()] = storage.nbytes()
+        if storage_key(t) not in held:
+            saved[storage_key(t)] = t.untyped_storage().nbytes()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         fn(*args)
-    inputs = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in _tensors(args, deep=False)}
+    inputs = {storage_key(t): t.untyped_storage().nbytes() for t in _tensors(args, deep=False)}
     return BlockMemory(saved=sum(saved.values()), inputs=sum(inputs.values()))
+
+
+def storage_key(t: Tensor) -> int:
+    """Which storage ``t`` views: its StorageImpl, so that meta tensors (all at data_ptr 0) count apart too (the
+    memory plan traces the model on the meta device, train/memory.py)."""
+    return t.untyped_storage()._cdata
 
 
 def _tensors(obj, deep: bool) -> Iterator[Tensor]:

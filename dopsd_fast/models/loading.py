@@ -11,12 +11,13 @@ import json
 import types
 import typing
 from pathlib import Path
-from typing import Callable, Mapping, TypeVar
+from typing import Callable, Iterator, Mapping, TypeVar
 
 import torch
 from safetensors import SafetensorError, safe_open
 
 from .._extras import require
+from ..progress import progress
 from .z_image import ZImageConfig, ZImageTransformer
 
 WEIGHTS = "diffusion_pytorch_model"
@@ -185,26 +186,53 @@ def load_checked(model: torch.nn.Module, folder: Path, stem: str = WEIGHTS, dtyp
     key set to check against when ``model`` keeps only part of it (an encoder cut after its last needed layer).
     Floating tensors are cast to ``dtype`` as they are read.
     """
-    files = _weight_map(folder, stem)
-    shapes = file_shapes(files)
-    source = {rename(k): k for k in files if rename(k) is not None}      # model key -> file key
     wanted = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    mismatch = describe_mismatch({new: shapes[old] for new, old in source.items()}, expected or wanted)
-    if mismatch:
-        raise WeightsError(f"{folder}: weights do not match the {type(model).__name__} of its config.json: {mismatch}")
-    refuse_integer_weights(files, [source[k] for k, v in model.state_dict().items() if v.is_floating_point()])
+    floating = [k for k, v in model.state_dict().items() if v.is_floating_point()]
+    files, source = _checked_sources(folder, stem, rename, wanted, expected, floating, type(model).__name__)
     state = {}
-    for path in sorted({files[source[k]] for k in wanted}):
-        with _open(path) as f:
-            for new in wanted:
-                if files[source[new]] == path:
-                    t = f.get_tensor(source[new])
-                    state[new] = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+    with progress(total=len(wanted), desc=f"loading {folder}", unit="tensor") as bar:
+        for path in sorted({files[source[k]] for k in wanted}):
+            with _open(path) as f:
+                for new in wanted:
+                    if files[source[new]] == path:
+                        t = f.get_tensor(source[new])
+                        state[new] = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+                        bar.update()
     bad = first_nonfinite(state)        # after the cast: what the model would hold
     if bad is not None:
         raise nonfinite_weights(files[source[bad]], source[bad])
     model.load_state_dict(state, assign=True)
     return model
+
+
+def _checked_sources(folder: Path, stem: str, rename: Callable[[str], str | None], wanted: dict[str, tuple[int, ...]],
+                     expected: dict[str, tuple[int, ...]] | None, floating: list[str], what: str):
+    """(tensor name -> shard file, model key -> file key) of ``folder``, after checking from the headers that names
+    and shapes match ``wanted`` (or ``expected``) and that the ``floating`` keys are stored as floats."""
+    files = _weight_map(folder, stem)
+    shapes = file_shapes(files)
+    source = {rename(k): k for k in files if rename(k) is not None}      # model key -> file key
+    mismatch = describe_mismatch({new: shapes[old] for new, old in source.items()}, expected or wanted)
+    if mismatch:
+        raise WeightsError(f"{folder}: weights do not match the {what} of its config.json: {mismatch}")
+    refuse_integer_weights(files, [source[k] for k in floating])
+    return files, source
+
+
+def tensors_one_at_a_time(folder: Path, wanted: dict[str, tuple[int, ...]], floating: list[str], what: str,
+                          dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+    """``load_checked``'s checks, then each tensor of ``wanted`` (key -> shape) read, cast to ``dtype`` and checked
+    finite on its own: a model whose parameters are partitioned (ZeRO-3) keeps its slice of each and drops the rest,
+    so no whole copy of the model is ever held. Diffusers keys, as the file's."""
+    files, source = _checked_sources(folder, WEIGHTS, lambda k: k, wanted, None, floating, what)
+    for key in sorted(wanted, key=lambda k: str(files[source[k]])):
+        path = files[source[key]]
+        with _open(path) as f:      # one opening per tensor: the file's pages it maps count as this process's memory
+            t = f.get_tensor(source[key])       # until it closes
+        t = t.to(dtype) if t.is_floating_point() else t
+        if first_nonfinite({key: t}) is not None:
+            raise nonfinite_weights(path, source[key])
+        yield key, t
 
 
 def load_zimage_transformer(folder: str | Path, dtype: torch.dtype = torch.float32,

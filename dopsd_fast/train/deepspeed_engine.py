@@ -14,9 +14,10 @@ N (``dopsd_step``'s weight), before that one ``engine.step()`` (DeepSpeed's own 
 the boundary is ``step()``, not a micro-step count).
 
 ZeRO stages 0, 1 and 2 keep whole parameters on every rank, so the EMA teacher and both roles' forwards are the
-single-process code. ZeRO-3 (LoRA roles only) partitions every parameter, frozen base included (``zero3.py``): the
-EMA runs on each rank's slices, and with ``deepspeed.gather_once`` the roll-out gathers every parameter once per
-iteration.
+single-process code. ZeRO-3 partitions every parameter, a LoRA run's frozen base included, and a full fine-tuning
+run's teacher module the same way as its student (``zero3.py``): the EMA runs on each rank's slices, and with
+``deepspeed.gather_once`` the roll-out gathers every parameter of both roles once per iteration. A pretrained LoRA
+run's transformer is built partitioned (``build_transformer``): no rank ever holds the whole model.
 
 Checkpoints reuse ``checkpoint.py``'s atomic directory: every rank writes into ``step-XXXXXX.tmp`` (DeepSpeed's
 model/optimizer shards under ``deepspeed/``, its own ``rng-rankNNNNN.safetensors``), rank 0 adds the
@@ -48,6 +49,7 @@ from . import finite
 from . import reshard
 from . import watchdog
 from . import zero3
+from .assemble import construct_transformer
 from .config import Config
 from .optim import build_scheduler, load_scheduler, scheduler_state
 
@@ -138,7 +140,6 @@ class DeepSpeedMixin:
         super().__init__(cfg, progress=progress and self.is_main)
         t = cfg.train
         self.noise = torch.Generator().manual_seed(dist.rank_seed(t.seed, self.rank))
-        self.stream = dist.ShardedStream(self.dataset, t.batch_size, t.seed, self.rank, self.world, type(self.stream))
         self.zero3 = cfg.deepspeed.stage == 3
         if self.zero3:
             self._prepare_zero3()
@@ -147,22 +148,53 @@ class DeepSpeedMixin:
         # the same torch schedule, over the AdamW that steps the fp32 tensors; optimizer_step also copies its lr
         # into the engine's groups (learning_rate()), so DeepSpeed runs the single-process lr sequence
         self.scheduler = build_scheduler(reshard.inner_optimizer(self.engine), cfg)
-        self._rebind_teacher()
+        self._rebind_teacher(deepspeed)
 
-    def _prepare_zero3(self) -> None:        # LoRA roles only (config.py refuses full fine-tuning on ZeRO-3)
-        zero3.discover_parameters_in(self.model, "encode_context")
+    def build_transformer(self, weights: Config, plan, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
+        """assemble's hook. ZeRO-3 on a pretrained diffusers folder: each rank builds and reads only its slices
+        (zero3.build_partitioned), never the whole model. A random base is drawn whole on the CPU with the seed, as
+        the single-process run draws it, and the engine partitions it; so is a base that one of the keys below
+        needs whole at build time."""
+        pretrained = weights.model.pretrained
+        if weights.deepspeed.stage != 3 or pretrained is None or not Path(pretrained).is_dir():
+            return construct_transformer(weights, plan, dtype, device)
+        needs_whole = [key for key, on in (("adapter.mode=full", weights.adapter.mode == "full"),    # copies it
+                                           ("model.merge_loras", bool(weights.model.merge_loras)))   # adds to it
+                       if on]
+        if needs_whole:
+            if self.is_main:
+                print(f"deepspeed.stage=3: {' and '.join(needs_whole)} needs the whole base at start-up: every rank "
+                      "builds it whole, then the engine partitions it")
+            return construct_transformer(weights, plan, dtype, device)
+        return zero3.build_partitioned(plan.family, plan.arch, Path(pretrained), dtype,
+                                       engine_config(weights, self.world))
+
+    @property
+    def role_models(self) -> list[torch.nn.Module]:
+        """The roles' modules: one under LoRA, student and teacher under full fine-tuning."""
+        return list(dict.fromkeys((self.roles.student_model, self.roles.teacher_model)))
+
+    def _prepare_zero3(self) -> None:
+        for model in self.role_models:
+            zero3.discover_parameters_in(model, "encode_context")
         self.all_gathers = zero3.AllGatherCounter.install()
 
-    def _rebind_teacher(self) -> None:
+    def _rebind_teacher(self, deepspeed) -> None:
         """The engine moves (ZeRO-3: partitions) the model: point the EMA at the parameters the model holds now."""
         ema, params = self.roles.ema, dict(self.model.named_parameters())
         student = list(self.roles.trainable.values())
         if isinstance(self.roles, FullRoles):
-            self.roles.teacher_model.to(self.engine.device)
+            if self.zero3:
+                # the teacher partitioned as the student is, with DeepSpeed's gathering hooks: an engine without
+                # optimizer (ZeRO-3 "inference"); kept so the hooks' owner lives as long as the trainer
+                self.teacher_engine, *_ = deepspeed.initialize(model=self.roles.teacher_model,
+                                                               config=engine_config(self.cfg, self.world))
+            else:
+                self.roles.teacher_model.to(self.engine.device)
             params = dict(self.roles.teacher_model.named_parameters())
         teacher = [params[n] for n in ema.names]
-        if self.zero3:
-            self.roles.ema = zero3.PartitionedEMA(ema.names, teacher, student)
+        if self.zero3:      # each rank's teacher slices follow its slices of the student's fp32 master
+            self.roles.ema = zero3.PartitionedEMA(ema.names, teacher, zero3.master_slices(self.optimizer, student))
         else:
             self.roles.ema = EMATeacher(dict(zip(ema.names, teacher)), student)
 
@@ -192,7 +224,7 @@ class DeepSpeedMixin:
             self.optimizer.grad_partitions_flat_buffer.zero_()
         gather_once = self.zero3 and self.cfg.deepspeed.gather_once
         with watchdog.guard(f"step {self.step + 1}'s forward/backward"), \
-                zero3.gathered_once(self.model) if gather_once else contextlib.nullcontext():
+                zero3.gathered_once(*self.role_models) if gather_once else contextlib.nullcontext():
             out = super().forward_backward_step(batch)
         # logged numbers are the global batch's: mean losses over ranks, summed FLOPs and tokens
         mean = dist.mean_over_ranks([out.loss, *out.losses, out.flops, out.flops_verl_omni, out.tokens])
@@ -342,10 +374,13 @@ class DeepSpeedMixin:
         self.roles.trainable_changed()
         self.roles.ema.load_state_dict(teacher)
         master, back = reshard.gather_state(self.engine, params, to=0)       # every rank: collectives
+        ema = self.roles.ema.state_dict()                                    # ZeRO-3: collective
         bad = None
         if self.is_main:
             bad = next((k for k in [*student, *optim]
                         if not torch.equal((master | back)[k].float(), (student | optim)[k].float())), None)
+            bad = bad or next((f"teacher {k}" for k in teacher if not torch.equal(ema[k].cpu(), teacher[k].float())),
+                              None)
             bad = bad or (None if back.keys() == optim.keys() else "the optimizer's keys")
         if dist.any_over_ranks(bad is not None):
             raise ckpt.CheckpointError(f"{path}: resharding from {was} to {self.world} rank(s) on ZeRO-"
@@ -368,7 +403,7 @@ class DeepSpeedMixin:
     # ------------------------------------------------------------------ samples (every rank calls; rank 0 samples)
     def whole_weights(self):
         """Every rank enters; inside, rank 0 alone may run the model (ZeRO-3: gathered, hooks set aside)."""
-        return zero3.whole_weights(self.model) if self.zero3 else contextlib.nullcontext()
+        return zero3.whole_weights(*self.role_models) if self.zero3 else contextlib.nullcontext()
 
     def sample_student(self, prompts, sigmas, seed=None):
         with self.whole_weights():

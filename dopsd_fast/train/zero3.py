@@ -1,26 +1,36 @@
 """ZeRO-3 (partitioned parameters) for the D-OPSD trainer: what the DeepSpeed engine needs beyond ZeRO 0/1/2.
 
 Under ZeRO-3 every parameter, frozen base and both LoRA adapters included, lives as a 1/world flat slice
-(``param.ds_tensor``) and is all-gathered around each module's forward and backward by DeepSpeed's hooks.
+(``param.ds_tensor``) and is all-gathered around each module's forward and backward by DeepSpeed's hooks. Full
+fine-tuning's teacher, a second module, is partitioned the same way by an engine of its own without optimizer
+(DeepSpeed's inference set-up, as DeepSpeed-Chat keeps its reference and EMA models): the same slicing, the same
+hooks, so its forwards gather exactly as the student's do, per module or once per iteration.
 
 * **Parameters read outside their module's forward** (norm weights handed to fused ops, LoRA adapters in
   ``ParameterDict``s, the caption pad token) are found by DeepSpeed's own discovery during a root forward;
   ``encode_context``, no forward, runs with discovery on too. (ZeRO-3 leaf modules would also gather them, but
   DeepSpeed reduces a leaf's gradients in its full backward hook, which fires before the parameter gradients
   exist when no input of the leaf requires grad, as in a frozen base's first block.)
-* **EMA teacher on partitions** (:class:`PartitionedEMA`): teacher_slice <- EMA(student_slice) on each rank's own
-  slices, no communication; whole tensors are gathered only to write a checkpoint.
-* **Gather once per iteration** (:func:`gathered_once`): one coalesced all-gather of every parameter before the
-  roll-out, kept through the K steps of both roles and every backward, released before the optimizer step
-  (the idea of DeepSpeed-Chat's hybrid engine, which gathers the actor once per generation). The per-forward
-  path gathers each module's parameters at every teacher forward, student forward and student backward.
+* **EMA teacher on partitions** (:class:`PartitionedEMA`): each rank keeps the fp32 EMA master of its own teacher
+  slices and moves it toward its slices of the student's fp32 master, the tensors DeepSpeed's optimizer steps
+  (:func:`master_slices`); no communication; whole tensors are gathered only to write a checkpoint.
+* **Gather once per iteration** (:func:`gathered_once`): one coalesced all-gather of every parameter (of both
+  roles' modules) before the roll-out, kept through the K steps of both roles and every backward, released before
+  the optimizer step (the idea of DeepSpeed-Chat's hybrid engine, which gathers the actor once per generation).
+  The per-forward path gathers each module's parameters at every teacher forward, student forward and student
+  backward.
+* **Built without a whole copy per rank** (:func:`build_partitioned`): a pretrained transformer is built under
+  ``deepspeed.zero.Init``, which cuts each module's parameters to this rank's slices as soon as the module exists,
+  and each slice is then read from the safetensors files one tensor at a time.
 * :class:`AllGatherCounter` counts the all-gather collectives DeepSpeed issues (the ``all_gathers`` column).
 """
 from __future__ import annotations
 
+import ctypes
 import itertools
 from collections import OrderedDict
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 import torch.distributed as tdist
@@ -64,8 +74,8 @@ def discover_parameters_in(model: nn.Module, method: str) -> None:
 
 
 @contextmanager
-def gathered_once(model: nn.Module):
-    """All of ``model``'s parameters gathered by one coalesced all-gather (one per dtype), kept whole until exit.
+def gathered_once(*models: nn.Module):
+    """All of ``models``' parameters gathered by one coalesced all-gather (one per dtype), kept whole until exit.
 
     Inside, DeepSpeed's fetch hooks find every parameter AVAILABLE and skip their all-gathers, and their
     release hooks see the pin and keep them. Gradients are unaffected: the per-parameter hooks that reduce-scatter
@@ -73,7 +83,7 @@ def gathered_once(model: nn.Module):
     """
     from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 
-    params, pin = list(model.parameters()), -next(_pins)
+    params, pin = list(dict.fromkeys(p for m in models for p in m.parameters())), -next(_pins)
     fetched = [p for p in params if p.ds_status == ZeroParamStatus.NOT_AVAILABLE]
     if fetched:
         fetched[0].all_gather_coalesced(fetched).wait()
@@ -90,14 +100,15 @@ def gathered_once(model: nn.Module):
 
 
 @contextmanager
-def whole_weights(model: nn.Module):
-    """Every rank enters (a collective); inside, any one rank may run ``model`` alone, e.g. rank 0 sampling a grid.
+def whole_weights(*models: nn.Module):
+    """Every rank enters (a collective); inside, any one rank may run ``models`` alone, e.g. rank 0 sampling a grid.
 
     The parameters are gathered once, and DeepSpeed's module hooks are set aside: with a trace not yet complete,
     their start-of-forward step compares the module order across ranks, a collective the other ranks never join.
     """
-    with gathered_once(model):
-        saved = [(m, m._forward_pre_hooks, m._forward_hooks) for m in model.modules()]
+    with gathered_once(*models):
+        modules = dict.fromkeys(m for model in models for m in model.modules())
+        saved = [(m, m._forward_pre_hooks, m._forward_hooks) for m in modules]
         for m, _, _ in saved:
             m._forward_pre_hooks, m._forward_hooks = OrderedDict(), OrderedDict()
         try:
@@ -133,15 +144,72 @@ def own_slice(param: Tensor, full: Tensor) -> Tensor:
     return torch.cat([flat, flat.new_zeros(n - flat.numel())]) if flat.numel() < n else flat
 
 
+def build_partitioned(family, arch, folder: Path, dtype: torch.dtype, ds_config: dict) -> nn.Module:
+    """``family``'s transformer of ``arch`` with each rank holding only its slices of the weights in ``folder`` (a
+    diffusers transformer/ folder): peak host memory per rank is about model / world plus the largest tensor.
+
+    Under ``zero.Init`` every module's parameters are drawn (values then overwritten) and partitioned as the module
+    is built; then each tensor of the files is read alone and this rank's slice copied into ``param.ds_tensor``.
+    Small parameters DeepSpeed keeps whole ("persistent") are gathered from these slices by the engine later.
+    """
+    import deepspeed
+
+    from ..models.loading import tensors_one_at_a_time
+
+    _unmap_large_frees()
+    # the draws leave the global generator as the meta-device build of a whole load leaves it: the LoRA init after
+    # this draws the same adapters
+    with torch.random.fork_rng(devices=[]), deepspeed.zero.Init(config_dict_or_path=ds_config, dtype=dtype):
+        model = family.build(arch)
+    params, state = dict(model.named_parameters()), model.state_dict(keep_vars=True)
+    wanted = {k: tuple(params[k].ds_shape) if k in params else tuple(v.shape) for k, v in state.items()}
+    floating = [k for k, v in state.items() if v.is_floating_point()]
+    with torch.no_grad():
+        for key, whole in tensors_one_at_a_time(folder, wanted, floating, type(model).__name__, dtype):
+            target = params.get(key)
+            if target is None:          # a buffer: never partitioned
+                state[key].copy_(whole)
+            else:
+                target.ds_tensor.copy_(own_slice(target, whole))
+    return model
+
+
+def _unmap_large_frees() -> None:
+    """glibc raises its mmap threshold after the first large free (up to 32 MiB), and from then on every whole
+    tensor zero.Init draws or the loader reads is a heap block that, freed between the slices kept, stays in the
+    process. A fixed 1 MiB threshold (for the rest of the process) maps each such tensor on its own and unmaps it
+    when freed: a 545 MB fp32 model on 2 CPU ranks, start-up peak +528 / +437 MB -> +370 / +370 MB (slices 279)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:         # no glibc: its allocator and this behaviour are not there
+        return
+    libc.mallopt(M_MMAP_THRESHOLD, 1 << 20)
+
+
+M_MMAP_THRESHOLD = -3       # glibc's malloc.h
+
+
+def master_slices(optimizer, params: list[nn.Parameter]) -> list[Tensor]:
+    """Views of this rank's slices of ``params`` in the fp32 master DeepSpeed's ZeRO-3 optimizer steps, each laid
+    out (and padded) as the parameter's ``ds_tensor``. In fp32 they are the ``ds_tensor``s themselves; under bf16 the
+    fp32 weights the bf16 slices are rounded from. DeepSpeed updates and loads them in place, so the views last."""
+    out = []
+    for p in params:
+        group, at, n = optimizer.grad_position[optimizer.get_param_id(p)]
+        out.append(optimizer.fp32_partitioned_groups_flat[group].narrow(0, at, n))
+    return out
+
+
 class PartitionedEMA(EMATeacher):
-    """The EMA teacher over ZeRO-3 parameters, run on each rank's slices (fp32 master of the teacher slice).
+    """The EMA teacher over ZeRO-3 parameters, run on each rank's slices: the fp32 master of each teacher slice
+    (the slice itself when the teacher is fp32) follows ``student``, the matching fp32 slices (``master_slices``).
 
     DeepSpeed keeps small "persistent" parameters (``stage3_param_persistence_threshold``) whole on every rank;
     after their slices change they are re-gathered (one all-gather), as DeepSpeed does after its optimizer step.
     """
 
-    def __init__(self, names: list[str], teacher: list[nn.Parameter], student: list[nn.Parameter]):
-        super().__init__(dict(zip(names, [t.ds_tensor for t in teacher])), [s.ds_tensor for s in student])
+    def __init__(self, names: list[str], teacher: list[nn.Parameter], student: list[Tensor]):
+        super().__init__(dict(zip(names, [t.ds_tensor for t in teacher])), student)
         self.params = teacher
 
     @torch.no_grad()

@@ -15,7 +15,7 @@ from dopsd_fast.testing import tiny_trainer  # noqa: E402
 from dopsd_fast.train.checkpoint import load_tensors  # noqa: E402
 from dopsd_fast.train.deepspeed_engine import load_shard  # noqa: E402
 
-RUN = ["train.checkpoint_every=1", "train.keep_last=1", "train.tensorboard=false", "train.log_every=1"]
+RUN = ["train.checkpoint_every=1", "train.keep_last=1", "train.report_to=[jsonl]", "train.log_every=1"]
 PAIRS = 4          # tiny-cpu's data.num_pairs: the runs cross into epoch 1
 
 
@@ -75,7 +75,8 @@ def test_two_ranks_resume_on_one_process(tmp_path, mode):
     assert sorted(logged_rows(out)) == [1, 2, 3, 4]
 
 
-@pytest.mark.parametrize("mode, stage", [("lora", 3), ("full", 1)], ids=["lora-zero3", "full-zero1"])
+@pytest.mark.parametrize("mode, stage", [("lora", 3), ("full", 1), ("full", 3)],
+                         ids=["lora-zero3", "full-zero1", "full-zero3"])
 def test_one_process_resumes_on_two_ranks(tmp_path, mode, stage):
     """The single-process trainer for 2 steps, then 2 ranks on another ZeRO stage to step 3."""
     out = tmp_path / "run"

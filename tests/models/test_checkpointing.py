@@ -11,6 +11,7 @@ from dopsd_fast.method.roles import LoRARoles
 from dopsd_fast.models.checkpointing import GEMMS, KEPT, CheckpointPlan
 from dopsd_fast.models.flux2_klein import Flux2KleinConfig, Flux2KleinTransformer
 from dopsd_fast.models.z_image import ZImageConfig, ZImageTransformer
+from dopsd_fast.nn.lora_linear import quantize_base
 from dopsd_fast.ops._dispatch import use_backend
 
 # Z-Image: 1 context refiner, 1 noise refiner, 3 layers = blocks 0-4; klein: 2 double + 2 single = blocks 0-3.
@@ -174,3 +175,12 @@ def test_plan_refuses_unknown_modes_and_auto_without_budget():
         CheckpointPlan("some")
     with pytest.raises(ValueError, match="needs a memory budget"):
         CheckpointPlan("auto")
+
+
+def test_fp8_base_every_mode_equals_full_checkpointing():
+    """model.base_precision=fp8 (the CPU emulation): a recomputed forward quantises its activations alike."""
+    model, _ = build("z_image", lora=True)
+    assert quantize_base(model) > 0
+    full = forward_backward(model, "z_image", CheckpointPlan("full"))
+    for mode in ("none", "selective"):
+        assert_bitwise(forward_backward(model, "z_image", CheckpointPlan(mode)), full)
