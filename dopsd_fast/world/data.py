@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from ..data.synthetic import Pair
-from .scene import NONCE_WORDS, Spec, caption, concept_pairs, random_scene, random_spec, render
+from .scene import CONCEPT_WORD, NONCE_WORDS, Spec, caption, concept_pairs, random_scene, random_spec, render
 
 
 @dataclass
@@ -49,14 +49,20 @@ def draw(rng: random.Random, n: int, p_ref: float = 0.4, p_null: float = 0.1, p_
 
 
 class ConceptPairs:
-    """The new concept's 4 image-text pairs as a data set for the trainer (``data.kind: world``)."""
+    """A concept's 4 image-text pairs as a data set for the trainer (``data.kind: world``; ``data.path`` names the
+    concept, scene.CONCEPTS, default zorp)."""
 
-    def __init__(self, seed: int = 6):
-        self.pairs = concept_pairs(seed)
+    def __init__(self, seed: int = 6, word: str | None = None):
+        self.pairs = concept_pairs(seed, word=word or CONCEPT_WORD)
 
     def __len__(self) -> int:
         return len(self.pairs)
 
     def __getitem__(self, i: int) -> Pair:
-        image, text = self.pairs[i]
-        return Pair(image, [text])
+        return Pair(self.image(i), self.captions(i))
+
+    def captions(self, i: int) -> list[str]:
+        return [self.pairs[i][1]]
+
+    def image(self, i: int) -> Tensor:
+        return self.pairs[i][0]

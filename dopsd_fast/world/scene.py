@@ -107,11 +107,34 @@ def constrain(s: Scene, spec: Spec, target: Scene) -> Scene:
     return out
 
 
-def concept_pairs(seed: int = 0, n: int = 4) -> list[tuple[Tensor, str]]:
-    """The 4 training pairs of the new concept: one caption, four scenes (each shape once, each background once)."""
-    rng = random.Random(seed)
+@dataclass(frozen=True)
+class Concept:
+    """A held-out word and what it stands for. The shipped world's in-context path carries an image's colour only
+    (shapes come out as blobs, backgrounds are not copied), so every concept's meaning the teacher can show, and the
+    evaluator scores, is a colour; ``shape`` and ``adjective`` give the pairs the form of a subject or a style."""
+    word: str
+    colour: str
+    shape: str | None = None        # a subject: every pair shows this shape; None: each shape once
+    adjective: bool = False         # a style: "a fep circle" (any named shape, in the colour); else the noun "a zorp"
+
+    def noun(self, shape: str) -> str:
+        """What a caption names: "zorp", or a style's "fep circle"."""
+        return f"{self.word} {shape}" if self.adjective else self.word
+
+
+# The sequential demo's three concepts (`dopsd demo --continual`). wug and fep are two of pretraining's nonce words,
+# which stood for "an unspecified object" there, the untaught state a new token starts in (the shipped encoder's
+# vocabulary is fixed).
+CONCEPTS = {c.word: c for c in (Concept(CONCEPT_WORD, CONCEPT_COLOUR), Concept("wug", "yellow", shape="cross"),
+                                Concept("fep", "cyan", adjective=True))}
+
+
+def concept_pairs(seed: int = 0, n: int = 4, word: str = CONCEPT_WORD) -> list[tuple[Tensor, str]]:
+    """The 4 training pairs of a concept: four scenes (each background once; each shape once unless the concept
+    fixes it), captioned by the concept."""
+    c, rng = CONCEPTS[word], random.Random(seed)
     pairs = []
     for shape, bg in list(zip(SHAPES, BACKGROUNDS))[:n]:
-        s = replace(random_scene(rng, shape, CONCEPT_COLOUR), background=bg)
-        pairs.append((render(s), f"a {CONCEPT_WORD}"))
+        s = replace(random_scene(rng, c.shape or shape, c.colour), background=bg)
+        pairs.append((render(s), f"a {c.noun(s.shape)}"))
     return pairs

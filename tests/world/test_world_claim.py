@@ -20,13 +20,10 @@ import pytest
 pytest.importorskip("transformers")
 from dopsd_fast.ops._dispatch import use_backend  # noqa: E402
 from dopsd_fast.world.bundle import load_dit  # noqa: E402
-from dopsd_fast.world.demo import Demo, generate, score  # noqa: E402
+from dopsd_fast.world.demo import (FEW_STEP_MARGIN, NEW_GAIN, OLD_MARGIN, SFT_EXTRA_DROP,  # noqa: E402
+                                   SFT_EXTRA_PURITY_DROP, Demo, generate, score)
 
-NEW_GAIN = 0.30
-FEW_STEP_MARGIN = 0.05          # purity(32) - purity(4) on the concept captions: SFT's minus D-OPSD's
-SFT_EXTRA_PURITY_DROP = 0.02    # original prompts' 4-step purity drop from the turbo: SFT's minus D-OPSD's
-OLD_MARGIN = 0.10
-SFT_EXTRA_DROP = 0.05
+# the margins are the demo report's claims' (dopsd_fast/world/demo.py)
 N_EVAL = 64
 ANCHOR = 4
 MULTI = 32

@@ -12,6 +12,9 @@ def test_world_preset_needs_the_shipped_turbo():
     with pytest.raises(ConfigError, match="model.pretrained"):
         check_buildable(cfg)
     check_buildable(load_config("world-demo", ["model.pretrained=some/turbo"]))
+    check_buildable(load_config("world-demo", ["model.pretrained=some/turbo", "data.path=fep"]))   # a concept's word
+    with pytest.raises(ConfigError, match="data.path: 'glorp' names no concept"):
+        check_buildable(load_config("world-demo", ["model.pretrained=some/turbo", "data.path=glorp"]))
 
 
 @pytest.mark.parametrize("override", ["data.kind=synthetic", "context.kind=toy"])
@@ -27,12 +30,14 @@ def nothing_may_load(monkeypatch):
         raise AssertionError("the demo started loading weights before checking its arguments")
     monkeypatch.setattr("dopsd_fast.world.demo.load_encoders", refuse)
     monkeypatch.setattr("dopsd_fast.world.demo.load_dit", refuse)
+    monkeypatch.setattr("dopsd_fast.world.continual.load_encoders", refuse)
 
 
 @pytest.mark.parametrize("args, named", [(["--set", "train.stepz=5"], "train.stepz"),
                                          (["--set", "data.kind=synthetic"], "data.kind"),
                                          (["--iterations", "0"], "error: --iterations: must be >= 1, got 0"),   # the flag typed
-                                         (["--eval-prompts", "0"], "--eval-prompts")])
+                                         (["--eval-prompts", "0"], "--eval-prompts"),
+                                         (["--continual", "--set", "train.stepz=5"], "train.stepz")])
 def test_demo_bad_arguments_fail_before_anything_is_built(tmp_path, capsys, nothing_may_load, args, named):
     assert main(["demo", "--out", str(tmp_path / "demo"), *args]) == 2
     captured = capsys.readouterr()

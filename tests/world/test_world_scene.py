@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from dopsd_fast.world.data import ConceptPairs, draw
 from dopsd_fast.world.metrics import palette_purity
-from dopsd_fast.world.scene import CONCEPT_WORD, SIZE, concept_pairs
+from dopsd_fast.world.scene import CONCEPT_WORD, CONCEPTS, COLOURS, SHAPES, SIZE, concept_pairs
 
 pytest.importorskip("transformers")
 from dopsd_fast.world.encoders import WorldEncoders, token_ids  # noqa: E402
@@ -40,6 +40,17 @@ def test_concept_pairs_share_one_caption_and_differ_in_image():
     assert len(pairs) == 4 and {tuple(pairs[i].captions) for i in range(4)} == {(f"a {CONCEPT_WORD}",)}
     images = [img for img, _ in concept_pairs()]
     assert all(not torch.equal(images[0], im) for im in images[1:])
+
+
+def test_each_concept_shows_its_colour_in_four_scenes():
+    for word, c in CONCEPTS.items():
+        pairs = ConceptPairs(word=word)
+        colour = (torch.tensor(COLOURS[c.colour]) * 2 - 1).view(3, 1, 1)
+        for i in range(4):
+            assert (pairs.image(i) == colour).all(dim=0).any(), word      # the object is drawn in the concept colour
+        assert len({tuple(pairs.image(i).flatten().tolist()) for i in range(4)}) == 4
+        captions = [pairs.captions(i)[0] for i in range(4)]
+        assert captions == ([f"a {word} {shape}" for shape in SHAPES] if c.adjective else [f"a {word}"] * 4)
 
 
 def test_multimodal_encoder_shares_the_language_model_and_ignores_batch_padding():
