@@ -15,7 +15,7 @@ import pytest
 from dopsd_fast import _extras
 from dopsd_fast.cli import main
 from dopsd_fast.train import telemetry
-from dopsd_fast.train.metrics import StepLog
+from dopsd_fast.train.metrics import StepLog, open_sinks
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -24,7 +24,7 @@ RUNTIME = {"torch": "torch", "numpy": "numpy", "safetensors": "safetensors", "ya
            "tqdm": "tqdm", "transformers": "transformers", "huggingface_hub": "huggingface-hub"}
 # import name -> how it gets installed; imported only inside the functions of the feature that needs it
 OPTIONAL = {"deepspeed": "[deepspeed]", "diffusers": "[diffusers]", "pynvml": "[telemetry] (nvidia-ml-py)",
-            "triton": "CUDA torch brings it; the README pins it on CPU"}
+            "triton": "CUDA torch brings it; the README pins it on CPU", "torchao": "[lowbit]", "wandb": "[wandb]"}
 
 
 def _sources() -> list[Path]:
@@ -64,7 +64,7 @@ def test_runtime_dependencies_are_what_the_package_imports():
     assert names == set(RUNTIME.values()), "pyproject's dependencies are not exactly the run-time imports"
     extras = project["optional-dependencies"]
     for extra, package in (("deepspeed", "deepspeed"), ("diffusers", "diffusers"), ("telemetry", "nvidia-ml-py"),
-                           ("telemetry", "tensorboard")):
+                           ("telemetry", "tensorboard"), ("lowbit", "torchao"), ("wandb", "wandb")):
         assert any(req.startswith(package) for req in extras[extra]), (extra, package)
 
 
@@ -106,17 +106,28 @@ def test_vae_without_diffusers_names_the_extra(tmp_path, monkeypatch):
             load(tmp_path)
 
 
-def test_train_tensorboard_without_tensorboard_warns_once_and_logs_jsonl(tmp_path, monkeypatch, caplog):
+def test_report_to_wandb_without_wandb_is_a_one_line_error(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "wandb", None)
+    code = main(["train", "tiny-cpu", "--set", "train.report_to=[wandb,jsonl]", "--set", f"train.output_dir={tmp_path}",
+                 "--no-progress", "--no-samples"])
+    assert code == 2
+    assert capsys.readouterr().err.strip() == (
+        'dopsd: error: train.report_to: [wandb] needs the `wandb` package, which is not installed: '
+        'pip install "dopsd_fast[wandb]" (from a checkout: pip install -e ".[wandb]")')
+    assert not any(tmp_path.iterdir())          # refused before the run wrote anything
+
+
+def test_report_to_tensorboard_without_tensorboard_warns_once_and_logs_jsonl(tmp_path, monkeypatch, caplog):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else real(name, *a))
     telemetry._tensorboard_installed.cache_clear()
     try:
         with caplog.at_level(logging.WARNING):
-            logs = [StepLog(tmp_path / f"m{i}.jsonl", K=4, enabled=False, tensorboard=tmp_path / f"tb{i}")
-                    for i in range(2)]
+            logs = [StepLog(tmp_path / f"m{i}.jsonl", K=4, enabled=False,
+                            sinks=open_sinks(["tensorboard", "jsonl"], tmp_path / f"run{i}", 1, {})) for i in range(2)]
     finally:
         telemetry._tensorboard_installed.cache_clear()
-    assert all(log.tb is None for log in logs) and not list(tmp_path.glob("tb*"))
+    assert all(log.sinks == [] for log in logs) and not list(tmp_path.glob("run*"))
     warnings = [r.getMessage() for r in caplog.records if "tensorboard" in r.getMessage()]
     assert len(warnings) == 1 and 'pip install "dopsd_fast[telemetry]"' in warnings[0]
     assert "\n" not in warnings[0]

@@ -51,6 +51,7 @@ def test_readme_commands_run_as_written(tmp_path):
     exe = Path(sys.executable).with_name("dopsd")
     assert exe.exists(), "the `dopsd` console script is not installed (pip install -e .)"
     shutil.copytree(ROOT / "configs", tmp_path / "configs")
+    shutil.copytree(ROOT / "examples", tmp_path / "examples")      # the continual plans
     # as a user runs them: without the Triton interpreter that tests/conftest.py turns on (20x slower on CPU)
     env = {**{k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}, "OMP_NUM_THREADS": "1"}
     for words in commands:

@@ -1,4 +1,5 @@
-"""Config -> parts. ``resolve_plan`` checks everything that can be checked without weights (used by --dry-run)."""
+"""Config -> parts: the helpers ``assemble.py`` calls in order. ``resolve_plan`` checks everything that can be checked
+without weights (used by --dry-run) and resolves the model family once."""
 from __future__ import annotations
 
 import dataclasses
@@ -12,14 +13,16 @@ from torch import nn
 
 from ..contexts.reference import ReferenceTeacherContext
 from ..contexts.toy import ToyMultimodalEncoder, ToyTextEncoder
+from ..data.buckets import BucketBatches
 from ..data.latents import PixelLatents
-from ..data.loader import PairStream
+from ..data.loader import BatchLoader, PairStream
 from ..data.synthetic import SyntheticPairs
 from ..method.roles import FullRoles, LoRARoles, Roles
-from ..models.adapter import model_family
+from ..models.adapter import ModelFamily, model_family
 from ..models.loading import WeightsError, read_config
 from ..models.z_image import ZImageConfig
-from .config import Config, ConfigError
+from ..nn.lora_linear import quantize_base
+from .config import IMAGE_KINDS, Config, ConfigError
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -27,6 +30,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 @dataclass
 class Plan:
     arch: Any                   # the family's config: ZImageConfig or Flux2KleinConfig
+    family: ModelFamily         # everything that differs between model families, resolved once from ``arch``
     total_params: int
     trainable_params: int
     lora_modules: int
@@ -36,7 +40,8 @@ class Plan:
         m = cfg.method
         return {
             "model": {"family": cfg.model.family, "weights": _weights_note(cfg),
-                      "dtype": cfg.model.dtype, "arch": asdict(self.arch), "parameters": self.total_params},
+                      "dtype": cfg.model.dtype, "base_precision": cfg.model.base_precision,
+                      "arch": asdict(self.arch), "parameters": self.total_params},
             "adapter": {"mode": cfg.adapter.mode, "trainable_parameters": self.trainable_params,
                         **({"rank": cfg.adapter.rank, "alpha": cfg.adapter.alpha, "lora_modules": self.lora_modules}
                            if cfg.adapter.mode == "lora" else {})},
@@ -89,7 +94,7 @@ def resolve_weights(cfg: Config, download: bool = True) -> Config:
     from ..models.hub import parse_hub_id, snapshot
 
     m, c = cfg.model, cfg.context
-    qwen, folder = c.kind == "qwen3", cfg.data.kind == "folder"
+    qwen, folder = c.kind == "qwen3", cfg.data.kind in IMAGE_KINDS
     used = {"text_encoder": qwen, "tokenizer": qwen, "vae": folder}      # vae: latent models on folders only
     model, context = {}, {}
 
@@ -124,9 +129,10 @@ def resolve_weights(cfg: Config, download: bool = True) -> Config:
 
 def resolve_arch(cfg: Config, need_weights: bool = True) -> Any:
     if cfg.model.family == "flux2_klein":
-        _check_arch_values(cfg.model.arch, model_family(cfg.model.family).config_cls)
+        family = model_family(cfg.model.family)
+        _check_arch_values(cfg.model.arch, family.config_cls)
         try:
-            return model_family(cfg.model.family).resolve_arch(cfg, need_weights)
+            return family.resolve_arch(cfg, need_weights)
         except ValueError as err:
             raise ConfigError(str(err)) from None
     if cfg.model.pretrained is not None:
@@ -185,19 +191,26 @@ def build_roles(cfg: Config, model: nn.Module) -> Roles:
     return FullRoles(model, fp32_masters=cfg.deepspeed.stage is None)     # DeepSpeed's bf16 optimizer keeps its own
 
 
+def quantize_frozen_base(cfg: Config, model: nn.Module) -> None:
+    """model.base_precision=fp8: the LoRA linears' frozen base weights -> e4m3 + row scales, after build_roles (and
+    after any load of base weights into them: the quantised base is never loaded or saved itself)."""
+    if cfg.model.base_precision == "fp8":
+        quantize_base(model, cfg.model.fp8_input_grad)
+
+
 def resolve_plan(cfg: Config, need_weights: bool = True) -> Plan:
     """Everything checkable without weights: architecture, adapter targets, parameter counts (meta device)."""
     arch = resolve_arch(cfg, need_weights)
-    model = build_model(arch, "meta")
+    family = model_family(arch)
+    model = family.build(arch, "meta")
     total = sum(p.numel() for p in model.parameters())
     try:
         roles = build_roles(cfg, model)
     except ValueError as err:
         raise ConfigError(f"adapter.targets: {err}") from None
     lora_modules = len(getattr(roles, "targets", []))
-    family = model_family(arch)
     sigmas = family.training_sigmas(cfg.method, cfg.sample, family.latent_shape(cfg, arch))
-    return Plan(arch, total, sum(p.numel() for p in roles.trainable.values()), lora_modules, sigmas)
+    return Plan(arch, family, total, sum(p.numel() for p in roles.trainable.values()), lora_modules, sigmas)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -221,26 +234,47 @@ def check_buildable(cfg: Config) -> None:
         if cfg.model.pretrained is None:
             raise ConfigError("model.pretrained: the world fine-tunes a shipped turbo; set it to the folder "
                               "dopsd_fast/world/assets/turbo, as `dopsd demo` does")
+        from ..world.scene import CONCEPTS
+        if cfg.data.path is not None and cfg.data.path not in CONCEPTS:
+            raise ConfigError(f"data.path: {cfg.data.path!r} names no concept of the world; one of {', '.join(CONCEPTS)}")
         return
     from .build_qwen import check_real_parts
     check_real_parts(cfg, resolve_arch(cfg, need_weights=False))
 
 
-def build_data(cfg: Config) -> tuple[SyntheticPairs, PairStream]:
+def build_data(cfg: Config, rank: int = 0, world: int = 1, progress: bool = False) -> tuple[object, BatchLoader]:
+    """The data set and rank ``rank``'s batches of it: the stream plans global batches of train.batch_size x
+    ``world``, the loader decodes this rank's rows in data.num_workers processes."""
     d = cfg.data
     if d.kind == "world":
         from ..world.data import ConceptPairs
-        dataset = ConceptPairs(d.seed)
-        return dataset, PairStream(dataset, cfg.train.batch_size, cfg.train.seed)
-    if d.kind == "folder":
-        from .build_qwen import build_folder_data
-        return build_folder_data(cfg)
-    dataset = SyntheticPairs(d.num_pairs, d.image_size, d.seed)
-    return dataset, PairStream(dataset, cfg.train.batch_size, cfg.train.seed)
+        dataset, stream_cls = ConceptPairs(d.seed, d.path), PairStream
+    elif d.kind in IMAGE_KINDS:
+        from .build_qwen import open_folder
+        dataset, stream_cls = open_folder(cfg, progress), BucketBatches
+    else:
+        dataset, stream_cls = SyntheticPairs(d.num_pairs, d.image_size, d.seed), PairStream
+    stream = stream_cls(dataset, cfg.train.batch_size * world, cfg.train.seed)
+    cuda = resolve_device(cfg.train.device).type == "cuda"
+    return dataset, BatchLoader(stream, rank, world, data_workers(d.num_workers, cuda, world), pin_memory=cuda)
 
 
-def build_contexts(cfg: Config, arch: Any, device: torch.device = torch.device("cpu"), student_only: bool = False):
+def data_workers(setting: int | str, cuda: bool, world: int) -> int:
+    """data.num_workers: a number as given; auto = none on the CPU, where a worker would take a core from the
+    training's own threads (and tests start no processes); on CUDA min(4, this rank's share of the cores less
+    the one its training process runs on), at least 1: a few images per rank and step decode in well under a GPU
+    step, so 4 processes x 2 batches ahead hide the decoding, and more only hold memory."""
+    if setting != "auto":
+        return int(setting)
+    if not cuda:
+        return 0
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(4, cores // int(os.environ.get("LOCAL_WORLD_SIZE", world)) - 1))
+
+
+def build_contexts(cfg: Config, plan: Plan, device: torch.device = torch.device("cpu"), student_only: bool = False):
     """(c_s, c_t) callables; ``student_only`` (`dopsd sample`): (c_s, None), and no teacher encoder is built."""
+    arch, family = plan.arch, plan.family
     if cfg.context.kind == "world":
         from ..world.bundle import load_encoders
         from ..world.encoders import MultimodalContext, TextContext
@@ -248,8 +282,7 @@ def build_contexts(cfg: Config, arch: Any, device: torch.device = torch.device("
         return TextContext(encoders), None if student_only else MultimodalContext(encoders)
     if cfg.context.kind == "qwen3":
         from .build_qwen import build_qwen_contexts
-        return build_qwen_contexts(cfg, arch, DTYPES[cfg.model.dtype], device, student_only=student_only)
-    family = model_family(arch)
+        return build_qwen_contexts(cfg, arch, family, DTYPES[cfg.model.dtype], device, student_only=student_only)
     text = ToyTextEncoder(family.text_dim(arch), cfg.context.max_text_tokens)
     if student_only:
         return text, None

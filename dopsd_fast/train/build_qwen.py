@@ -1,17 +1,17 @@
 """Config -> the real-data parts: image folders, Qwen3 / Qwen3-VL contexts through the caches, the VAE codec.
 
 Kept apart from ``build.py`` (which calls these) so the toy/synthetic default imports neither transformers nor
-diffusers. Paths are checked here, before any weights are read, so a wrong folder is a ConfigError.
+diffusers; nothing here imports ``build.py`` back. The model family comes in resolved (``Plan.family``). Paths are
+checked here, before any weights are read, so a wrong folder is a ConfigError.
 """
 from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
 
-from ..data.buckets import BucketBatches
 from ..data.feature_cache import default_cache_root
 from ..data.folder import ImageFolder
-from .config import Config, ConfigError
+from .config import IMAGE_KINDS, Config, ConfigError
 
 
 
@@ -38,12 +38,12 @@ def _need_dir(path: Path, key: str, what: str) -> None:
 
 def uses_vae(cfg: Config, arch) -> bool:
     """Latent-space model on image-folder data: Z-Image's 16-channel VAE latents."""
-    return cfg.data.kind == "folder" and getattr(arch, "in_channels", 3) != 3
+    return cfg.data.kind in IMAGE_KINDS and getattr(arch, "in_channels", 3) != 3
 
 
 def check_real_parts(cfg: Config, arch) -> None:
     """The qwen3 context and folder data: every folder they need exists (weights are read later)."""
-    if cfg.data.kind == "folder" and cfg.context.kind == "toy" and cfg.data.buckets != 1:
+    if cfg.data.kind in IMAGE_KINDS and cfg.context.kind == "toy" and cfg.data.buckets != 1:
         raise ConfigError("data.buckets: the toy context encodes square images only; set data.buckets=1, "
                           "or context.kind=qwen3")
     if cfg.context.kind == "qwen3":
@@ -58,10 +58,23 @@ def check_real_parts(cfg: Config, arch) -> None:
         _need_dir(component_dir(cfg, "vae"), "model.vae", "VAE")
 
 
-def build_folder_data(cfg: Config):
-    d = cfg.data
-    dataset = ImageFolder(d.path, d.image_size, d.buckets)
-    return dataset, BucketBatches(dataset, cfg.train.batch_size, cfg.train.seed)
+def index_dir(cfg: Config) -> Path:
+    """Where data folders' indexes are kept: the data cache's index/ (shared by runs), else the run's data_index/."""
+    root = cache_root(cfg)
+    return root / "index" if root is not None else Path(cfg.train.output_dir) / "data_index"
+
+
+def open_folder(cfg: Config, progress: bool = False) -> ImageFolder:
+    """data.path as an ImageFolder (TarShards for webdataset), scanned or read from its index on rank 0 only; the
+    other ranks receive the index from it (so nodes need not share the index folder) and never list or decode the
+    folder themselves."""
+    from ..data.shards import TarShards
+    from .distributed import from_rank0
+
+    d, cls = cfg.data, TarShards if cfg.data.kind == "webdataset" else ImageFolder
+    index = from_rank0(lambda: cls(d.path, d.image_size, d.buckets, index_dir=index_dir(cfg), progress=progress).index,
+                       "the data folder's index")
+    return cls(d.path, d.image_size, d.buckets, index=index)
 
 
 def text_spec(cfg: Config):
@@ -74,7 +87,7 @@ def _encode_missing(cfg: Config, override: bool | None) -> bool:
     return cfg.data.encode_missing if override is None else override
 
 
-def build_qwen_contexts(cfg: Config, arch, dtype, device: str | torch.device = "cpu",
+def build_qwen_contexts(cfg: Config, arch, family, dtype, device: str | torch.device = "cpu",
                         encode_missing: bool | None = None, student_only: bool = False):
     """(student, teacher) callables with the toy encoders' signatures, backed by the feature caches.
 
@@ -89,12 +102,11 @@ def build_qwen_contexts(cfg: Config, arch, dtype, device: str | torch.device = "
     from ..contexts.reference import ReferenceTeacherContext
     from ..contexts.teacher_vlm import QwenVLTeacher
     from ..contexts.teacher_vlm import folder_identity as teacher_identity
-    from ..models.adapter import model_family
 
     c, root, encode_missing = cfg.context, cache_root(cfg), _encode_missing(cfg, encode_missing)
     spec = text_spec(cfg)
     te_dir, tok_dir = component_dir(cfg, "text_encoder"), component_dir(cfg, "tokenizer")
-    got, want = folder_feature_dim(te_dir, spec), model_family(arch).text_dim(arch)
+    got, want = folder_feature_dim(te_dir, spec), family.text_dim(arch)
     if got != want:
         raise ConfigError(f"model.text_encoder: its features have {got} dims, the transformer takes "
                           f"{want}; the folders do not belong together")
@@ -107,7 +119,7 @@ def build_qwen_contexts(cfg: Config, arch, dtype, device: str | torch.device = "
     if cfg.method.objective == "dopsd" and c.teacher == "reference":
         # teacher text = the cached features of "<prompt> <reference_prompt>"; the target as reference latents
         ctx = CachedContexts(text, None, root, encode_missing)
-        codec = build_codec(cfg, arch, None, dtype, device, encode_missing)
+        codec = build_codec(cfg, arch, family, None, dtype, device, encode_missing)
         return ctx.student, ReferenceTeacherContext(ctx.student, codec, c.reference_prompt)
     teacher = None
     if cfg.method.objective == "dopsd":
@@ -129,7 +141,7 @@ def _vae_identity(folder: Path, dtype) -> str:
     return f"vae-{folder_fingerprint(folder)[:16]}-{dtype}"
 
 
-def build_codec(cfg: Config, arch, fallback, dtype, device: str | torch.device = "cpu",
+def build_codec(cfg: Config, arch, family, fallback, dtype, device: str | torch.device = "cpu",
                 encode_missing: bool | None = None):
     """The VAE codec (through the latent cache) for latent models on folder data; else ``fallback``.
 
@@ -143,10 +155,9 @@ def build_codec(cfg: Config, arch, fallback, dtype, device: str | torch.device =
 
     from ..contexts.cached import CachedLatents, Lazy
     from ..data.feature_cache import FeatureCache
-    from ..models.adapter import model_family
     from ..models.loading import read_component_config
 
-    family, folder, root = model_family(arch), component_dir(cfg, "vae"), cache_root(cfg)
+    folder, root = component_dir(cfg, "vae"), cache_root(cfg)
     encode_missing = _encode_missing(cfg, encode_missing)
     identity = _vae_identity(folder, dtype)
 
@@ -161,12 +172,12 @@ def build_codec(cfg: Config, arch, fallback, dtype, device: str | torch.device =
                          None if encode_missing else vae("cpu"), encode_missing)
 
 
-def check_cached(cfg: Config, arch, dataset) -> None:
+def check_cached(cfg: Config, arch, family, dtype, dataset) -> None:
     """A run with a cache and data.encode_missing false loads no encoder: every encoder output it reads (each
     caption variant's student features, each (variant, image) teacher's, the latents it encodes, validation.prompts'
     features) must be in the cache. Checked at start-up, before any model is built (file lookups plus one decode
     and crop of every image, for its key); the first missing entry is a CacheMiss (exit 2) naming its file."""
-    if cfg.data.kind != "folder" or cache_root(cfg) is None or cfg.data.encode_missing:
+    if cfg.data.kind not in IMAGE_KINDS or cache_root(cfg) is None or cfg.data.encode_missing:
         return
     qwen = cfg.context.kind == "qwen3"
     dopsd = cfg.method.objective == "dopsd"
@@ -174,15 +185,14 @@ def check_cached(cfg: Config, arch, dataset) -> None:
         return
     from ..contexts.cached import missing_entry
     from ..data.feature_cache import image_key, pair_key, text_key
-    from .build import DTYPES
 
-    dtype, c = DTYPES[cfg.model.dtype], cfg.context
-    student, teacher = build_qwen_contexts(cfg, arch, dtype, encode_missing=False) if qwen else (None, None)
+    c = cfg.context
+    student, teacher = build_qwen_contexts(cfg, arch, family, dtype, encode_missing=False) if qwen else (None, None)
     ctx = student.__self__ if student is not None else None
     reference = qwen and dopsd and c.teacher == "reference"
     codec = None
     if uses_vae(cfg, arch) and (reference or not dopsd):    # latents it encodes: SFT targets, reference tokens
-        codec = teacher.codec if reference else build_codec(cfg, arch, None, dtype, encode_missing=False)
+        codec = teacher.codec if reference else build_codec(cfg, arch, family, None, dtype, encode_missing=False)
     vlm = ctx is not None and ctx.teacher_cache is not None
 
     def need(cache, key: str, what: str) -> None:
@@ -205,48 +215,3 @@ def check_cached(cfg: Config, arch, dataset) -> None:
                 need(ctx.teacher_cache, pair_key(prompt, image), f"teacher features of {name} with {prompt!r}")
         if codec is not None:
             need(codec.cache, image_key(image), f"VAE latents of {name}")
-
-
-def fill_caches(cfg: Config, progress: bool = True) -> dict:
-    """Compute every cacheable encoder output of an image folder ahead of training (`dopsd cache`).
-
-    Student features for every caption variant and for validation.prompts and sample.prompts (free text the grids
-    read), teacher features for every (image, variant) pair (D-OPSD) and VAE latents for every image (latent
-    models); entries already cached are skipped, and an encoder with nothing to compute is never loaded. No
-    transformer is built. A training run with data.encode_missing false then loads no encoder at all.
-    """
-    from tqdm import tqdm
-
-    from .build import DTYPES, check_buildable, resolve_arch, resolve_device, resolve_weights
-
-    if cfg.data.kind != "folder":
-        raise ConfigError(f"data.kind: `dopsd cache` precomputes image-folder features, got {cfg.data.kind!r}")
-    if cache_root(cfg) is None:
-        raise ConfigError("data.cache_dir: is null (no cache); set a folder or \"auto\"")
-    cfg = resolve_weights(cfg)              # Hub ids -> local snapshot folders
-    check_buildable(cfg)
-    arch = resolve_arch(cfg)
-    dtype, device = DTYPES[cfg.model.dtype], resolve_device(cfg.train.device)
-    dataset, _ = build_folder_data(cfg)
-    student = teacher = None
-    if cfg.context.kind == "qwen3":
-        student, teacher = build_qwen_contexts(cfg, arch, dtype, device, encode_missing=True)
-        teacher = teacher if cfg.method.objective == "dopsd" else None
-        for prompt in dict.fromkeys([*cfg.validation.prompts, *cfg.sample.prompts]):
-            student([prompt])
-    codec = build_codec(cfg, arch, None, dtype, device, encode_missing=True)
-    for i in tqdm(range(len(dataset)), desc="dopsd cache", unit="image", disable=not progress):
-        pair = dataset[i]
-        if student is not None:
-            student(pair.captions)
-            if teacher is not None:
-                teacher(pair.captions, [pair.image] * len(pair.captions))
-        if codec is not None:
-            codec.encode(pair.image)
-    stats = student.__self__.stats() if student is not None else {}
-    loaded = student.__self__.loaded() if student is not None else []
-    if codec is not None and codec.cache is not None:
-        stats["vae_latents"] = {"hits": codec.cache.hits, "misses": codec.cache.misses}
-        loaded += codec.loaded()
-    return {"images": len(dataset), "cache_dir": str(cache_root(cfg)), **stats, "encoders_loaded": loaded,
-            "data": dataset.summary()}

@@ -40,6 +40,7 @@ from torch import Tensor
 
 from ..models.loading import describe_mismatch, first_nonfinite
 from .config import RETIRED, Config, ConfigError
+from .optim import join_state_entries, state_entries
 
 
 class CheckpointError(RuntimeError):
@@ -96,8 +97,10 @@ def refuse_nonfinite_save(final: Path, parts: dict[str, dict[str, Tensor]]) -> N
 def optimizer_tensors(optimizer: torch.optim.Optimizer, names: list[str]) -> tuple[dict[str, Tensor], list[dict[str, Any]]]:
     """Optimizer state keyed by parameter name, plus JSON-able param groups."""
     sd = optimizer.state_dict()
-    tensors = {f"{names[i]}::{k}": v for i, st in sd["state"].items() for k, v in st.items() if torch.is_tensor(v)}
-    groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in sd["param_groups"]]
+    tensors = {e: t for i, st in sd["state"].items() for k, v in st.items() if torch.is_tensor(v)
+               for e, t in state_entries(f"{names[i]}::{k}", v).items()}
+    groups = [{k: (list(v) if isinstance(v, tuple) else v.item() if torch.is_tensor(v) else v) for k, v in g.items()}
+              for g in sd["param_groups"]]
     return tensors, groups
 
 
@@ -116,6 +119,10 @@ def load_optimizer(optimizer: torch.optim.Optimizer, names: list[str], tensors: 
             raise CheckpointError(f"{tensor_file}: optimizer state names parameter {name!r}, which the model does not "
                                   "have; resume from a checkpoint of this run")
         state.setdefault(index[name], {})[field] = v
+    try:
+        state = {i: join_state_entries(fields) for i, fields in state.items()}
+    except ValueError as err:
+        raise CheckpointError(f"{tensor_file}: {err}; resume from a checkpoint of this run") from None
     problem = _optimizer_state_problem(optimizer, names, state) or _param_groups_problem(optimizer, groups)
     if problem:
         where_ = state_file if problem.startswith("param_groups") else tensor_file
@@ -123,10 +130,14 @@ def load_optimizer(optimizer: torch.optim.Optimizer, names: list[str], tensors: 
                               "resume from an earlier checkpoint (--set train.resume=PATH) or start over "
                               "(--set train.resume=null)")
     groups = [{k: (tuple(v) if k == "betas" else v) for k, v in g.items()} for g in groups]
+    lrs = [g["lr"] for g in optimizer.param_groups]
     try:
         optimizer.load_state_dict({"state": state, "param_groups": groups})
     except (ValueError, KeyError) as err:
         raise CheckpointError(f"{state_file}: optimizer state does not fit this run's optimizer ({err})") from None
+    for group, lr in zip(optimizer.param_groups, lrs):     # a tensor lr (AdamW8bit's) stays that tensor
+        if torch.is_tensor(lr):
+            group["lr"] = lr.fill_(group["lr"])
 
 
 def _optimizer_state_problem(optimizer: torch.optim.Optimizer, names: list[str],
@@ -158,6 +169,7 @@ def _param_groups_problem(optimizer: torch.optim.Optimizer, groups: Any) -> str 
     for n, (saved, ours) in enumerate(zip(groups, optimizer.param_groups)):
         for k, v in saved.items():
             have = ours.get(k)
+            have = have.item() if torch.is_tensor(have) else have      # AdamW8bit's lr
             if k == "params":
                 ok = isinstance(v, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in v)
             elif have is None:
@@ -382,13 +394,14 @@ def find_checkpoint(root: Path, name: str) -> Path:
 RESUMABLE = (
     "train.steps",                                  # the same run, longer (or already done)
     "train.output_dir", "train.resume",             # where the run is found: its folder may have been moved
-    "train.log_every", "train.tensorboard", "train.peak_tflops", "deepspeed.comm_timing",   # logging, MFU
+    "train.log_every", "train.report_to", "train.peak_tflops", "deepspeed.comm_timing",   # logging, MFU
     "train.checkpoint_every", "train.keep_last", "train.export_formats",
     "train.max_bad_steps",                          # when to give up on non-finite steps (skipped either way)
     "validation",                                   # grids only: no training RNG drawn (tests/train/test_validation.py)
     "sample.steps", "sample.prompts", "sample.seed",  # the grid after training (sample.shift also sets the
                                                       # training sigmas of method.schedule=model)
     "data.cache_dir", "data.encode_missing",        # the cache is keyed by content and encoder: same features
+    "data.num_workers",                             # who decodes, not what: the same batches (tests/data)
     # The same maths executed differently (rounding may differ): another device or kernel implementation,
     # recomputed activations, per-step or whole-roll-out backward (same gradients, tests/method), ZeRO-3's gather
     # schedule; worth changing when a resumed run runs out of memory.

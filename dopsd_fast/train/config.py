@@ -53,19 +53,42 @@ class ModelConfig:
     # kernels cut the per-launch host overhead that dominates small images; equal to none up to fp32 rounding; the
     # first iterations compile, ~5 variants per block class); none = eager.
     compile: Literal["none", "blocks"] = "none"
+    # LoRA files folded into the base weights, in order, before the adapters are injected (W += alpha / r * B A,
+    # each file's own rank and alpha; models/lora_load.py merge_loras): how a continual plan's stage starts on
+    # the earlier stages under `between: merge` (train/continual.py). A .safetensors file or a folder holding
+    # pytorch_lora_weights.safetensors, diffusers names.
+    merge_loras: list[str] = field(default_factory=list)
+    # The frozen base of the LoRA linears (adapter.targets; the other linears, norms and embedders keep model.dtype).
+    # bf16: model.dtype as loaded. fp8: e4m3 weights with one fp32 scale per output row, quantised once at load (half
+    # of bf16's bytes), shared by teacher and student; forward GEMMs through torch._scaled_mm on CUDA sm89+ with the
+    # activations quantised per row on the fly, an fp32 emulation with the same rounding elsewhere
+    # (ops/fp8_linear.py). LoRA, attention, the loss and the optimizer stay bf16/fp32. LoRA roles only.
+    base_precision: Literal["bf16", "fp8"] = "bf16"
+    # fp8 base: the student's input-gradient GEMM dX = dY W in bf16 (on the dequantised weight) or with dY quantised
+    # per row to e5m2. bf16 until scripts/device_check.sh has measured both.
+    fp8_input_grad: Literal["bf16", "e5m2"] = "bf16"
+
+
+IMAGE_KINDS = ("folder", "webdataset")      # data.kind values that read real images (aspect buckets, the VAE)
 
 
 @dataclass
 class DataConfig:
     # synthetic: procedural shapes (embedded default); folder: images with caption sidecars at `path`;
-    # world: the miniature world's new-concept pairs (dopsd_fast/world, `dopsd demo`).
-    kind: Literal["synthetic", "folder", "world"] = "synthetic"
+    # webdataset: a folder of uncompressed .tar shards at `path` (KEY.jpg + KEY.txt/.json; data/shards.py);
+    # world: the miniature world's new-concept pairs (dopsd_fast/world, `dopsd demo`); `path` names the concept
+    # (zorp, wug or fep: world/scene.py CONCEPTS; null: zorp).
+    kind: Literal["synthetic", "folder", "webdataset", "world"] = "synthetic"
     path: str | None = None
     num_pairs: int = 4          # synthetic only
     image_size: int = 32
     seed: int = 0
-    # folder: aspect-ratio buckets around image_size^2 (odd; 1 = square crops only)
+    # folder, webdataset: aspect-ratio buckets around image_size^2 (odd; 1 = square crops only)
     buckets: int = 11
+    # Processes that decode and resize this rank's images ahead of training (torch DataLoader workers, 2 batches
+    # each, pinned memory on CUDA); 0 decodes in the training process. auto: 0 on the CPU (a worker would take a core
+    # from training), on CUDA min(4, the rank's share of the cores - 1) (build.data_workers). Batches are the same.
+    num_workers: int | Literal["auto"] = "auto"
     # Encoder-output cache (student text, teacher multimodal features, VAE latents), keyed by content and encoder:
     # "auto" = $XDG_CACHE_HOME/dopsd_fast (~/.cache/dopsd_fast), a folder, or null for none.
     cache_dir: str | None = "auto"
@@ -141,6 +164,10 @@ class MethodConfig:
 
 @dataclass
 class OptimConfig:
+    # adamw: torch's AdamW, fp32 moments (8 bytes per trainable value). adamw8bit: torchao's AdamW8bit (the [lowbit]
+    # extra): the moments of tensors of >= 4096 values held as 8-bit block-quantised codes (~2 bytes per value), the
+    # weights fp32 as ever; single-process runs (train/optim.py says why torchao).
+    name: Literal["adamw", "adamw8bit"] = "adamw"
     lr: float = 1e-4
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
@@ -176,9 +203,12 @@ class TrainConfig:
     # Consecutive, not total: an isolated bad batch is survivable, a diverged model never recovers by itself and
     # three steps tell it from noise. The run's total is in metrics.jsonl ("bad_steps") and the checkpoints.
     max_bad_steps: int = 3
-    # TensorBoard event files in <output_dir>/tensorboard beside metrics.jsonl; needs the [telemetry] extra (without
-    # it a run warns once and writes metrics.jsonl only: telemetry.open_tensorboard says why).
-    tensorboard: bool = True
+    # Where global rank 0 sends each step's row (train/metrics.py): jsonl = <output_dir>/metrics.jsonl (the run's own
+    # record: a resume trims it, the loss-curve PNG is drawn from it); tensorboard = event files in
+    # <output_dir>/tensorboard (the [telemetry] extra; without it a run warns once: telemetry.open_tensorboard);
+    # wandb = a Weights & Biases run (the [wandb] extra, an error without it; train/wandb_sink.py), configured by
+    # wandb's own WANDB_PROJECT / WANDB_ENTITY / WANDB_MODE / WANDB_DIR variables, resumed with the run.
+    report_to: list[Literal["tensorboard", "wandb", "jsonl"]] = field(default_factory=lambda: ["tensorboard", "jsonl"])
     # Per-device dense bf16 peak for MFU; null: looked up from the GPU's name (no MFU on CPU).
     peak_tflops: float | None = None
     # Where the transformer, encoders and VAE run: "auto" = this process's GPU (LOCAL_RANK under a launcher) when
@@ -197,7 +227,8 @@ class TrainConfig:
 @dataclass
 class DeepSpeedConfig:
     # ZeRO stage under DeepSpeed; null runs the single-process trainer. 0: data parallel; 1: optimizer states
-    # sharded; 2: + gradients (the authors' setting); 3: + parameters (LoRA only). Launch with torchrun or `deepspeed`.
+    # sharded; 2: + gradients (the authors' setting); 3: + parameters (full fine-tuning: the EMA teacher's too, each
+    # rank keeping the fp32 EMA of its own slices). Launch with torchrun or `deepspeed`.
     stage: int | None = None
     # ZeRO-3: gather every parameter once per iteration for all K steps of both roles (one coalesced all-gather),
     # instead of around every forward and backward; costs the whole model's memory during the roll-out.
@@ -314,6 +345,8 @@ RETIRED = {
     # time and 1.96x the saved activations of the two forwards (bench/results/2026-11-26-cpu-bench-step-packed.json).
     "method.packed_forward": "was removed: teacher and student always run as two forwards (the packed one was "
                              "slower and held twice the activations); delete the key",
+    "train.tensorboard": "was replaced by train.report_to, a list of tensorboard | wandb | jsonl (tensorboard: true "
+                         "is report_to: [tensorboard, jsonl], false is [jsonl])",
 }
 
 
@@ -372,10 +405,16 @@ def validate(cfg: Config) -> Config:
            "into the base weights first and point model.pretrained at them")
     _check(a.init_from is None or bool(a.init_from.strip()), "adapter.init_from",
            "must name a LoRA .safetensors file or a folder holding pytorch_lora_weights.safetensors (or be null)")
+    _check(all(p.strip() for p in cfg.model.merge_loras), "model.merge_loras",
+           "lists an empty path; each entry is a LoRA .safetensors file or a folder holding pytorch_lora_weights.safetensors")
     _check(len(set(t.export_formats)) == len(t.export_formats), "train.export_formats",
            f"lists a format twice: {t.export_formats}")
+    _check(len(set(t.report_to)) == len(t.report_to), "train.report_to", f"lists a sink twice: {t.report_to}")
     _check(cfg.data.num_pairs >= 1, "data.num_pairs", "must be >= 1")
-    _check(cfg.data.kind != "folder" or bool(cfg.data.path), "data.path", "data.kind=folder needs data.path (a folder of images)")
+    _check(cfg.data.num_workers == "auto" or cfg.data.num_workers >= 0, "data.num_workers",
+           f"must be >= 0 or auto, got {cfg.data.num_workers}")
+    _check(cfg.data.kind not in IMAGE_KINDS or bool(cfg.data.path), "data.path",
+           f"data.kind={cfg.data.kind} needs data.path (a folder of images, or of .tar shards for webdataset)")
     _check(cfg.data.image_size % 16 == 0 and cfg.data.image_size > 0, "data.image_size",
            f"must be a positive multiple of 16, got {cfg.data.image_size}")
     _check(cfg.sample.steps >= 1, "sample.steps", "must be >= 1")
@@ -394,15 +433,15 @@ def validate(cfg: Config) -> Config:
            f"must be > 0 GiB (or null: the CUDA device's memory), got {t.memory_budget_gb}")
     ds = cfg.deepspeed
     _check(ds.stage in (None, 0, 1, 2, 3), "deepspeed.stage", f"must be null, 0, 1, 2 or 3, got {ds.stage}")
-    _check(ds.stage != 3 or a.mode == "lora", "deepspeed.stage",
-           "3 trains LoRA adapters (adapter.mode=lora); with adapter.mode=full the EMA teacher is a second whole model "
-           "outside the engine, not partitioned: use deepspeed.stage=2 for full fine-tuning")
     _check(ds.timeout_s > 0, "deepspeed.timeout_s", "must be > 0")
     _check(ds.stage is None or cfg.model.checkpointing != "auto", "model.checkpointing",
            "auto sizes its plan from the tensors this process holds, which a DeepSpeed engine partitions and owns: "
            "use full, selective or none with deepspeed.stage")
     _check(ds.stage != 3 or cfg.model.compile == "none", "model.compile",
            "blocks is untested under ZeRO-3's parameter gathering hooks: use model.compile=none with deepspeed.stage=3")
+    _check(ds.stage is None or o.name == "adamw", "optim.name",
+           "adamw8bit runs single-process only (DeepSpeed's ZeRO optimizers step flat fp32 partitions, not the "
+           "per-tensor 8-bit state): use optim.name=adamw with deepspeed.stage")
     _check(ds.stage is None or m.objective == "dopsd", "deepspeed.stage",
            "the DeepSpeed engine trains method.objective=dopsd; run the SFT baseline without deepspeed.stage")
     _check(m.steps >= 1, "method.steps", "must be >= 1")
@@ -413,6 +452,14 @@ def validate(cfg: Config) -> Config:
     _check(v.every == 0 or v.pairs != 0 and v.pairs != [] or bool(v.prompts), "validation.pairs",
            "validation.every > 0 needs at least one column: pairs > 0 or validation.prompts")
     _check(v.steps is None or v.steps >= 1, "validation.steps", f"must be >= 1 (or null), got {v.steps}")
+    _check(cfg.model.base_precision == "bf16" or a.mode == "lora", "model.base_precision",
+           "fp8 quantises the frozen base under LoRA adapters, but adapter.mode=full trains every weight (which must "
+           "stay bf16/fp32): set adapter.mode=lora or model.base_precision=bf16")
+    _check(cfg.model.base_precision == "bf16" or ds.stage is None, "model.base_precision",
+           "fp8 runs in the single-process trainer (DeepSpeed would cast the e4m3 weights to bf16 without their "
+           "scales): remove deepspeed.stage or set model.base_precision=bf16")
+    _check(cfg.model.fp8_input_grad == "bf16" or cfg.model.base_precision == "fp8", "model.fp8_input_grad",
+           "e5m2 applies to an FP8 base only: set model.base_precision=fp8 too, or leave fp8_input_grad at bf16")
     _check(cfg.context.teacher != "reference" or cfg.model.family == "flux2_klein", "context.teacher",
            "reference needs reference-image tokens, which only model.family=flux2_klein has; use vlm")
     return cfg

@@ -1,46 +1,31 @@
 """A finished run's parts for `dopsd sample` and `dopsd export`: only what the command reads, never a Trainer.
 
-``load_run`` rebuilds the transformer, its roles and adapters from ``<run_dir>/config.yaml``, the run's base weights
-and a checkpoint's student. Export needs nothing more; sample adds the student's text context (cache or encoder) and
-the image codec (the VAE, loaded at its first decode, for latent models on folders). Neither builds the data stream
-or the teacher's contexts, so the data folder, the VLM teacher and (for export) the encoders may be gone.
+``load_run`` assembles the run of ``<run_dir>/config.yaml`` as the trainer does (``assemble.py``, ``use`` sample or
+export) on the run's base weights, then loads a checkpoint's student. Export needs the transformer and its adapters
+only; sample adds the student's text context (cache or encoder) and the image codec (the VAE, loaded at its first
+decode, for latent models on folders). Neither builds the data stream or the teacher's contexts, so the data folder,
+the VLM teacher and (for export) the encoders may be gone.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from ..method.roles import Roles
-from ..models.adapter import model_family
-from ..models.compile import compile_blocks
 from ..sample import decoded_samples
 from . import checkpoint as ckpt
-from .build import DTYPES, Plan, build_contexts, build_model, build_roles, resolve_device, resolve_plan, resolve_weights
-from .build_qwen import build_codec
-from .config import Config, load_config
+from .assemble import Parts, assemble
+from .config import IMAGE_KINDS, load_config
 
 
 @dataclass
-class RunParts:
-    cfg: Config                 # the run's config as written (adapter.init_from=null, data.encode_missing=true)
-    plan: Plan
-    model: nn.Module            # the transformer with the adapters injected (LoRA) or the student itself (full)
-    roles: Roles                # trainable = the checkpoint's student
-    loaded_from: Path           # the checkpoint directory
-    device: torch.device
-    dtype: torch.dtype
-    text_encoder: Callable[[list[str]], list[Tensor]] | None = None     # c_s; sample only
-    codec: Any = None                                                   # latents <-> images; sample only
-
-    @property
-    def family(self):
-        return model_family(self.plan.arch)
+class RunParts(Parts):
+    """A finished run's parts: cfg as written with adapter.init_from=null and data.encode_missing=true; roles'
+    trainable = the checkpoint's student."""
+    loaded_from: Path | None = None     # the checkpoint directory
 
     def sampler_sigmas(self, steps: int) -> list[float]:
         """As Trainer.sampler_sigmas: the model's own few-step sampler at data.image_size."""
@@ -57,20 +42,21 @@ class RunParts:
         """The captions a training grid shows (Trainer.grid_pairs): the first ``n`` pairs' second caption variant.
         Reads the data set (an image folder must still exist), never its batch stream."""
         d = self.cfg.data
-        if d.kind == "folder":
-            from ..data.folder import DataError, ImageFolder
+        if d.kind in IMAGE_KINDS:
+            from ..data.folder import DataError
+            from .build_qwen import open_folder
             try:
-                dataset = ImageFolder(d.path, d.image_size, d.buckets)
+                dataset = open_folder(self.cfg)         # the run's index: no scan of an unchanged folder
             except DataError as err:
                 raise DataError(f"{err}; its captions are the default prompts: pass --prompt or set sample.prompts") from None
         elif d.kind == "world":
             from ..world.data import ConceptPairs
-            dataset = ConceptPairs(d.seed)
+            dataset = ConceptPairs(d.seed, d.path)
         else:
             from ..data.synthetic import SyntheticPairs
             dataset = SyntheticPairs(d.num_pairs, d.image_size, d.seed)
-        pairs = [dataset[i] for i in range(min(n, len(dataset)))]
-        return [p.captions[min(1, len(p.captions) - 1)] for p in pairs]
+        captions = [dataset.captions(i) for i in range(min(n, len(dataset)))]
+        return [c[min(1, len(c) - 1)] for c in captions]
 
 
 def load_run(run_dir: Path, checkpoint: str | None = None, sampling: bool = False) -> RunParts:
@@ -92,44 +78,10 @@ def load_run(run_dir: Path, checkpoint: str | None = None, sampling: bool = Fals
         raise ckpt.CheckpointError(f"{root}: no complete checkpoint; train first or pass --checkpoint")
     path = ckpt.find_checkpoint(root, checkpoint) if checkpoint else found[-1]
 
-    parts = _resolve_weights(cfg, sampling)
-    plan = resolve_plan(parts)
-    dtype, device = DTYPES[cfg.model.dtype], resolve_device(cfg.train.device)
-    torch.manual_seed(cfg.model.init_seed)      # as the Trainer: random base, then the LoRA init (both replaced below)
-    if cfg.model.pretrained is None:
-        model = build_model(plan.arch).to(dtype)
-    else:
-        model = model_family(plan.arch).load(parts.model.pretrained, dtype)
-    model.to(device)
-    base = dict(model.state_dict()) if cfg.model.pretrained is None else None     # keys before LoRA injection
-    roles = build_roles(cfg, model)
-    if base is not None:        # a randomly initialised base was saved by the run (Trainer._write_run_files)
-        base_sd = ckpt.load_tensors(run_dir / "base.safetensors", base)
-        with torch.no_grad():
-            for k, v in model.state_dict().items():
-                if k in base_sd:
-                    v.copy_(base_sd[k])
-    student = ckpt.load_tensors(path / "student.safetensors", dict(roles.trainable))
+    parts = assemble(cfg, "sample" if sampling else "export", base=run_dir / "base.safetensors")
+    student = ckpt.load_tensors(path / "student.safetensors", dict(parts.roles.trainable))
     with torch.no_grad():
-        for k, p in roles.trainable.items():
+        for k, p in parts.roles.trainable.items():
             p.copy_(student[k])
-    roles.trainable_changed()
-    run = RunParts(cfg, plan, model, roles, path, device, dtype)
-    if sampling:
-        for m in dict.fromkeys((roles.student_model, roles.teacher_model)):
-            compile_blocks(m, cfg.model.compile)
-        run.text_encoder, _ = build_contexts(parts, plan.arch, device, student_only=True)
-        run.codec = build_codec(parts, plan.arch, run.family.codec(cfg, plan.arch), dtype, device)
-    return run
-
-
-def _resolve_weights(cfg: Config, sampling: bool) -> Config:
-    """resolve_weights for the folders this command reads: Hub ids of the teacher (and, for export, of the text
-    encoder, tokenizer and VAE) are left alone, so nothing else is downloaded. Data and context keys stay as
-    written; only model.* paths come back."""
-    context = dataclasses.replace(cfg.context, teacher_model=None)
-    if not sampling:
-        context = dataclasses.replace(context, kind="toy")
-    data = cfg.data if sampling else dataclasses.replace(cfg.data, kind="synthetic")
-    resolved = resolve_weights(dataclasses.replace(cfg, context=context, data=data))
-    return dataclasses.replace(cfg, model=resolved.model)
+    parts.roles.trainable_changed()
+    return RunParts(**vars(parts), loaded_from=path)

@@ -19,23 +19,17 @@ from safetensors.torch import save_file
 
 from ..data.loader import Batch
 from ..ops._dispatch import use_backend
-from ..models.adapter import model_family
-from ..models.compile import compile_blocks
 from ..models.export import lora_files
-from ..models.loading import WeightsError
-from ..models.lora_load import lora_file, read_lora
 from ..method.step import StepOutput, dopsd_step, sft_step
 from ..sample import decoded_samples, save_grid, square_crop
 from . import checkpoint as ckpt
-from .build import (DTYPES, build_contexts, build_data, build_model, build_roles, check_buildable, resolve_device,
-                    resolve_plan, resolve_weights)
-from .build_qwen import build_codec, check_cached
+from .assemble import assemble, construct_transformer
 from .config import Config, ConfigError
 from .distributed import launched_world_size
 from .finite import BadSteps
-from .memory import checkpoint_plan, fit_checkpointing
-from .metrics import StepLog
-from .optim import build_scheduler, load_scheduler, scheduler_state
+from .memory import fit_checkpointing
+from .metrics import StepLog, open_sinks
+from .optim import build_optimizer, build_scheduler, load_scheduler, scheduler_state, set_lr
 from .run_dir import drop_rows_after, lock_output_dir
 from .stop import StopRequest, TrainingStopped
 from .telemetry import Telemetry
@@ -43,41 +37,23 @@ from .validation import Validation
 
 
 class Trainer:
-    is_main, world = True, 1                  # a DeepSpeed run has one trainer per rank (deepspeed_engine.py)
+    is_main, rank, world = True, 0, 1         # a DeepSpeed run has one trainer per rank (deepspeed_engine.py)
     backward = staticmethod(torch.Tensor.backward)   # every backward of an iteration; DeepSpeed: engine.backward
     loss_weight = 1.0       # of an iteration's gradient; average_gradients divides the sum (DeepSpeed: 1 / grad_accum)
+    build_transformer = staticmethod(construct_transformer)     # assemble's hook (weights, plan, dtype, device)
 
     def __init__(self, cfg: Config, progress: bool = True):
-        parts = resolve_weights(cfg)     # Hub ids -> local snapshot folders; self.cfg keeps them as written
-        check_buildable(parts)
-        self.cfg, self.plan = cfg, resolve_plan(parts)
-        self.init_file = self._init_file()      # adapter.init_from: a missing file fails before any weights load
-        self.dataset, self.stream = build_data(cfg)     # first: a folder with nothing usable fails before any weights load
-        check_cached(parts, self.plan.arch, self.dataset)      # data.encode_missing=false: a cache miss too
+        # data, transformer, roles, contexts and codec (train/assemble.py); this rank's rows of each global batch
+        parts = assemble(cfg, "train", rank=self.rank, world=self.world, progress=progress, main=self.is_main,
+                         transformer=self.build_transformer)
+        self.cfg, self.plan, self.dtype, self.device = cfg, parts.plan, parts.dtype, parts.device
+        self.family, self.flow = parts.family, parts.family.flow    # everything that differs between model families
+        self.dataset, self.stream = parts.dataset, parts.stream
+        self.model, self.roles, self.base_state = parts.model, parts.roles, parts.base_state
+        self.text_encoder, self.mm_encoder, self.codec = parts.text_encoder, parts.mm_encoder, parts.codec
         self.out = Path(cfg.train.output_dir)
-        self.dtype, self.device = DTYPES[cfg.model.dtype], resolve_device(cfg.train.device)
-        torch.manual_seed(cfg.model.init_seed)      # random base (tiny models) and LoRA init, drawn on the CPU
-        if cfg.model.pretrained is None:
-            self.model = build_model(self.plan.arch).to(self.dtype)
-        else:
-            self.model = model_family(self.plan.arch).load(parts.model.pretrained, self.dtype)
-        self.model.to(self.device)      # before the roles: adapters, the EMA master and the optimizer follow it
-        self.model.checkpointing = checkpoint_plan(cfg, self.device)
-        self.base_state = {k: v.clone() for k, v in self.model.state_dict().items()} if cfg.model.pretrained is None else None
-        self.roles = build_roles(cfg, self.model)
-        if self.init_file is not None:
-            self.init_adapters(self.init_file)
-        for model in dict.fromkeys((self.roles.student_model, self.roles.teacher_model)):    # after LoRA injection
-            compile_blocks(model, cfg.model.compile)
-        o = cfg.optim
-        self.optimizer = torch.optim.AdamW(self.roles.trainable.values(), lr=o.lr, betas=tuple(o.betas), eps=o.eps,
-                                           weight_decay=o.weight_decay)
+        self.optimizer = build_optimizer(self.roles.trainable.values(), cfg)
         self.scheduler = build_scheduler(self.optimizer, cfg)     # optim.scheduler + warm-up, per optimizer step
-        self.text_encoder, self.mm_encoder = build_contexts(parts, self.plan.arch, self.device)
-        self.family = model_family(self.plan.arch)      # everything that differs between model families
-        self.flow = self.family.flow
-        # image <-> latent: the VAE (through the latent cache) for latent models on folders, else the family's own
-        self.codec = build_codec(parts, self.plan.arch, self.family.codec(cfg, self.plan.arch), self.dtype, self.device)
         self.sigmas = self.plan.sigmas                  # at data.image_size; batches of other sizes: _sigmas_for
         self.sample_sigmas = self.sampler_sigmas(cfg.sample.steps)
         self.noise = torch.Generator().manual_seed(cfg.train.seed)
@@ -114,7 +90,7 @@ class Trainer:
 
     def learning_rate(self) -> float:
         """The learning rate of the coming optimizer step: the scheduler's (train/optim.py, a function of the step)."""
-        return self.scheduler.get_last_lr()[0]
+        return float(self.scheduler.get_last_lr()[0])     # AdamW8bit's is a tensor
 
     def accumulate(self) -> StepOutput:
         """One optimizer step's gradients: optim.grad_accum iterations on consecutive batches, each one's gradients
@@ -150,7 +126,7 @@ class Trainer:
         o = self.cfg.optim
         lr = self.learning_rate()
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            set_lr(group, lr)
         params = list(self.roles.trainable.values())
         # float(): the sync the logged norm always cost, now before AdamW runs, since it decides whether AdamW runs
         norm = float(torch.nn.utils.clip_grad_norm_(params, o.grad_clip if o.grad_clip > 0 else float("inf")))
@@ -181,9 +157,9 @@ class Trainer:
             main = self.is_main
             if main:
                 drop_rows_after(self.step, self.out / "metrics.jsonl", self.out / "validation" / "grids.jsonl")
-            log = StepLog(self.out / "metrics.jsonl" if main else None, len(self.sigmas) - 1, enabled=self.progress,
-                          tensorboard=self.out / "tensorboard" if main and t.tensorboard else None,
-                          first_step=self.step + 1)
+            sinks = open_sinks(t.report_to, self.out, self.step + 1, self.cfg.to_dict()) if main else []
+            log = StepLog(self.out / "metrics.jsonl" if main and "jsonl" in t.report_to else None,
+                          len(self.sigmas) - 1, enabled=self.progress, sinks=sinks, main=main)
             log.start(self.step, t.steps)
             try:
                 with use_backend(self.cfg.model.ops_backend):
@@ -225,6 +201,8 @@ class Trainer:
                 validation.run(self.step, log)
                 telemetry.timer.take()
             saved = self.save() if self.step % t.checkpoint_every == 0 or self.step == t.steps else None
+            if saved is not None:
+                log.loss_curve(self.out / "loss.png", self.sigmas)
             if stop.agreed():       # every rank, once per step: a signal to any of them stops all at this step
                 raise TrainingStopped(stop.reason, self.step, saved or self.save())
         return history
@@ -261,30 +239,6 @@ class Trainer:
         place for them)."""
         if files and self.step >= self.cfg.train.steps:
             ckpt.publish_files(final, self.out, list(files))
-
-    def _init_file(self) -> Path | None:
-        source = self.cfg.adapter.init_from
-        try:
-            return None if source is None else lora_file(source)
-        except WeightsError as err:
-            raise ConfigError(f"adapter.init_from: {err}") from None
-
-    def init_adapters(self, path: Path) -> None:
-        """adapter.init_from: the student's adapter, and the EMA teacher's (its fp32 master too), start from the LoRA
-        at ``path`` (models/lora_load.py); a resumed run then loads its checkpoint over them."""
-        try:
-            loaded, path, fresh = read_lora(path, self.model)
-        except WeightsError as err:
-            raise ConfigError(f"adapter.init_from: {err}") from None
-        with torch.no_grad():
-            for k, v in loaded.items():
-                self.roles.trainable[k].copy_(v)
-        self.roles.trainable_changed()
-        student = (p.detach() for p in self.roles.trainable.values())     # the EMA's order (LoRARoles asserts it)
-        self.roles.ema.load_state_dict(dict(zip(self.roles.ema.names, student)))
-        if self.is_main:
-            print(f"adapter.init_from: student and teacher start from {path} ({len(loaded) // 2} LoRA modules"
-                  + (f"; {fresh} it leaves out start fresh)" if fresh else ")"))
 
     def resume_point(self) -> Path | None:
         """The checkpoint ``train.resume`` points at: null, "auto" (newest in output_dir, if any) or a path."""
@@ -355,14 +309,19 @@ class Trainer:
         return pairs, [p.captions[min(1, len(p.captions) - 1)] for p in pairs]
 
     def sample_grid(self, path: Path, before: list | None = None) -> Path:
-        """Rows: data pairs; columns: target, [student before], student at the sampler's N steps, at the K training steps."""
+        """Rows: data pairs (labelled with their prompt); columns (labelled): target, [student before], student at the
+        sampler's N steps, at the K training steps."""
         pairs, prompts = self.grid_pairs()
         cols = [[square_crop(p.image, self.cfg.data.image_size) for p in pairs]]
         if before is not None:
             cols.append(before)
         cols.append(self.sample_student(prompts, self.sample_sigmas))
         cols.append(self.sample_student(prompts, self.sigmas))
-        return save_grid([list(r) for r in zip(*cols)], path)
+        names = ["target", *(["before"] if before is not None else []), f"after, {len(self.sample_sigmas) - 1} steps",
+                 f"after, K={len(self.sigmas) - 1} steps"]
+        size = self.cfg.data.image_size
+        return save_grid([list(r) for r in zip(*cols)], path, upscale=max(1, 128 // size), row_labels=prompts,
+                         col_labels=names)
 
     def sample_student(self, prompts: list[str], sigmas: list[float], seed: int | None = None):
         return self.sample_images(self.roles.use("student"), self.text_encoder(prompts), sigmas, seed)

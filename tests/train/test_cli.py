@@ -26,6 +26,12 @@ def grid_size(rows: int, cols: int, image_size: int = 32) -> tuple[int, int]:
     return cols * tile + PAD, rows * tile + PAD      # PIL: (width, height)
 
 
+def is_labelled_grid(size: tuple[int, int], rows: int, cols: int) -> bool:
+    """The tiles plus a left margin for the row labels (at most two tiles wide) and one line of column labels."""
+    (w, h), (tw, th) = size, grid_size(rows, cols)
+    return tw < w <= tw + 2 * 32 * UPSCALE + 3 * PAD and th < h < th + 20
+
+
 def out_dir_set(path: Path) -> list[str]:
     return ["--set", f"train.output_dir={json.dumps(str(path))}"]
 
@@ -134,7 +140,7 @@ def test_train_with_samples_writes_png(tmp_path, capsys):
     with Image.open(out / "samples.png") as im:
         assert im.format == "PNG" and im.mode == "RGB"
         # rows: the 2 data pairs; columns: target | before | after (sampler steps) | after (K steps)
-        assert im.size == grid_size(rows=2, cols=4)
+        assert is_labelled_grid(im.size, rows=2, cols=4)
         im.verify()
 
 
@@ -155,7 +161,7 @@ def test_sample_after_training(trained_run, tmp_path, capsys):
     assert report["prompts"] == ["a red circle"] and report["steps"] == 2
     assert report["grid"] == str(png)
     with Image.open(png) as im:
-        assert im.format == "PNG" and im.size == grid_size(rows=1, cols=1)
+        assert im.format == "PNG" and is_labelled_grid(im.size, rows=1, cols=1)
         im.verify()
 
 
@@ -166,7 +172,7 @@ def test_sample_explicit_checkpoint_two_prompts(trained_run, tmp_path, capsys):
                  "--prompt", "a", "--prompt", "b"]) == 0
     assert json.loads(capsys.readouterr().out)["checkpoint"] == str(ckpt)
     with Image.open(png) as im:
-        assert im.size == grid_size(rows=2, cols=1)
+        assert is_labelled_grid(im.size, rows=2, cols=1)
 
 
 def test_sample_checkpoint_by_name(trained_run, tmp_path, capsys):
