@@ -19,7 +19,8 @@ if TYPE_CHECKING:
 
 def eager_path(op: CustomOpDef, forward: Callable[..., Any], setup_context: Callable[..., None],
                backward: Callable[..., tuple]) -> Callable[..., Any]:
-    """``op(*inputs)`` under torch.compile, else an autograd.Function over ``forward`` / ``backward``.
+    """``op(*inputs)`` under torch.compile, ``forward(*inputs)`` under no_grad, else an autograd.Function over
+    ``forward`` / ``backward``.
 
     ``forward`` is the op's body, ``setup_context`` and ``backward`` what ``op.register_autograd`` got, except that
     ``backward`` calls the backward body directly (the compiled path keeps the backward custom op)."""
@@ -35,6 +36,10 @@ def eager_path(op: CustomOpDef, forward: Callable[..., Any], setup_context: Call
             return backward(ctx, *grads)
 
     def call(*inputs):
-        return op(*inputs) if torch.compiler.is_compiling() else Eager.apply(*inputs)
+        if torch.compiler.is_compiling():
+            return op(*inputs)
+        if not torch.is_grad_enabled():     # nothing to save or differentiate (the teacher's roll-out): the body alone
+            return forward(*inputs)
+        return Eager.apply(*inputs)
 
     return call

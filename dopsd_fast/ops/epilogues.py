@@ -7,8 +7,9 @@ whose body runs the csrc/ extension (``dopsd_C::<op>``, all but modulated_layer_
 ``dopsd::<op>_backward``, dispatched the same way; the reference backend uses the explicit fp32 ``*_backward_ref``
 formulas (autograd cannot run inside a custom op body). Only inputs are saved for backward (the RMS/LayerNorm
 statistics are recomputed), and gradients of weights and modulation vectors are only computed when required.
-Eager calls run the same bodies through a ``torch.autograd.Function`` instead of the custom ops (``_eager.py``: a
-third of the host time per call); under ``torch.compile`` the custom ops are what dynamo sees.
+Eager calls run the same bodies through a ``torch.autograd.Function`` (under no_grad, the bodies alone) instead of
+the custom ops (``_eager.py``: a third of the host time per call); under ``torch.compile`` the custom ops are what
+dynamo sees.
 """
 from __future__ import annotations
 
