@@ -1,5 +1,7 @@
 """End-to-end D-OPSD iterations, dopsd_fast vs the authors' released loop (bench/baselines/released_loop.py), in every
-configuration each side offers its user; per memory budget, the fastest configuration of each side that fits.
+configuration each side offers its user; per memory budget, the fastest configuration of each side that fits. A third
+side, "patched", is the released loop with ``apply_dopsd_kernels`` called once on its diffusers model and nothing
+else changed: what our ops alone give another trainer, and what our trainer adds on top.
 
 Both sides get the same model config, base weights, LoRA weights, contexts and noise seed, and the same recipe
 (LoRA on attention q/k/v/out + feed_forward w1/w2/w3, K = 4, sigma 1, .9, .75, .5 -> 0, x0 loss, AdamW, clip 1.0,
@@ -16,6 +18,10 @@ Configurations (``configurations``), all on one model per side, switched between
             reference (the PyTorch ops; Triton would run under its interpreter); on CUDA also model.compile=blocks
             (models/compile.py) x checkpointing full | selective | none with ops=auto, switched on the one model by
             use_compiled (on CPU Inductor compiles for ~50 s: opt in with DOPSD_BENCH_COMPILE="none blocks")
+  patched   the baseline's loop, model, adapters and optimizer, patched by apply_dopsd_kernels (removed again for the
+            baseline's configurations, outside the timed iteration); gradient checkpointing on | off x
+            attention="sdpa" (diffusers' dispatch, torch SDPA's own choice) | "dopsd" (our packed_attention); the
+            ops backend is dopsd_fast's default for the device (CPU: the reference ops, as for ours)
 A configuration that runs out of memory (torch.OutOfMemoryError; the other side's resident weights are on the
 device too, see ``other_resident_bytes``), or whose SDPA backend has no kernel for the shape ("refused"), is recorded
 as such; any other exception fails the run.
@@ -47,8 +53,8 @@ DOPSD_BENCH_OUT=dir each size also writes dir/pareto_<size>.json at once (a late
 Sizes: CPU a small Z-Image (fp32); CUDA the real Z-Image-Turbo 6B architecture with random bf16 weights at 512^2
 and 1024^2, LoRA r64, batch 1 (one build serves both). Under --benchmark-disable (CI) each size runs at a tiny size;
 DOPSD_BENCH_SMOKE=1 times that tiny size (scripts/device_check.sh --cpu). DOPSD_BENCH_ROUNDS=N sets the rounds;
-DOPSD_BENCH_SDPA / DOPSD_BENCH_OPS replace the attention lists of ``configurations``, DOPSD_BENCH_COMPILE its list
-of model.compile modes.
+DOPSD_BENCH_SDPA / DOPSD_BENCH_OPS / DOPSD_BENCH_PATCHED replace the attention lists of ``configurations`` (an empty
+DOPSD_BENCH_PATCHED leaves the patched side out), DOPSD_BENCH_COMPILE its list of model.compile modes.
 """
 from __future__ import annotations
 
@@ -67,13 +73,15 @@ import torch
 from baselines.released_loop import ReleasedLoop, diffusers_transformer
 from pareto import busy_seconds, equivalence, pareto, render
 
+from dopsd_fast.integrations.diffusers import apply_dopsd_kernels
 from dopsd_fast.method.roles import LoRARoles
-from dopsd_fast.method.schedule import Z_IMAGE, rollout_sigmas
+from dopsd_fast.method.schedule import rollout_sigmas
 from dopsd_fast.method.step import dopsd_step
 from dopsd_fast.metrics.flops import dopsd_iteration, verl_omni_iteration, zimage_layout
+from dopsd_fast.models.adapter import model_family
 from dopsd_fast.models.checkpointing import CheckpointPlan
 from dopsd_fast.models.compile import compile_blocks, use_compiled
-from dopsd_fast.models.z_image import ZImageConfig, ZImageTransformer
+from dopsd_fast.models.z_image import ZImageConfig
 from dopsd_fast.ops._dispatch import use_backend
 from dopsd_fast.testing import randomize_weights
 from dopsd_fast.train.memory import optimizer_tensors, unique_bytes
@@ -106,8 +114,8 @@ CPU_BUDGETS = (0.95, 1.0, 1.35, 1.5, 4.0, None)
 @dataclasses.dataclass(frozen=True)
 class Case:
     device: str
-    arch: ZImageConfig
-    latent: tuple[int, int, int, int]     # (C, F, H, W)
+    arch: ZImageConfig                    # (bench_24gb.py also runs a Flux2KleinConfig through Ours)
+    latent: tuple[int, ...]               # (C, F, H, W); FLUX.2 [klein]: (C, H, W)
     caption_tokens: tuple[int, int]       # real tokens of c_s (text) and c_t (text + target image)
     rank: int
     dtype: torch.dtype
@@ -119,8 +127,9 @@ SMALL = ZImageConfig(dim=256, n_layers=4, n_refiner_layers=1, n_heads=4, n_kv_he
 TINY = ZImageConfig(dim=64, n_layers=2, n_refiner_layers=1, n_heads=2, n_kv_heads=2, cap_feat_dim=32,
                     axes_dims=(8, 12, 12), axes_lens=(256, 64, 64))
 # c_t: the teacher's VLM sees the target resized into [512^2, 768^2] pixels, (H/32)(W/32) image tokens (256 for a
-# 512^2 crop, 576 for 1024^2), plus the prompt's ~128 (method.md section 6). CUDA rounds: 12 configurations x (3
-# equivalence + rounds) iterations of ~1.3 s (512^2) / ~2.7 s (1024^2) on an H200 fit scripts/device_check.sh's budget.
+# 512^2 crop, 576 for 1024^2), plus the prompt's ~128 (method.md section 6). CUDA rounds: 14 configurations (2
+# patched: device_check.sh's DOPSD_BENCH_PATCHED=sdpa) x (3 equivalence + rounds) iterations of ~1.3 s (512^2) /
+# ~2.7 s (1024^2) on an H200 fit scripts/device_check.sh's budget.
 CASES = {
     "cpu-small": Case("cpu", SMALL, (16, 1, 32, 32), (40, 90), 16, torch.float32, 8),
     "cuda-6b-512": Case("cuda", ZImageConfig(), (16, 1, 64, 64), (128, 384), 64, torch.bfloat16, 1),
@@ -131,37 +140,40 @@ SMOKE = Case("cpu", TINY, (16, 1, 16, 16), (7, 20), 4, torch.float32, 1)
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    side: str            # "ours" | "baseline"
-    checkpointing: str   # ours: model.checkpointing (full | selective | none); baseline: on | off
-    attention: str       # ours: model.ops_backend; baseline: SDPA backend (default | flash | cudnn | efficient)
-    compile: str = "none"  # ours: model.compile (none | blocks); baseline: none
+    side: str            # "ours" | "baseline" | "patched"
+    checkpointing: str   # ours: model.checkpointing (full | selective | none); baseline, patched: on | off
+    attention: str       # ours: model.ops_backend; baseline: SDPA backend (default | flash | cudnn | efficient);
+                         # patched: apply_dopsd_kernels' attention (sdpa | dopsd)
+    compile: str = "none"  # ours: model.compile (none | blocks); baseline, patched: none
 
     @property
     def label(self) -> str:
         """compile=none is left out of the label: the labels of earlier result files stay comparable."""
-        knob = "ops" if self.side == "ours" else "sdpa"
+        knob = {"ours": "ops", "baseline": "sdpa", "patched": "attn"}[self.side]
         return f"{self.side} ckpt={self.checkpointing} {knob}={self.attention}" + (
             f" compile={self.compile}" if self.compile != "none" else "")
 
 
 def configurations(device: str) -> list[Config]:
     """Every legitimate configuration of each side, baseline first (its released configuration is the reference),
-    then the sides interleaved. DOPSD_BENCH_SDPA / DOPSD_BENCH_OPS / DOPSD_BENCH_COMPILE (space-separated) replace
-    the attention lists and the model.compile modes (a rerun short of time, a check of the refusal path on CPU, or
-    compile on CPU: "none blocks", ~50 s of Inductor). Compiled modes run with the first ops entry only (auto on
-    CUDA): compile is a lever of its own, not crossed with every backend."""
+    then the sides interleaved. DOPSD_BENCH_SDPA / DOPSD_BENCH_OPS / DOPSD_BENCH_PATCHED / DOPSD_BENCH_COMPILE
+    (space-separated) replace the attention lists and the model.compile modes (a rerun short of time, a check of
+    the refusal path on CPU, or compile on CPU: "none blocks", ~50 s of Inductor). Compiled modes run with the first
+    ops entry only (auto on CUDA): compile is a lever of its own, not crossed with every backend."""
     sdpa = ("flash", "cudnn", "efficient") if device == "cuda" else ("default",)
     ops = ("auto", "triton") if device == "cuda" else ("reference",)
     compile_modes = ("none", "blocks") if device == "cuda" else ("none",)
     sdpa = tuple(os.environ.get("DOPSD_BENCH_SDPA", " ".join(sdpa)).split())
     ops = tuple(os.environ.get("DOPSD_BENCH_OPS", " ".join(ops)).split())
     compile_modes = tuple(os.environ.get("DOPSD_BENCH_COMPILE", " ".join(compile_modes)).split())
+    patched_attention = tuple(os.environ.get("DOPSD_BENCH_PATCHED", "sdpa dopsd").split())
     baseline = [Config("baseline", c, a) for c in ("on", "off") for a in sdpa]
     ours = [Config("ours", c, a, m) for m in compile_modes for c in ("full", "selective", "none")
             for a in (ops if m == "none" else ops[:1])]
+    patched = [Config("patched", c, a) for c in ("on", "off") for a in patched_attention]
     order = []
-    for i in range(max(len(baseline), len(ours))):
-        order += baseline[i:i + 1] + ours[i:i + 1]
+    for i in range(max(len(baseline), len(ours), len(patched))):
+        order += baseline[i:i + 1] + ours[i:i + 1] + patched[i:i + 1]
     return order
 
 
@@ -183,12 +195,17 @@ class Side:
 
     optimizer: torch.optim.Optimizer
 
+    def prepare(self, config: Config) -> None:
+        """Switches between configurations that are not part of an iteration's time (the patched side's patch)."""
+
     def trained(self) -> list[torch.Tensor]:
         """Every tensor an iteration changes (adapters, EMA teacher, masters); AdamW's state is cleared instead."""
         raise NotImplementedError
 
-    def snapshot(self) -> None:
-        self._saved = [t.detach().clone() for t in self.trained()]
+    def snapshot(self, device: str | torch.device | None = None) -> None:
+        """``device``: where the copies live (default beside the tensors; bench_24gb.py keeps them on the host, off
+        its capped GPU)."""
+        self._saved = [t.detach().to(t.device if device is None else device, copy=True) for t in self.trained()]
 
     @torch.no_grad()
     def restore(self) -> None:
@@ -200,16 +217,28 @@ class Side:
 
 
 class Ours(Side):
-    """dopsd_fast's iteration, as Trainer.forward_backward_step + optimizer_step run it (device-placed here)."""
+    """dopsd_fast's iteration, as Trainer.forward_backward_step + optimizer_step run it (device-placed here).
 
-    def __init__(self, base_state: dict, case: Case):
-        with torch.device("meta"):
-            model = ZImageTransformer(case.arch)
-        model = model.to(case.dtype).to_empty(device=case.device)
-        model.load_state_dict(base_state, strict=True)
-        self.roles = LoRARoles(model, TARGETS, case.rank, 2.0 * case.rank)
+    ``base``: the base weights (a state dict, loaded into a new model) or the model itself, used without a copy
+    (``random_model``; bench_24gb.py). The family (Z-Image or FLUX.2 [klein]: flow convention, model class) follows
+    ``case.arch``; ``targets`` / ``sigmas`` (sigma_0 .. sigma_K = 0) / ``alpha`` default to this bench's recipe."""
+
+    def __init__(self, base: dict | torch.nn.Module, case: Case, targets: list[str] | None = None,
+                 sigmas: list[float] | None = None, alpha: float | None = None):
+        family = model_family(case.arch)
+        if isinstance(base, torch.nn.Module):
+            model = base
+        else:
+            with torch.device("meta"):
+                model = family.model_cls(case.arch)
+            model = model.to(case.dtype).to_empty(device=case.device)
+            model.load_state_dict(base, strict=True)
+        alpha = 2.0 * case.rank if alpha is None else alpha
+        self.roles = LoRARoles(model, TARGETS if targets is None else list(targets), case.rank, alpha)
         self.optimizer = torch.optim.AdamW(self.roles.trainable.values(), **OPTIM)
-        self.sigmas, self.dtype = rollout_sigmas(SIGMAS), case.dtype
+        self.flow = family.flow
+        self.sigmas = rollout_sigmas(SIGMAS) if sigmas is None else list(sigmas)
+        self.dtype = case.dtype
         self.compiled = False         # blocks wrapped by compile_blocks (lazily, at the first compiled configuration)
 
     def trained(self):
@@ -224,7 +253,7 @@ class Ours(Side):
         if self.compiled:             # model.compile: the kept compiled blocks on or off, no recompilation
             use_compiled(model, config.compile != "none")
         with use_backend(config.attention):     # model.ops_backend, as the trainer applies it around the step
-            out = dopsd_step(self.roles, Z_IMAGE, c_s, c_t, [latent], self.sigmas, loss_kind="x0",
+            out = dopsd_step(self.roles, self.flow, c_s, c_t, [latent], self.sigmas, loss_kind="x0",
                              per_step_backward=True, generator=generator, dtype=self.dtype)
             norm = torch.nn.utils.clip_grad_norm_(list(self.roles.trainable.values()), GRAD_CLIP)
             self.optimizer.step()
@@ -237,11 +266,24 @@ class Ours(Side):
 
 
 class Baseline(Side):
+    """The released loop; it also serves the patched side (one model: a second 6B copy would not fit beside ours)."""
+
     def __init__(self, model, case: Case):
         self.loop = ReleasedLoop(model, targets=TARGETS, rank=case.rank, alpha=2.0 * case.rank, sigmas=SIGMAS,
                                  grad_clip=GRAD_CLIP, ema_decay=EMA_DECAY, **OPTIM)
         self.optimizer = self.loop.optimizer
         self.checkpointing = True
+        self.patch = None         # the DopsdPatch of the patched side's configuration in use
+
+    def prepare(self, config: Config) -> None:
+        """The user's one call, apply_dopsd_kernels(model, attention=...), for a patched configuration; the
+        unpatched model (the patch removed: diffusers' own forwards) for a baseline one."""
+        want = config.attention if config.side == "patched" else None
+        if self.patch is not None and self.patch.attention != want:
+            self.patch.remove()
+            self.patch = None
+        if want is not None and self.patch is None:
+            self.patch = apply_dopsd_kernels(self.loop.model, attention=want)
 
     def trained(self):
         return [*self.loop.student.values(), *self.loop.teacher.values(), *(self.loop.masters or [])]
@@ -251,12 +293,21 @@ class Baseline(Side):
         if on != self.checkpointing:      # the released script's --gradient_checkpointing flag
             (self.loop.model.enable_gradient_checkpointing if on else self.loop.model.disable_gradient_checkpointing)()
             self.checkpointing = on
-        with sdpa_only(config.attention):
+        self.prepare(config)       # a no-op after one()'s untimed prepare
+        with sdpa_only(config.attention if config.side == "baseline" else "default"):
             losses = self.loop.forward_backward(c_s, c_t, latent, 1, generator)
         return losses, self.loop.optimizer_step()
 
     def resident(self) -> list[torch.Tensor]:
         return [*self.loop.model.parameters(), *(self.loop.masters or []), *optimizer_tensors(self.loop.optimizer)]
+
+
+def random_model(case: Case, seed: int = 0) -> torch.nn.Module:
+    """The case's architecture (``case.arch``: either family) built straight on its device in its dtype, random
+    weights (testing.randomize_weights): one copy of the base, for ``Ours(model, case)``."""
+    with torch.device("meta"):
+        model = model_family(case.arch).model_cls(case.arch)
+    return randomize_weights(model.to(case.dtype).to_empty(device=case.device), seed=seed)
 
 
 def build(case: Case) -> dict[str, Side]:
@@ -269,7 +320,7 @@ def build(case: Case) -> dict[str, Side]:
     baseline.loop.load_adapters(dict(ours.roles.trainable), dict(zip(ours.roles.ema.names, ours.roles.ema.teacher)))
     for side in (ours, baseline):
         side.snapshot()
-    return {"ours": ours, "baseline": baseline}
+    return {"ours": ours, "baseline": baseline, "patched": baseline}
 
 
 @pytest.fixture(scope="module")
@@ -432,6 +483,7 @@ def test_pareto(benchmark, built, size):
 
     def one(run: dict, generator, timed: bool, profile: bool) -> tuple[list[float], float]:
         side, config = sides[run["side"]], configs[run["label"]]
+        side.prepare(config)
 
         def iteration():
             return side.iteration(config, c_s, c_t, latent, generator)
@@ -470,7 +522,7 @@ def test_pareto(benchmark, built, size):
         attempt(run, first_iterations)
     ok = [r for r in runs if r["status"] == "ok"]
     for r in runs:
-        r["other_resident_bytes"] = unique_bytes(sides["ours" if r["side"] == "baseline" else "baseline"].resident())
+        r["other_resident_bytes"] = unique_bytes(sides["baseline" if r["side"] == "ours" else "ours"].resident())
 
     # (2) round-robin timed cycles (pytest-benchmark's rounds time a whole cycle)
     noises = {r["label"]: torch.Generator().manual_seed(31) for r in ok}
@@ -502,8 +554,8 @@ def test_pareto(benchmark, built, size):
     adapters = (case.rank, sides["ours"].roles.targets)     # the baseline's PEFT adapters sit on the same linears
     peak, peak_note = peak_flops(device)
     for r in runs:
-        # each side's own work: ours runs the caption refiner once per role, the baseline in every forward
-        per_step = r["side"] == "baseline"
+        # each side's own work: ours runs the caption refiner once per role, the released loop in every forward
+        per_step = r["side"] != "ours"
         r["model_flops_per_iteration"] = dopsd_iteration(teacher, student, len(SIGMAS), adapters,
                                                          context_per_step=per_step).total
         r["model_flops_per_iteration_verl_omni"] = verl_omni_iteration(teacher, student, len(SIGMAS),
@@ -533,7 +585,8 @@ def test_pareto(benchmark, built, size):
               "ops=auto: each op the fastest measured on CUDA, attention torch SDPA (default dispatch); ops=triton: "
               "every op ours, attention our Triton kernel; ops=reference: the PyTorch ops; sdpa=X: torch SDPA "
               "restricted to backend X; compile=blocks: model.compile=blocks (Inductor, not bitwise: within the "
-              "tolerance)"]
+              "tolerance); patched attn=X: the released loop unchanged but for apply_dopsd_kernels(model, attention=X) "
+              "on its diffusers model (ops backend as ours)"]
     recompiled = [f"{r['label']}: {r['timed_compilations']}" for r in runs if r["timed_compilations"]]
     if recompiled:
         header.append("graphs compiled during timed iterations (their times include compiling): "

@@ -2,8 +2,8 @@
 
 A *run* is one configuration of one side measured in the bench (a dict):
 
-    label        "ours ckpt=none ops=auto", "baseline ckpt=on sdpa=flash"
-    side         "ours" | "baseline"
+    label        "ours ckpt=none ops=auto", "baseline ckpt=on sdpa=flash", "patched ckpt=on attn=sdpa"
+    side         "ours" | "baseline" | "patched" (the baseline's loop after apply_dopsd_kernels; optional)
     status       "ok" | "out of memory" | "refused" (an SDPA backend that has no kernel for the shape) | "error"
     seconds      wall seconds of its timed iterations, in round order (warm-up excluded)
     peak_bytes   resident + transient (None when it did not run to the end)
@@ -11,7 +11,8 @@ A *run* is one configuration of one side measured in the bench (a dict):
     grad_norms   [iteration]: the clip_grad_norm_ return value
 
 ``pareto`` picks, for each memory budget, each side's fastest run (median seconds) whose peak fits, and the ratio
-of the two; a side with nothing that fits "does not fit". ``equivalence`` compares every run's losses and grad norms
+of the two (and, where patched runs exist, the patched side's fastest, its speed over the baseline's and ours over
+it); a side with nothing that fits "does not fit". ``equivalence`` compares every run's losses and grad norms
 with the reference run's; ``render`` prints both tables.
 """
 from __future__ import annotations
@@ -47,9 +48,10 @@ def pareto(runs: list[dict], budgets: list[tuple[str, int | None]]) -> list[dict
     the speed ratio ours/baseline: of the median seconds (the headline), min / median / max over rounds, and of
     the median process CPU seconds (steadier than wall time on a shared machine)."""
     rows = []
+    sides = ("ours", "baseline", "patched") if any(r["side"] == "patched" for r in runs) else ("ours", "baseline")
     for name, budget in budgets:
         row: dict = {"budget": name, "budget_bytes": budget}
-        chosen = {side: fastest_that_fits(runs, side, budget) for side in ("ours", "baseline")}
+        chosen = {side: fastest_that_fits(runs, side, budget) for side in sides}
         for side, run in chosen.items():
             row[side] = run["label"] if run else DOES_NOT_FIT
             row[f"{side}_it_per_s"] = 1 / median_seconds(run) if run else None
@@ -63,6 +65,10 @@ def pareto(runs: list[dict], budgets: list[tuple[str, int | None]]) -> list[dict
             row["cpu_seconds_ratio"] = cpu[0] / cpu[1] if None not in cpu else None
         else:
             row["speedup_min_median_max"] = row["speedup_of_medians"] = row["cpu_seconds_ratio"] = None
+        if "patched" in sides:
+            p, b, o = chosen["patched"], chosen["baseline"], chosen["ours"]
+            row["patched_speedup_of_medians"] = median_seconds(b) / median_seconds(p) if p and b else None
+            row["ours_over_patched"] = median_seconds(p) / median_seconds(o) if p and o else None
         rows.append(row)
     return rows
 
@@ -132,12 +138,14 @@ def render(runs: list[dict], rows: list[dict], header: list[str]) -> list[str]:
         if r["status"] != "ok" and r.get("why"):
             lines.append(f"{'':<{width}}    {r['why'][:160]}")
     lines.append("")
-    lines.append(f"{'memory budget':<24} {'ours: fastest that fits':<{width + 23}} "
-                 f"{'baseline: fastest that fits':<{width + 23}} speed ours/baseline: of medians "
-                 "(rounds min/median/max; CPU s)")
+    patched = bool(rows) and "patched" in rows[0]
+    sides = ("ours", "baseline", "patched") if patched else ("ours", "baseline")
+    lines.append(f"{'memory budget':<24} " + "".join(f"{f'{side}: fastest that fits':<{width + 24}}" for side in sides)
+                 + "speed ours/baseline: of medians (rounds min/median/max; CPU s)"
+                 + ("; patched/baseline; ours/patched" if patched else ""))
     for row in rows:
         cells = []
-        for side in ("ours", "baseline"):
+        for side in sides:
             if row[f"{side}_it_per_s"] is None:
                 cells.append(f"{DOES_NOT_FIT:<{width + 23}}")
             else:
@@ -152,7 +160,10 @@ def render(runs: list[dict], rows: list[dict], header: list[str]) -> list[str]:
             ratio = "baseline only"
         else:
             ratio = "neither fits"
-        lines.append(f"{row['budget']:<24} {cells[0]} {cells[1]} {ratio}")
+        if patched:
+            ratio += "".join(f"; {row[k]:.2f}" if row[k] is not None else "; -"
+                             for k in ("patched_speedup_of_medians", "ours_over_patched"))
+        lines.append(f"{row['budget']:<24} " + " ".join(cells) + f" {ratio}")
     profiled = [r for r in runs if r.get("profile") and r["seconds"]]
     if profiled:
         lines += ["", f"{'profiled iteration':<{width}}  {'kernels':>8} {'GPU busy s':>10} {'median s':>9} "

@@ -2,6 +2,7 @@
 `dopsd train` child process to signal, and its metrics.jsonl."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -14,6 +15,14 @@ import torch
 
 from dopsd_fast.train.config import load_config
 from dopsd_fast.train.trainer import make_trainer
+
+
+def module_from_file(path: Path):
+    """The Python file at ``path`` as a module: bench/ and csrc/ are not packages on sys.path (CONTRIBUTING)."""
+    spec = importlib.util.spec_from_file_location(Path(path).stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @torch.no_grad()

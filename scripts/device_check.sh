@@ -11,20 +11,32 @@
 #                (its fp32 math oracle and the fwd+bwd "full" pass left out: ATTN_K)
 # and prints the summary table LAST (scripts/summarize_bench.py). Optional stages (STAGES="ops csrc train" or
 # STAGES=all): ops, csrc -> GPU tests of every op (tests/ops on the `device` fixture, tests/csrc), JUnit XML;
-# train -> `dopsd train tiny-cpu` for 3 steps on the device. Every stage has its own timeout inside one total budget
-# (BUDGET_S, default 380 s: with a ~1.5 min machine start, under 8 min of device time); a failed stage is recorded
+# train -> `dopsd train tiny-cpu` for 3 steps on the device; fp8 -> bench/bench_fp8.py, the FP8 frozen base vs bf16
+# (op error at the 6B's linear shapes, the 6B's x0 error, it/s at 1024^2 checkpointing full and none; ~2-3 min;
+# --cpu: the op errors on 16 tokens and the speed path on a tiny model), bench_fp8.json; mem24 -> bench/bench_24gb.py
+# (issue 15 item 4): the process capped at 24 GiB, 10 iterations at 1024^2 of the zimage-turbo-lora-24gb preset
+# (Z-Image 6B) with a bf16 and an FP8 base, then of the flux2-klein-9b-lora preset (klein 9B; its FP8 base only if
+# bf16 does not fit), peak memory and it/s each, an OOM reported with what it needs (~2-3 min; --cpu: tiny models),
+# bench_24gb.json. Every stage has its own timeout inside one total budget
+# (BUDGET_S, default 410 s: with a ~1.5 min machine start, under 8.5 min of device time); a failed stage is recorded
 # and the next one still runs.
 #
 # Usage: scripts/device_check.sh [--cpu]
 #   --cpu      dry run on a CPU machine: installs nothing (checks the wheels), runs each stage at tiny sizes
 #              (op tests subset under the Triton interpreter, e2e at its smoke size, op benches one round)
-#   OUT=dir    where logs, XML and JSON go (default ./device_check_out; the device tool sets $OUT). At most 7 files:
-#              device_check.log stages.tsv bench_e2e.json bench_ops.json summary.txt (+ tests_ops.xml tests_csrc.xml)
+#   OUT=dir    where logs, XML and JSON go (default ./device_check_out; the device tool sets $OUT, and returns at most
+#              8 files): device_check.log stages.tsv bench_e2e.json bench_ops.json summary.txt (+ tests_ops.xml
+#              tests_csrc.xml bench_fp8.json bench_24gb.json: STAGES=all would write 9, name the stages of one call)
 #   STAGES="e2e bench_ops"   run only these stages (a rerun after a failure); STAGES=all adds the optional ones
+#              (a 15-min device session: call 1 the defaults, call 2 at once STAGES='versions fp8 mem24' BUDGET_S=300;
+#              the exact calls and the arithmetic in bench/README.md, "The next GPU session")
+#   MEM24_LIMIT=s   the mem24 stage's limit (default 200, cut to what is left of BUDGET_S)
 #   OPS_TESTS="tests/ops/test_x.py::test_y"   the ops stage runs these instead of all of tests/ops
 #   ATTN_K="expr"  pytest -k of the attention op benches (default "not reference and not full")
 #   DOPSD_BENCH_COMPILE="none blocks"   e2e also with model.compile=blocks (opt-in: Inductor adds ~1 min per size
-#              and 3 configurations, past the e2e stage's 270 s; e.g. with STAGES=e2e and DOPSD_BENCH_SDPA=flash)
+#              and 3 configurations, past the e2e stage's 300 s; e.g. with STAGES=e2e and DOPSD_BENCH_SDPA=flash)
+#   DOPSD_BENCH_PATCHED="sdpa dopsd"   e2e's patched side also with attention="dopsd" (our packed attention; GPU
+#              default "sdpa" only: 2 patched configurations per size fit the stage's limit, 4 would not)
 #   DOPSD_BENCH_PROFILE=1   e2e also profiles one iteration of each configuration: kernels, GPU-busy seconds, and so
 #              how much of an iteration the GPU waits on the host (opt-in: ~12 more iterations per size)
 set -uo pipefail
@@ -40,9 +52,9 @@ PY=${PY:-$(command -v python3)}
 WHEELS=${WHEELS:-.device_wheels}
 DEFAULT_STAGES="versions wheels package extension e2e bench_ops bench_attention"
 STAGES=${STAGES:-$DEFAULT_STAGES}
-[[ "$STAGES" == all ]] && STAGES="$DEFAULT_STAGES ops csrc train"
+[[ "$STAGES" == all ]] && STAGES="$DEFAULT_STAGES ops csrc train fp8 mem24"
 START=$(date +%s)
-BUDGET_S=${BUDGET_S:-380}
+BUDGET_S=${BUDGET_S:-410}
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 PYTHONDONTWRITEBYTECODE=1
 if [[ "$MODE" == gpu ]]; then
     export TRITON_INTERPRET=0                      # real kernels (tests/conftest.py defaults to the interpreter)
@@ -52,8 +64,10 @@ if [[ "$MODE" == gpu ]]; then
     fi
     export CUDA_HOME=${CUDA_HOME:-} DOPSD_CUDA_ARCHS=${DOPSD_CUDA_ARCHS:-90a}
     OPS_SELECT=() E2E_SIZES=(cuda-6b-512 cuda-6b-1024) TRAIN_DEVICE=cuda
-    # model.compile=blocks in the e2e stage is opt-in (its 270 s holds the 12 eager configurations, not compiling too)
+    # model.compile=blocks in the e2e stage is opt-in (its 300 s holds the 14 eager configurations, not compiling too)
     export DOPSD_BENCH_COMPILE=${DOPSD_BENCH_COMPILE:-none}
+    # the patched side with diffusers' attention dispatch: what the one call gives a diffusers trainer as it is
+    export DOPSD_BENCH_PATCHED=${DOPSD_BENCH_PATCHED:-sdpa}
     # Triton compiles each test's kernels on first use: spread the op tests over processes when pytest-xdist is there
     "$PY" -c "import xdist" 2>/dev/null && OPS_SELECT=(-n 8)
 else
@@ -157,12 +171,12 @@ NOTE="CUDA extension (csrc/)"; run_stage extension 90 extension
 # The headline table first. Both sizes in one pytest (one 6B build per side serves both); each size writes its own
 # pareto_<size>.json as soon as it is done, so a 1024^2 cut off by the stage's timeout keeps the 512^2 table. Past
 # DOPSD_BENCH_DEADLINE no further timed round-robin cycle starts (the equivalence iterations always run).
-E2E_LIMIT=${E2E_LIMIT:-270}
+E2E_LIMIT=${E2E_LIMIT:-300}
 E2E_NODES=()
 for size in "${E2E_SIZES[@]}"; do E2E_NODES+=("bench/bench_e2e.py::test_pareto[$size]"); done
 E2E_LEFT=$(( BUDGET_S - ($(date +%s) - START) ))
 (( E2E_LIMIT > E2E_LEFT )) && E2E_LIMIT=$E2E_LEFT
-NOTE="Pareto: ours vs released loop, ${E2E_SIZES[*]}"
+NOTE="Pareto: ours vs released loop (and patched), ${E2E_SIZES[*]}"
 run_stage e2e "$E2E_LIMIT" env DOPSD_BENCH_OUT="$OUT" DOPSD_BENCH_DEADLINE=$(( $(date +%s) + E2E_LIMIT - 45 )) \
     "${PYTEST[@]}" -s "${E2E_NODES[@]}" --benchmark-json="$OUT/bench_e2e_pytest.json"
 NOTE="op benches but attention, pytest-benchmark JSON"
@@ -186,8 +200,23 @@ NOTE="dopsd train tiny-cpu on the device, 3 steps"
 # stays outside $OUT: the device tool returns at most 8 files.
 TRAIN_DIR=$(mktemp -d)
 run_stage train 60 env TRITON_INTERPRET=0 "$PY" -P -m dopsd_fast.cli train tiny-cpu --no-samples --no-progress \
-    --set train.steps=3 --set train.device=$TRAIN_DEVICE --set train.output_dir="$TRAIN_DIR/run" --set train.tensorboard=false
+    --set train.steps=3 --set train.device=$TRAIN_DEVICE --set train.output_dir="$TRAIN_DIR/run" --set "train.report_to=[jsonl]"
 rm -rf "$TRAIN_DIR"
+# The FP8 base (issue 15): error at three levels' first two and the speed target (>= 1.4x the bf16 base at 1024^2).
+FP8_ARGS=(--device cuda)
+[[ "$MODE" == cpu ]] && FP8_ARGS=(--device cpu --parts "op speed" --tokens 16 --rounds 1)    # speed: tiny smoke case
+NOTE="FP8 base vs bf16: op + x0 error, it/s"
+run_stage fp8 240 "$PY" -P bench/bench_fp8.py "${FP8_ARGS[@]}" --out "$OUT/bench_fp8.json"
+# 24 GiB at 1024^2 (issue 15 item 4): Z-Image 6B bf16 / FP8 base, klein 9B. Past its deadline (20 s before the stage's
+# limit) no iteration starts and the JSON keeps what finished; an OOM is a result ("does not fit ...: needs X GiB").
+MEM24_LIMIT=${MEM24_LIMIT:-200}
+MEM24_LEFT=$(( BUDGET_S - ($(date +%s) - START) ))
+(( MEM24_LIMIT > MEM24_LEFT )) && MEM24_LIMIT=$MEM24_LEFT
+MEM24_ARGS=()
+[[ "$MODE" == cpu ]] && MEM24_ARGS=(--cpu)
+NOTE="24 GiB cap, 1024^2: Z-Image 6B bf16 + FP8, klein 9B"
+run_stage mem24 "$MEM24_LIMIT" "$PY" -P bench/bench_24gb.py "${MEM24_ARGS[@]}" \
+    --deadline $(( $(date +%s) + MEM24_LIMIT - 20 )) --out "$OUT/bench_24gb.json"
 # One bench_e2e.json and one bench_ops.json (the device tool returns at most 8 files): pytest-benchmark's file where
 # it was written, plus the bench's own per-size records of sizes it lacks (a timed-out pytest writes none).
 "$PY" - "$OUT" <<'PYEOF'

@@ -2,11 +2,11 @@
 """Summarise a scripts/device_check.sh output folder: `python scripts/summarize_bench.py OUT_DIR`.
 
 Reads OUT_DIR/stages.tsv (stage, exit code, seconds, note), the pytest JUnit files tests_*.xml, and the
-pytest-benchmark files bench_ops.json and bench_e2e*.json; prints one table per kind, the e2e one last, and writes
-the same text to OUT_DIR/summary.txt. An e2e record of bench/bench_e2e.py's Pareto bench prints the bench's own
-tables (every configuration, then the fastest of each side that fits each memory budget); an older one-pair record
-(before 2026-12) prints one line. Missing files are reported as missing, never fatal: the summary is what a failed
-run still has to show.
+pytest-benchmark files bench_ops.json and bench_e2e*.json, and bench_24gb.json (the mem24 stage's verdicts); prints
+one table per kind, the e2e one last, and writes the same text to OUT_DIR/summary.txt. An e2e record of
+bench/bench_e2e.py's Pareto bench prints the bench's own tables (every configuration, then the fastest of each side
+that fits each memory budget); an older one-pair record (before 2026-12) prints one line. Missing files are
+reported as missing, never fatal: the summary is what a failed run still has to show.
 """
 from __future__ import annotations
 
@@ -105,12 +105,26 @@ def op_lines(out: Path) -> list[str]:
     return lines
 
 
+def mem24_lines(out: Path) -> list[str]:
+    """bench/bench_24gb.py's verdict per configuration (the optional mem24 stage); nothing when it did not run."""
+    path = out / "bench_24gb.json"
+    if not path.is_file():
+        return []
+    try:
+        report = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        return [f"bench_24gb.json: unreadable ({err})"]
+    cap = f"{report['cap_gib']:g} GiB cap on {report.get('device', '?')}" if report.get("cap_gib") else "no cap (CPU)"
+    return [f"24 GiB check ({cap}, {report.get('iterations', '?')} iterations each):",
+            *(f"  {line}" for line in report.get("summary", []))]
+
+
 def main(argv: list[str]) -> int:
     if len(argv) != 1:
         print(__doc__.splitlines()[0], file=sys.stderr)
         return 2
     out = Path(argv[0])
-    parts = [stage_lines(out), test_lines(out), op_lines(out), e2e_lines(out)]
+    parts = [p for p in (stage_lines(out), test_lines(out), op_lines(out), mem24_lines(out), e2e_lines(out)) if p]
     text = "\n\n".join("\n".join(p) for p in parts)
     (out / "summary.txt").write_text(text + "\n")
     print(text)

@@ -1,26 +1,17 @@
 """The bench baseline (the authors' loop: diffusers + PEFT, K graphs, one backward) and dopsd_fast's trainer
 compute the same algorithm: same base weights, adapters, data and noise seed -> the same losses, step after step,
 and the same student and EMA teacher afterwards (fp32, CPU)."""
-import importlib.util
 from pathlib import Path
 
 import pytest
 import torch
 
-from dopsd_fast.testing import randomize_adapters, tiny_trainer
+from dopsd_fast.testing import module_from_file, randomize_adapters, tiny_trainer
 
 pytest.importorskip("diffusers")
 pytest.importorskip("peft")
 
 BASELINE = Path(__file__).resolve().parents[1] / "bench" / "baselines" / "released_loop.py"
-
-
-def load_baseline():
-    """bench/ is not a package on sys.path (see CONTRIBUTING): load the module from its file."""
-    spec = importlib.util.spec_from_file_location("released_loop", BASELINE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def matched_pair(tmp_path, randomized: bool, dtype: str = "fp32"):
@@ -29,7 +20,7 @@ def matched_pair(tmp_path, randomized: bool, dtype: str = "fp32"):
                       f"model.dtype={dtype}")
     if randomized:
         randomize_adapters(tr)    # student != teacher, both non-zero: every gradient path is exercised
-    released = load_baseline()
+    released = module_from_file(BASELINE)
     model = released.diffusers_transformer(tr.plan.arch, dtype=tr.dtype)
     model.load_state_dict(tr.base_state, strict=True)
     c, o = tr.cfg, tr.cfg.optim
@@ -64,8 +55,8 @@ def test_first_losses_equal_ours(tmp_path, randomized):
     # Adam divides by sqrt(v): where a gradient is ~0 a few-ulp difference can move one weight by up to ~lr, so the
     # weights are compared per tensor in norm (observed worst 2e-4)
     teacher = dict(zip(tr.roles.ema.names, tr.roles.ema.teacher))
-    pairs = [(p, loop.student[load_baseline().peft_name(k, "student")]) for k, p in tr.roles.trainable.items()]
-    pairs += [(teacher[k.replace(".student", ".teacher")], loop.teacher[load_baseline().peft_name(k, "teacher")]) for k in tr.roles.trainable]
+    pairs = [(p, loop.student[module_from_file(BASELINE).peft_name(k, "student")]) for k, p in tr.roles.trainable.items()]
+    pairs += [(teacher[k.replace(".student", ".teacher")], loop.teacher[module_from_file(BASELINE).peft_name(k, "teacher")]) for k in tr.roles.trainable]
     with torch.no_grad():
         worst = max(float((a - b).norm() / b.norm().clamp_min(1e-30)) for a, b in pairs)
     print(f"worst relative weight difference {worst:.2e}")
@@ -81,5 +72,5 @@ def test_bf16_both_sides_train_fp32_masters(tmp_path):
     for ours, theirs in side_by_side(tr, loop):
         assert ours == pytest.approx(theirs, rel=5e-2)      # bf16 forwards in a different op order
     for k, p in tr.roles.trainable.items():     # each side's masters moved by AdamW alike
-        m = loop.masters[list(loop.student).index(load_baseline().peft_name(k, "student"))]
+        m = loop.masters[list(loop.student).index(module_from_file(BASELINE).peft_name(k, "student"))]
         assert float((p - m).detach().norm() / m.detach().norm()) < 5e-2, k

@@ -1,22 +1,15 @@
 """bench/pareto.py: fastest-that-fits per memory budget and the equivalence check of bench/bench_e2e.py, on
 hand-made records (no model, no timing)."""
-import importlib.util
 from pathlib import Path
 
 import pytest
 
+from dopsd_fast.testing import module_from_file
+
 PARETO = Path(__file__).resolve().parents[1] / "bench" / "pareto.py"
 
 
-def load_pareto():
-    """bench/ is not a package on sys.path (see CONTRIBUTING): load the module from its file."""
-    spec = importlib.util.spec_from_file_location("pareto", PARETO)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-P = load_pareto()
+P = module_from_file(PARETO)
 MiB = 2**20
 
 
@@ -52,6 +45,25 @@ def test_fastest_that_fits_per_budget_and_ratio():
     text = "\n".join(P.render(RUNS, rows, ["header"]))
     assert "does not fit" in text and "ours only" in text and "neither fits" in text and "out of memory" in text
     assert text.splitlines()[0] == "header"
+
+
+def test_patched_side_gets_its_own_column_and_ratios():
+    """The released loop after apply_dopsd_kernels is a third side: its fastest fitting run per budget, its speed
+    over the baseline's and ours over it; the ours/baseline columns are unchanged."""
+    runs = [*RUNS, run("patched ckpt=on attn=sdpa", "patched", [1.6, 1.6, 1.6], 50),
+            run("patched ckpt=off attn=sdpa", "patched", [1.25, 1.25, 1.25], 170)]
+    rows = P.pareto(runs, [("60", 60 * MiB), ("all", None)])
+    by = {r["budget"]: r for r in rows}
+    assert by["60"]["patched"] == "patched ckpt=on attn=sdpa" and by["all"]["patched"] == "patched ckpt=off attn=sdpa"
+    assert by["60"]["patched_speedup_of_medians"] == pytest.approx(2.0 / 1.6)
+    assert by["60"]["ours_over_patched"] == pytest.approx(1.6 / 2.0)
+    assert by["all"]["patched_speedup_of_medians"] == pytest.approx(1.6 / 1.25)
+    assert by["all"]["ours_over_patched"] == pytest.approx(1.25 / 1.0)
+    two_sides = P.pareto(RUNS, [("60", 60 * MiB), ("all", None)])
+    assert [{k: r[k] for k in two_sides[0]} for r in rows] == two_sides
+    assert "patched" not in P.pareto(RUNS, [("all", None)])[0]      # no patched runs: no patched column
+    text = P.render(runs, rows, ["header"])
+    assert "patched: fastest that fits" in text[-3] and text[-1].endswith("; 1.28; 1.25")
 
 
 def test_equivalence_flags_a_configuration_that_computes_something_else():

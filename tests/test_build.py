@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from dopsd_fast.testing import module_from_file
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -38,17 +40,10 @@ def test_kernels_ship_inside_the_package_not_as_top_level_kernels():
     assert (ROOT / "dopsd_fast" / "configs").resolve() == ROOT / "configs"
 
 
-def _find_torch():
-    spec = importlib.util.spec_from_file_location("find_torch", ROOT / "csrc" / "find_torch.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_build_requires_torch_only_where_the_target_has_none(monkeypatch):
     """The dynamic-metadata entry adds the README's torch pin to the build requirements only when the environment
     being installed into has no torch (a fresh venv); otherwise CMake compiles against the torch already there."""
-    find_torch = _find_torch()
+    find_torch = module_from_file(ROOT / "csrc" / "find_torch.py")
     entry = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["dynamic-metadata"][0]
     assert entry["provider"] == {"path": "csrc", "module": "find_torch"}
     settings = {k: v for k, v in entry.items() if k != "provider"}

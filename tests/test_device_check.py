@@ -91,3 +91,33 @@ def test_parts_merge_into_one_e2e_and_one_ops_file(tmp_path):
     ops = json.loads((tmp_path / "bench_ops.json").read_text())
     assert [b["name"] for b in ops["benchmarks"]] == ["test_epilogues[x]", "test_packed_attention[y]"]
     assert "cuda-6b-512 on NVIDIA" in r.stdout and "test_packed_attention[y]" in r.stdout
+
+
+def test_summary_prints_the_24gb_verdicts_before_the_pareto_tables(tmp_path):
+    (tmp_path / "stages.tsv").write_text("mem24\t0\t150\t24 GiB cap\n")
+    summary = ["zimage-bf16: fits at 24 GiB: 10 iterations, peak 17.10 GiB allocated / 18.00 reserved, 0.400 it/s",
+               "klein9b-bf16: does not fit at 24 GiB: needs 25.50 GiB allocated (26.00 reserved)"]
+    (tmp_path / "bench_24gb.json").write_text(json.dumps({"device": "NVIDIA H100 80GB HBM3", "cap_gib": 24.0,
+                                                          "iterations": 10, "runs": [], "summary": summary}))
+    (tmp_path / "bench_e2e.json").write_text(json.dumps({"benchmarks": [pareto_record("cuda-6b-1024")]}))
+    text = summarize(tmp_path)
+    assert "24 GiB check (24 GiB cap on NVIDIA H100 80GB HBM3, 10 iterations each):" in text
+    assert text.index("klein9b-bf16: does not fit at 24 GiB: needs 25.50 GiB") < text.index("cuda-6b-1024 on NVIDIA")
+    (tmp_path / "bench_24gb.json").unlink()
+    assert "24 GiB check" not in summarize(tmp_path)               # the stage did not run: no line at all
+
+
+def test_cpu_dry_run_of_the_24gb_stage(tmp_path):
+    """The second call's new stage (bench/bench_24gb.py --cpu): every configuration's verdict in bench_24gb.json and
+    in the summary; STAGES=all includes it."""
+    env = {**os.environ, "OUT": str(tmp_path), "STAGES": "mem24", "BUDGET_S": "120", "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(["bash", str(ROOT / "scripts" / "device_check.sh"), "--cpu"], capture_output=True, text=True,
+                       timeout=180, env=env, cwd=ROOT)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert (tmp_path / "stages.tsv").read_text().startswith("mem24\t0\t")
+    report = json.loads((tmp_path / "bench_24gb.json").read_text())
+    assert [x["name"] for x in report["runs"]] == ["zimage-bf16", "zimage-fp8", "klein9b-bf16", "klein9b-fp8"]
+    assert [x["status"] for x in report["runs"]] == ["fits", "fits", "fits", "not needed"]
+    assert "  klein9b-bf16: fits (CPU, no cap)" in r.stdout
+    script = (ROOT / "scripts" / "device_check.sh").read_text()
+    assert 'STAGES="$DEFAULT_STAGES ops csrc train fp8 mem24"' in script

@@ -6,7 +6,6 @@ weights at a realistic scale, a batch of 2 (Z-Image: unequal caption lengths, so
 mask and per-sample modulation; FLUX.2: per-sample modulation of both streams and the single stream)."""
 import contextlib
 import copy
-import importlib.util
 import itertools
 import math
 from pathlib import Path
@@ -17,7 +16,7 @@ import torch
 from dopsd_fast.models.flux2_klein import grid_positions, text_positions
 from dopsd_fast.models.z_image import ZImageConfig
 from dopsd_fast.ops._dispatch import NATIVE_OPS, use_backend
-from dopsd_fast.testing import randomize_weights
+from dopsd_fast.testing import module_from_file, randomize_weights
 
 pytest.importorskip("diffusers")
 pytest.importorskip("peft")
@@ -49,10 +48,7 @@ def diffusers_transformer(family: str = "z_image"):
         from diffusers.models.transformers.transformer_flux2 import Flux2Transformer2DModel
 
         return Flux2Transformer2DModel(**TINY_KLEIN)
-    spec = importlib.util.spec_from_file_location("released_loop", BASELINE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.diffusers_transformer(TINY)
+    return module_from_file(BASELINE).diffusers_transformer(TINY)
 
 
 def add_lora(model: torch.nn.Module, family: str) -> torch.nn.Module:
