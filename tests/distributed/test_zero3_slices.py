@@ -48,6 +48,10 @@ def _worker(rank: int, port: str, out: str) -> None:
     checks["released"] = all(p.ds_status == ZeroParamStatus.NOT_AVAILABLE for p in params)
     torch.save(checks, f"{out}/rank{rank}.pt")
     destroy_process_group()
+    # Past this point only the interpreter's teardown is left. Once in a full CI run (1 of 12 runs of this test),
+    # rank 0 aborted there ("terminate called without an active exception": a C++ thread, gloo's or
+    # DeepSpeed's, destroyed while joinable) after its checks were written; the checks are this test's subject.
+    os._exit(0)
 
 
 def test_slices_round_trip_and_gathered_once(tmp_path):
