@@ -171,9 +171,8 @@ def fill_caches(cfg: Config, progress: bool = True) -> dict:
     models); entries already cached are skipped, and an encoder with nothing to compute is never loaded. No
     transformer is built. A training run with data.encode_missing false then loads no encoder at all.
     """
-    from tqdm import tqdm
-
     from ..models.adapter import model_family
+    from ..progress import progress as progress_bar
 
     if cfg.data.kind not in IMAGE_KINDS:
         raise ConfigError(f"data.kind: `dopsd cache` precomputes the features of images (folder or webdataset), "
@@ -193,7 +192,7 @@ def fill_caches(cfg: Config, progress: bool = True) -> dict:
         for prompt in dict.fromkeys([*cfg.validation.prompts, *cfg.sample.prompts]):
             student([prompt])
     codec = build_codec(cfg, arch, family, None, dtype, device, encode_missing=True)
-    for i in tqdm(range(len(dataset)), desc="dopsd cache", unit="image", disable=not progress):
+    for i in progress_bar(range(len(dataset)), desc="dopsd cache", unit="image", enabled=progress):
         pair = dataset[i]
         if student is not None:
             student(pair.captions)

@@ -40,7 +40,7 @@ from torch import Tensor
 
 from ..models.loading import describe_mismatch, first_nonfinite
 from .config import RETIRED, Config, ConfigError
-from .optim import join_state_entries, state_entries
+from .optim import join_state_entries, json_value, state_entries
 
 
 class CheckpointError(RuntimeError):
@@ -99,8 +99,7 @@ def optimizer_tensors(optimizer: torch.optim.Optimizer, names: list[str]) -> tup
     sd = optimizer.state_dict()
     tensors = {e: t for i, st in sd["state"].items() for k, v in st.items() if torch.is_tensor(v)
                for e, t in state_entries(f"{names[i]}::{k}", v).items()}
-    groups = [{k: (list(v) if isinstance(v, tuple) else v.item() if torch.is_tensor(v) else v) for k, v in g.items()}
-              for g in sd["param_groups"]]
+    groups = [{k: json_value(v) for k, v in g.items()} for g in sd["param_groups"]]
     return tensors, groups
 
 

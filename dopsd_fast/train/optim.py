@@ -48,6 +48,14 @@ def set_lr(group: dict[str, Any], lr: float) -> None:
         group["lr"] = lr
 
 
+def json_value(v: Any) -> Any:
+    """An optimizer or scheduler state value as JSON holds it: tuples as lists, AdamW8bit's tensor learning rates
+    as numbers."""
+    if isinstance(v, (list, tuple)):
+        return [json_value(x) for x in v]
+    return v.item() if torch.is_tensor(v) else v
+
+
 def state_entries(key: str, value: torch.Tensor) -> dict[str, torch.Tensor]:
     """One optimizer state tensor as checkpoint entries: itself, or an 8-bit moment's parts (``key.codes`` uint8,
     ``key.scale`` fp32 per block, ``key.qmap``: its code book), which ``join_state_entries`` turns back into the
@@ -107,9 +115,7 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Config) -> LambdaLR:
 
 def scheduler_state(scheduler: LambdaLR) -> dict[str, Any]:
     """The JSON-able part of the scheduler's state (state.json "scheduler"); its lambda is rebuilt from the config."""
-    def plain(v):       # AdamW8bit's tensor learning rates as numbers
-        return [plain(x) for x in v] if isinstance(v, list) else v.item() if torch.is_tensor(v) else v
-    return {k: plain(v) for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
+    return {k: json_value(v) for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
 
 
 def load_scheduler(scheduler: LambdaLR, state: dict[str, Any] | None, step: int, where: str) -> None:
