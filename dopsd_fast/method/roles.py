@@ -74,11 +74,11 @@ class LoRARoles(Roles):
 
 
 class FullRoles(Roles):
-    def __init__(self, model: nn.Module, fp32_masters: bool = True):
+    def __init__(self, model: nn.Module, fp32_masters: bool = True, copy_model=copy.deepcopy):
         """``fp32_masters``: keep fp32 master weights when the model is in a lower precision (False where DeepSpeed's
-        optimizer keeps them)."""
+        optimizer keeps them); ``copy_model(model)``: the teacher's copy of it (ZeRO-3: a partitioned one)."""
         self.student_model = model.requires_grad_(True)
-        self.teacher_model = copy.deepcopy(model).requires_grad_(False)
+        self.teacher_model = copy_model(model).requires_grad_(False)
         params = dict(model.named_parameters())
         lowp = any(p.dtype != torch.float32 for p in params.values())
         self.masters = MasterWeights(params) if fp32_masters and lowp else None

@@ -228,10 +228,20 @@ def merge_loras(model: nn.Module, sources: list[str]) -> None:
         for module, slot in sorted(_group(path, tensors).items()):
             m = linears.get(module)
             down, up = slot["down"].float(), slot["up"].float()
-            if m is None or tuple(up.shape[:1]) + tuple(down.shape[1:]) != tuple(m.weight.shape):
+            shape = tuple(up.shape[:1]) + tuple(down.shape[1:])
+            if m is None or shape != tuple(getattr(m.weight, "ds_shape", m.weight.shape)):
                 raise WeightsError(f"model.merge_loras: {path}: module {module!r} is not a linear layer of this "
-                                   f"model with weight {tuple(up.shape[:1]) + tuple(down.shape[1:])}; merge a "
-                                   f"diffusers-named LoRA ({LORA_FILE}) trained on this model")
+                                   f"model with weight {shape}; merge a diffusers-named LoRA ({LORA_FILE}) trained "
+                                   "on this model")
             scale = _alpha(slot, default_alpha) / down.shape[0]
-            m.weight.copy_((m.weight.float() + scale * (up.to(m.weight.device) @ down.to(m.weight.device)))
-                           .to(m.weight.dtype))
+            _fold(m.weight, scale * (up.to(m.weight.device) @ down.to(m.weight.device)))
+
+
+def _fold(weight: Tensor, delta: Tensor) -> None:
+    """``W <- W + delta`` in fp32, rounded once to W's dtype. A ZeRO-3 parameter built partitioned (its whole weight
+    never on this rank) folds this rank's slice of ``delta`` into its slice: the same values, elementwise."""
+    if hasattr(weight, "ds_tensor"):
+        from ..train.zero3 import own_slice
+
+        weight, delta = weight.ds_tensor, own_slice(weight, delta)
+    weight.copy_((weight.float() + delta).to(weight.dtype))

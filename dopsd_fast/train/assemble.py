@@ -13,6 +13,7 @@ transformer -> roles -> contexts -> codec.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,13 +70,15 @@ def construct_transformer(weights: Config, plan: Plan, dtype: torch.dtype, devic
 
 
 def assemble(cfg: Config, use: Use = "train", *, rank: int = 0, world: int = 1, progress: bool = False,
-             main: bool = True, base: Path | None = None, transformer: Callable = construct_transformer) -> Parts:
+             main: bool = True, base: Path | None = None, transformer: Callable = construct_transformer,
+             copy_model: Callable = copy.deepcopy) -> Parts:
     """The parts of the run ``cfg`` that ``use`` needs, top to bottom.
 
     ``rank`` of ``world``: which rows of each global batch this process trains on; ``main``: whether it reports;
     ``base``: the run's base.safetensors, which a random base is read from (sample, export; train draws it);
     ``transformer(weights, plan, dtype, device)``: builds the transformer (``construct_transformer``, or the
-    DeepSpeed trainer's).
+    DeepSpeed trainer's); ``copy_model(model)``: full fine-tuning's teacher copy of it (the DeepSpeed trainer's
+    ZeRO-3 copy is partitioned).
     """
     train = use == "train"
     weights = resolve_weights(cfg) if train else _weights_read_by(cfg, use)   # Hub ids -> local snapshot folders
@@ -97,7 +100,7 @@ def assemble(cfg: Config, use: Use = "train", *, rank: int = 0, world: int = 1, 
         model.checkpointing = checkpoint_plan(cfg, device)
     base_state = _random_base(model, base) if cfg.model.pretrained is None else None
     merge_loras(model, cfg.model.merge_loras)       # after base_state: base.safetensors stays the unmerged init
-    roles = build_roles(cfg, model)
+    roles = build_roles(cfg, model, copy_model)
     if use != "export":         # export merges into the original weights; training and sampling run on fp8
         quantize_frozen_base(cfg, model)
     if init_lora is not None:

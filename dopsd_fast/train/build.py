@@ -2,6 +2,7 @@
 without weights (used by --dry-run) and resolves the model family once."""
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 from dataclasses import asdict, dataclass
@@ -184,11 +185,13 @@ def build_model(arch: Any, device: str | torch.device = "cpu") -> nn.Module:
     return model_family(arch).build(arch, device)
 
 
-def build_roles(cfg: Config, model: nn.Module) -> Roles:
+def build_roles(cfg: Config, model: nn.Module, copy_model=copy.deepcopy) -> Roles:
+    """``copy_model(model)``: how full fine-tuning copies the student into its teacher."""
     a = cfg.adapter
     if a.mode == "lora":
         return LoRARoles(model, a.targets, a.rank, a.alpha)
-    return FullRoles(model, fp32_masters=cfg.deepspeed.stage is None)     # DeepSpeed's bf16 optimizer keeps its own
+    # DeepSpeed's bf16 optimizer keeps its own fp32 masters
+    return FullRoles(model, fp32_masters=cfg.deepspeed.stage is None, copy_model=copy_model)
 
 
 def quantize_frozen_base(cfg: Config, model: nn.Module) -> None:

@@ -16,8 +16,9 @@ the boundary is ``step()``, not a micro-step count).
 ZeRO stages 0, 1 and 2 keep whole parameters on every rank, so the EMA teacher and both roles' forwards are the
 single-process code. ZeRO-3 partitions every parameter, a LoRA run's frozen base included, and a full fine-tuning
 run's teacher module the same way as its student (``zero3.py``): the EMA runs on each rank's slices, and with
-``deepspeed.gather_once`` the roll-out gathers every parameter of both roles once per iteration. A pretrained LoRA
-run's transformer is built partitioned (``build_transformer``): no rank ever holds the whole model.
+``deepspeed.gather_once`` the roll-out gathers every parameter of both roles once per iteration. A pretrained
+run's transformer (LoRA or full, with ``model.merge_loras`` folded in) is built partitioned (``build_transformer``):
+no rank ever holds the whole model.
 
 Checkpoints reuse ``checkpoint.py``'s atomic directory: every rank writes into ``step-XXXXXX.tmp`` (DeepSpeed's
 model/optimizer shards under ``deepspeed/``, its own ``rng-rankNNNNN.safetensors``), rank 0 adds the
@@ -152,22 +153,24 @@ class DeepSpeedMixin:
 
     def build_transformer(self, weights: Config, plan, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
         """assemble's hook. ZeRO-3 on a pretrained diffusers folder: each rank builds and reads only its slices
-        (zero3.build_partitioned), never the whole model. A random base is drawn whole on the CPU with the seed, as
-        the single-process run draws it, and the engine partitions it; so is a base that one of the keys below
-        needs whole at build time."""
+        (zero3.build_partitioned), never the whole model, and full fine-tuning's teacher copies those slices
+        (``copy_transformer``). A random base is drawn whole on the CPU with the seed, as the single-process run
+        draws it, and the engine partitions it."""
         pretrained = weights.model.pretrained
         if weights.deepspeed.stage != 3 or pretrained is None or not Path(pretrained).is_dir():
             return construct_transformer(weights, plan, dtype, device)
-        needs_whole = [key for key, on in (("adapter.mode=full", weights.adapter.mode == "full"),    # copies it
-                                           ("model.merge_loras", bool(weights.model.merge_loras)))   # adds to it
-                       if on]
-        if needs_whole:
-            if self.is_main:
-                print(f"deepspeed.stage=3: {' and '.join(needs_whole)} needs the whole base at start-up: every rank "
-                      "builds it whole, then the engine partitions it")
-            return construct_transformer(weights, plan, dtype, device)
-        return zero3.build_partitioned(plan.family, plan.arch, Path(pretrained), dtype,
-                                       engine_config(weights, self.world))
+        ds_config = engine_config(weights, self.world)
+        self._build_partitioned = lambda: zero3.partitioned_module(plan.family, plan.arch, dtype, ds_config)
+        return zero3.build_partitioned(plan.family, plan.arch, Path(pretrained), dtype, ds_config)
+
+    _build_partitioned = None       # set by build_transformer when it built the transformer partitioned
+
+    def copy_transformer(self, model: torch.nn.Module) -> torch.nn.Module:
+        """assemble's hook: full fine-tuning's teacher. A partitioned build's copy is a second partitioned module
+        with the student's slices (zero3.copy_partitioned); a whole one's, a deep copy the engine partitions."""
+        if self._build_partitioned is None:
+            return copy.deepcopy(model)
+        return zero3.copy_partitioned(model, self._build_partitioned)
 
     @property
     def role_models(self) -> list[torch.nn.Module]:

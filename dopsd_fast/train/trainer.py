@@ -6,6 +6,7 @@ algorithm itself lives in :mod:`dopsd_fast.method`.
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import os
 import time
@@ -41,11 +42,12 @@ class Trainer:
     backward = staticmethod(torch.Tensor.backward)   # every backward of an iteration; DeepSpeed: engine.backward
     loss_weight = 1.0       # of an iteration's gradient; average_gradients divides the sum (DeepSpeed: 1 / grad_accum)
     build_transformer = staticmethod(construct_transformer)     # assemble's hook (weights, plan, dtype, device)
+    copy_transformer = staticmethod(copy.deepcopy)       # assemble's hook: full fine-tuning's teacher copy
 
     def __init__(self, cfg: Config, progress: bool = True):
         # data, transformer, roles, contexts and codec (train/assemble.py); this rank's rows of each global batch
         parts = assemble(cfg, "train", rank=self.rank, world=self.world, progress=progress, main=self.is_main,
-                         transformer=self.build_transformer)
+                         transformer=self.build_transformer, copy_model=self.copy_transformer)
         self.cfg, self.plan, self.dtype, self.device = cfg, parts.plan, parts.dtype, parts.device
         self.family, self.flow = parts.family, parts.family.flow    # everything that differs between model families
         self.dataset, self.stream = parts.dataset, parts.stream

@@ -21,7 +21,9 @@ hooks, so its forwards gather exactly as the student's do, per module or once pe
   backward.
 * **Built without a whole copy per rank** (:func:`build_partitioned`): a pretrained transformer is built under
   ``deepspeed.zero.Init``, which cuts each module's parameters to this rank's slices as soon as the module exists,
-  and each slice is then read from the safetensors files one tensor at a time.
+  and each slice is then read from the safetensors files one tensor at a time; ``model.merge_loras`` folds each
+  rank's slice of every LoRA update into its slices, and full fine-tuning's teacher is a second partitioned module
+  that copies the student's slices (:func:`copy_partitioned`).
 * :class:`AllGatherCounter` counts the all-gather collectives DeepSpeed issues (the ``all_gathers`` column).
 """
 from __future__ import annotations
@@ -148,19 +150,13 @@ def build_partitioned(family, arch, folder: Path, dtype: torch.dtype, ds_config:
     """``family``'s transformer of ``arch`` with each rank holding only its slices of the weights in ``folder`` (a
     diffusers transformer/ folder): peak host memory per rank is about model / world plus the largest tensor.
 
-    Under ``zero.Init`` every module's parameters are drawn (values then overwritten) and partitioned as the module
-    is built; then each tensor of the files is read alone and this rank's slice copied into ``param.ds_tensor``.
-    Small parameters DeepSpeed keeps whole ("persistent") are gathered from these slices by the engine later.
+    The module is built under ``zero.Init`` (:func:`partitioned_module`); then each tensor of the files is read
+    alone and this rank's slice copied into ``param.ds_tensor``. Small parameters DeepSpeed keeps whole
+    ("persistent") are gathered from these slices by the engine later.
     """
-    import deepspeed
-
     from ..models.loading import tensors_one_at_a_time
 
-    _unmap_large_frees()
-    # the draws leave the global generator as the meta-device build of a whole load leaves it: the LoRA init after
-    # this draws the same adapters
-    with torch.random.fork_rng(devices=[]), deepspeed.zero.Init(config_dict_or_path=ds_config, dtype=dtype):
-        model = family.build(arch)
+    model = partitioned_module(family, arch, dtype, ds_config)
     params, state = dict(model.named_parameters()), model.state_dict(keep_vars=True)
     wanted = {k: tuple(params[k].ds_shape) if k in params else tuple(v.shape) for k, v in state.items()}
     floating = [k for k, v in state.items() if v.is_floating_point()]
@@ -172,6 +168,31 @@ def build_partitioned(family, arch, folder: Path, dtype: torch.dtype, ds_config:
             else:
                 target.ds_tensor.copy_(own_slice(target, whole))
     return model
+
+
+def partitioned_module(family, arch, dtype: torch.dtype, ds_config: dict) -> nn.Module:
+    """``family``'s transformer of ``arch`` built under ``deepspeed.zero.Init``: every module's parameters are drawn
+    and cut to this rank's slices as the module is built (values for the caller to overwrite)."""
+    import deepspeed
+
+    _unmap_large_frees()
+    # the draws leave the global generator as the meta-device build of a whole load leaves it: the LoRA init after
+    # this draws the same adapters
+    with torch.random.fork_rng(devices=[]), deepspeed.zero.Init(config_dict_or_path=ds_config, dtype=dtype):
+        return family.build(arch)
+
+
+@torch.no_grad()
+def copy_partitioned(model: nn.Module, build) -> nn.Module:
+    """A copy of the partitioned ``model`` (full fine-tuning's teacher) built by ``build()`` (a
+    :func:`partitioned_module` of the same architecture and config, so its slices line up with ``model``'s), each
+    rank copying its own slices: no rank holds either whole."""
+    twin = build()
+    for src, dst in zip(model.parameters(), twin.parameters(), strict=True):
+        dst.ds_tensor.copy_(src.ds_tensor)
+    for src, dst in zip(model.buffers(), twin.buffers(), strict=True):
+        dst.copy_(src)
+    return twin
 
 
 def _unmap_large_frees() -> None:

@@ -1,9 +1,15 @@
-"""Helpers for the 2-process CPU tests (gloo): launch `dopsd train` under torchrun or as bare ranks."""
+"""Helpers for the 2-process CPU tests (gloo): launch `dopsd train` under torchrun or as bare ranks; a pretrained
+folder for them to start from."""
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import torch
+from safetensors.torch import save_file
+
+from dopsd_fast.models.z_image import ZImageConfig, ZImageTransformer
 from dopsd_fast.testing import metrics_rows
 from dopsd_fast.train.distributed import free_port
 
@@ -49,3 +55,13 @@ def logged_rows(out: Path) -> dict[int, dict]:
     steps = [r["step"] for r in rows]
     assert steps == sorted(set(steps)), f"{out / 'metrics.jsonl'}: steps {steps}"
     return {r["step"]: r for r in rows}
+
+
+def diffusers_folder(path: Path, arch: dict) -> int:
+    """A diffusers transformer/ folder of random weights (our module names are diffusers' keys); its bytes."""
+    torch.manual_seed(0)
+    state = ZImageTransformer(ZImageConfig.from_dict(arch)).state_dict()
+    path.mkdir()
+    save_file(state, str(path / "diffusion_pytorch_model.safetensors"))
+    (path / "config.json").write_text(json.dumps({"_class_name": "ZImageTransformer2DModel", **arch}))
+    return sum(t.numel() * t.element_size() for t in state.values())

@@ -1,7 +1,8 @@
 """2 CPU ranks, ZeRO-3 on a pretrained folder: each rank builds the transformer under zero.Init and reads only its
-slices from the file (zero3.build_partitioned). The weights, LoRA adapters included, equal the single-process
-trainer's, and a rank's start-up peak host memory is about model / world (issue 21: <= 1.3 x model / world + a
-fixed overhead)."""
+slices from the file (zero3.build_partitioned), folds its slices of model.merge_loras' updates, and full
+fine-tuning's teacher copies the student's slices. The weights, LoRA adapters and teacher included, equal the
+single-process trainer's, and a rank's start-up peak host memory is about what it holds after start-up (issue 21:
+<= 1.3 x model / world + a fixed overhead, per role module, plus the optimizer state DeepSpeed builds)."""
 import json
 import subprocess
 import sys
@@ -9,11 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 pytest.importorskip("deepspeed")
 
-from ds_launch import rank_env  # noqa: E402
+from ds_launch import diffusers_folder, rank_env  # noqa: E402
 from dopsd_fast.models.z_image import ZImageConfig, ZImageTransformer  # noqa: E402
 from dopsd_fast.train.checkpoint import load_tensors  # noqa: E402
 from dopsd_fast.train.config import load_config  # noqa: E402
@@ -26,54 +28,55 @@ MID = dict(all_patch_size=[2], all_f_patch_size=[1], in_channels=3, cap_feat_dim
 FIXED_OVERHEAD = 100e6      # 69 MB measured with a 2 MB model: DeepSpeed's engine, gloo, the data, the encoders
 
 
-def diffusers_folder(path: Path, arch: dict) -> int:
-    """A diffusers transformer/ folder of random weights (our module names are diffusers' keys); its bytes."""
-    torch.manual_seed(0)
-    state = ZImageTransformer(ZImageConfig.from_dict(arch)).state_dict()
-    path.mkdir()
-    save_file(state, str(path / "diffusion_pytorch_model.safetensors"))
-    (path / "config.json").write_text(json.dumps({"_class_name": "ZImageTransformer2DModel", **arch}))
-    return sum(t.numel() * t.element_size() for t in state.values())
+def lora_file(path: Path, arch: dict, rank: int = 4) -> Path:
+    """A diffusers-named LoRA on two of the model's linears (alpha = rank), for model.merge_loras."""
+    g, dim = torch.Generator().manual_seed(1), arch["dim"]
+    tensors = {}
+    for module in ("layers.0.attention.to_q", "layers.1.feed_forward.w1"):
+        with torch.device("meta"):
+            out = ZImageTransformer(ZImageConfig.from_dict(arch)).get_submodule(module).out_features
+        tensors[f"transformer.{module}.lora_A.weight"] = torch.randn(rank, dim, generator=g) * 0.1
+        tensors[f"transformer.{module}.lora_B.weight"] = torch.randn(out, rank, generator=g) * 0.1
+    save_file(tensors, str(path))
+    return path
 
 
-def test_partitioned_build_holds_model_over_world_and_the_single_process_weights(tmp_path):
-    folder, world, out = tmp_path / "transformer", 2, tmp_path / "startup"
-    model = diffusers_folder(folder, MID)
-    sets = [f"train.output_dir={tmp_path / 'run'}", "model.arch={}", f"model.pretrained={folder}", "train.resume=null"]
+def launch(out: Path, sets: list[str], world: int) -> list[dict]:
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world}", f"--master_port={free_port()}",
            "startup_ranks.py", str(out), *sets, "deepspeed.stage=3"]
     proc = subprocess.run(cmd, env=rank_env(), cwd=Path(__file__).parent, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
-    bound = 1.3 * model / world + FIXED_OVERHEAD
-    for rank in range(world):
-        row = json.loads(Path(f"{out}-rank{rank}.json").read_text())
-        print(f"rank {rank}: start-up peak +{row['peak_growth'] / 1e6:.0f} MB, holds {row['weights'] / 1e6:.0f} MB "
-              f"of weights; model {model / 1e6:.0f} MB, bound {bound / 1e6:.0f} MB")
-        assert row["weights"] < 0.55 * model        # its slices (and the LoRA adapters, whole), no more
+    return [json.loads(Path(f"{out}-rank{rank}.json").read_text()) for rank in range(world)]
+
+
+@pytest.mark.parametrize("mode", ["lora", "full"])
+def test_partitioned_build_holds_model_over_world_and_the_single_process_weights(tmp_path, mode):
+    """LoRA and full fine-tuning, each on a base with a LoRA merged in (model.merge_loras): the merge folds each
+    rank's slice of the update, and full fine-tuning's teacher copies the student's slices."""
+    folder, world, out = tmp_path / "transformer", 2, tmp_path / "startup"
+    model = diffusers_folder(folder, MID)
+    merged = lora_file(tmp_path / "earlier.safetensors", MID)
+    sets = [f"train.output_dir={tmp_path / 'run'}", "model.arch={}", f"model.pretrained={folder}", "train.resume=null",
+            f"model.merge_loras=[{merged}]", f"adapter.mode={mode}"]
+    rows = launch(out, sets, world)
+    roles = 2 if mode == "full" else 1          # full fine-tuning: the student and its teacher copy
+    for row in rows:
+        # what a rank must hold after start-up: its slices of both roles' weights and its optimizer state
+        held = row["weights"] + row["optimizer"]
+        bound = 1.3 * held + FIXED_OVERHEAD
+        print(f"{mode} rank {row['rank']}: start-up peak +{row['peak_growth'] / 1e6:.0f} MB, holds "
+              f"{row['weights'] / 1e6:.0f} MB of weights and {row['optimizer'] / 1e6:.0f} MB of optimizer state; "
+              f"model {model / 1e6:.0f} MB, bound {bound / 1e6:.0f} MB")
+        assert row["weights"] < 0.55 * roles * model        # its slices (and the LoRA adapters, whole), no more
         assert row["peak_growth"] <= bound
-    # base from the file, LoRA adapters drawn from the seed as the single-process build draws them
-    single = dict(Trainer(load_config("tiny-cpu", sets), progress=False).model.named_parameters())
+        assert row["peak_growth"] <= 1.3 * roles * model / world + row["optimizer"] + FIXED_OVERHEAD
+    # base (merged) from the files, LoRA adapters drawn from the seed as the single-process build draws them
+    single = Trainer(load_config("tiny-cpu", sets), progress=False)
+    expected = dict(single.model.named_parameters())
+    if mode == "full":
+        expected |= {f"teacher.{k}": v for k, v in single.roles.teacher_model.named_parameters()}
     gathered = load_tensors(Path(f"{out}-weights.safetensors"))
-    assert gathered.keys() == single.keys()
-    assert all(torch.equal(gathered[k], single[k].detach()) for k in single)
-
-
-@pytest.mark.parametrize("key", ["adapter.mode=full", "model.merge_loras"])
-def test_a_key_that_needs_the_whole_base_builds_it_whole(tmp_path, monkeypatch, capsys, key):
-    """Full fine-tuning copies the base for its teacher and merge_loras adds to it: both build it whole, and say so."""
-    from dopsd_fast.train import zero3
-    from dopsd_fast.train.build import resolve_plan
-    from dopsd_fast.train.deepspeed_engine import DeepSpeedMixin
-
-    def refuse(*args):
-        raise AssertionError("built partitioned")
-
-    monkeypatch.setattr(zero3, "build_partitioned", refuse)
-    folder = tmp_path / "transformer"
-    diffusers_folder(folder, dict(MID, dim=64, n_heads=2, n_kv_heads=2, axes_dims=[8, 12, 12]))
-    lora = "model.merge_loras=[some.safetensors]" if key == "model.merge_loras" else key
-    cfg = load_config("tiny-cpu", ["model.arch={}", f"model.pretrained={folder}", "deepspeed.stage=3", lora])
-    rank0 = type("Rank0", (), {"is_main": True, "world": 2})()
-    model = DeepSpeedMixin.build_transformer(rank0, cfg, resolve_plan(cfg), torch.float32, torch.device("cpu"))
-    assert not hasattr(next(model.parameters()), "ds_tensor")
-    assert f"{key} needs the whole base" in capsys.readouterr().out
+    assert gathered.keys() == expected.keys()
+    assert all(torch.equal(gathered[k], expected[k].detach()) for k in expected)
+    with safe_open(folder / "diffusion_pytorch_model.safetensors", "pt") as f:        # the merge happened
+        assert not torch.equal(gathered["layers.0.attention.to_q.weight"], f.get_tensor("layers.0.attention.to_q.weight"))

@@ -1,8 +1,9 @@
 """ZeRO-3 full fine-tuning (adapter.mode=full, the EMA teacher partitioned like the student) on CPU ranks over gloo
 against the single-process trainer: losses, grad norms and the student, teacher and AdamW state of every step agree
 in fp32, across a resume from a ZeRO-3 checkpoint (from gathering once per iteration to gathering per module); the
-single-process trainer resumes that checkpoint to the same step. 2 ranks in CI; 4 ranks (4 processes on CI's 2
-cores) under `pytest -m slow`.
+single-process trainer resumes that checkpoint to the same step. Both start from a pretrained diffusers folder, so the
+ranks build student and teacher partitioned (zero3.build_partitioned, copy_partitioned). 2 ranks in CI; 4 ranks
+(4 processes on CI's 2 cores) under `pytest -m slow`.
 
 The reference is the single-process trainer on the same global batches and noise: ``optim.grad_accum = world`` at
 ``train.batch_size=1``, so the step's iteration r takes rank r's row of the global batch (the stream's next row)
@@ -13,10 +14,11 @@ import torch
 
 pytest.importorskip("deepspeed")
 
-from ds_launch import finish, logged_rows, torchrun  # noqa: E402
+from ds_launch import diffusers_folder, finish, logged_rows, torchrun  # noqa: E402
 from dopsd_fast.testing import tiny_trainer  # noqa: E402
 from dopsd_fast.train import checkpoint as ckpt  # noqa: E402
 from dopsd_fast.train.checkpoint import load_tensors  # noqa: E402
+from dopsd_fast.train.config import load_config  # noqa: E402
 from dopsd_fast.train.distributed import rank_seed  # noqa: E402
 
 STEPS = 3
@@ -66,11 +68,14 @@ def assert_same_run(ours, ref, steps) -> None:
 @pytest.mark.parametrize("world", [2, pytest.param(4, marks=SLOW)])
 def test_zero3_full_fine_tuning_equals_single_process(tmp_path, monkeypatch, world):
     zero3, ref, resumed = tmp_path / "zero3", tmp_path / "single", tmp_path / "resumed"
-    run = [*RUN, "deepspeed.stage=3"]
+    folder = tmp_path / "transformer"
+    diffusers_folder(folder, load_config("tiny-cpu").model.arch)
+    single = [*RUN, f"model.pretrained={folder}", "model.arch={}"]
+    run = [*single, "deepspeed.stage=3"]
     finish(torchrun(zero3, *run, "train.steps=2", nproc=world))
     # resumes step 2 from DeepSpeed's shards and gathers per module, DeepSpeed's small parameters kept whole
     finish(torchrun(zero3, *run, f"train.steps={STEPS}", "deepspeed.gather_once=false", nproc=world))
-    as_ranks(tiny_trainer(ref, *RUN, f"train.steps={STEPS}", f"optim.grad_accum={world}"), world).train()
+    as_ranks(tiny_trainer(ref, *single, f"train.steps={STEPS}", f"optim.grad_accum={world}"), world).train()
     rows = logged_rows(zero3)
     assert sorted(rows) == list(range(1, STEPS + 1))
     # gather-once: student and teacher in one all-gather (one dtype), nothing else; step 3 gathers per module (the
@@ -83,6 +88,6 @@ def test_zero3_full_fine_tuning_equals_single_process(tmp_path, monkeypatch, wor
     # optim.grad_accum = world, the same global batch, a change a resume refuses to a user
     monkeypatch.setattr(ckpt, "RESUMABLE", (*ckpt.RESUMABLE, "optim.grad_accum"))
     step2 = zero3 / "checkpoints" / "step-000002"
-    trainer = tiny_trainer(resumed, *RUN, f"train.steps={STEPS}", f"optim.grad_accum={world}", f"train.resume={step2}")
+    trainer = tiny_trainer(resumed, *single, f"train.steps={STEPS}", f"optim.grad_accum={world}", f"train.resume={step2}")
     as_ranks(trainer, world, resume=step2).train()
     assert_same_run(resumed, ref, [STEPS])
