@@ -25,6 +25,7 @@ class StepOutput:
     flops: float = 0.0          # model FLOPs of the iteration (metrics.flops), filled in by the trainer
     flops_verl_omni: float = 0.0    # the same under VeRL-Omni's MFU convention (metrics.flops.verl_omni_iteration)
     tokens: int = 0             # image tokens the student denoised (K steps x the batch), filled in by the trainer
+    anchor_loss: float | None = None    # the self-distillation anchor's mean loss (method.anchor_per_iteration)
 
 
 def dopsd_step(roles: Roles, flow: FlowConvention, c_s: list[Tensor], c_t: list[Tensor],

@@ -32,7 +32,7 @@ from . import checkpoint as ckpt
 from .build import (DTYPES, Plan, build_contexts, build_data, build_roles, check_buildable, quantize_frozen_base,
                     resolve_arch, resolve_device, resolve_plan, resolve_weights)
 from .build_qwen import build_codec, build_qwen_contexts, cache_root, check_cached, open_folder
-from .config import IMAGE_KINDS, Config, ConfigError
+from .config import IMAGE_KINDS, Config, ConfigError, anchor_prompts
 from .memory import checkpoint_plan
 from .wandb_sink import import_wandb
 
@@ -169,8 +169,8 @@ def start_from_lora(roles: Roles, model: nn.Module, path: Path, main: bool = Tru
 def fill_caches(cfg: Config, progress: bool = True) -> dict:
     """Compute every cacheable encoder output of an image folder ahead of training (`dopsd cache`).
 
-    Student features for every caption variant and for validation.prompts and sample.prompts (free text the grids
-    read), teacher features for every (image, variant) pair (D-OPSD) and VAE latents for every image (latent
+    Student features for every caption variant and for validation.prompts, sample.prompts (free text the grids
+    read) and method.anchor_prompts (when the anchor is on), teacher features for every (image, variant) pair (D-OPSD) and VAE latents for every image (latent
     models); entries already cached are skipped, and an encoder with nothing to compute is never loaded. No
     transformer is built. A training run with data.encode_missing false then loads no encoder at all.
     """
@@ -192,7 +192,7 @@ def fill_caches(cfg: Config, progress: bool = True) -> dict:
     if cfg.context.kind == "qwen3":
         student, teacher = build_qwen_contexts(cfg, arch, family, dtype, device, encode_missing=True)
         teacher = teacher if cfg.method.objective == "dopsd" else None
-        for prompt in dict.fromkeys([*cfg.validation.prompts, *cfg.sample.prompts]):
+        for prompt in dict.fromkeys([*cfg.validation.prompts, *cfg.sample.prompts, *anchor_prompts(cfg)]):
             student([prompt])
     codec = build_codec(cfg, arch, family, None, dtype, device, encode_missing=True)
     for i in progress_bar(range(len(dataset)), desc="dopsd cache", unit="image", enabled=progress):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ..data.feature_cache import default_cache_root
 from ..data.folder import ImageFolder
-from .config import IMAGE_KINDS, Config, ConfigError
+from .config import IMAGE_KINDS, Config, ConfigError, anchor_prompts
 
 
 
@@ -175,7 +175,7 @@ def build_codec(cfg: Config, arch, family, fallback, dtype, device: str | torch.
 def check_cached(cfg: Config, arch, family, dtype, dataset) -> None:
     """A run with a cache and data.encode_missing false loads no encoder: every encoder output it reads (each
     caption variant's student features, each (variant, image) teacher's, the latents it encodes, validation.prompts'
-    features) must be in the cache. Checked at start-up, before any model is built (file lookups plus one decode
+    and the anchor's method.anchor_prompts' features) must be in the cache. Checked at start-up, before any model is built (file lookups plus one decode
     and crop of every image, for its key); the first missing entry is a CacheMiss (exit 2) naming its file."""
     if cfg.data.kind not in IMAGE_KINDS or cache_root(cfg) is None or cfg.data.encode_missing:
         return
@@ -202,6 +202,9 @@ def check_cached(cfg: Config, arch, family, dtype, dataset) -> None:
     if ctx is not None and cfg.validation.every:
         for prompt in cfg.validation.prompts:
             need(ctx.text_cache, text_key(prompt), f"student text features of validation prompt {prompt!r}")
+    if ctx is not None:
+        for prompt in anchor_prompts(cfg):
+            need(ctx.text_cache, text_key(prompt), f"student text features of anchor prompt {prompt!r}")
     for i, record in enumerate(dataset.records):         # an ImageFolder: captions known, images read if keyed
         name = record.path.name
         image = dataset[i].image if vlm or codec is not None else None

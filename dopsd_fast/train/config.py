@@ -160,6 +160,12 @@ class MethodConfig:
     # (FLUX.2 klein: empirical mu, the authors' scheduler(4, mu); Z-Image: shift `sample.shift`).
     schedule: Literal["fixed", "model"] = "fixed"
     steps: int = 4
+    # Self-distillation anchor (README, "Continual tuning"): every iteration also rolls the student out on
+    # `anchor_per_iteration` of `anchor_prompts` (ordinary captions, not the concept's) and regresses it onto the
+    # EMA teacher given the same text-only context. On-policy and data-free, it keeps what the model draws for other
+    # prompts (without it D-OPSD pulls them toward the concept: toy-world-notes 5.4). 0: off, the authors' recipe.
+    anchor_prompts: list[str] = field(default_factory=list)
+    anchor_per_iteration: int = 0
 
 
 @dataclass
@@ -367,6 +373,12 @@ def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
 
 # ---------------------------------------------------------------- semantic checks
 
+def anchor_prompts(cfg: Config) -> list[str]:
+    """The captions the self-distillation anchor draws from; none when it is off."""
+    m = cfg.method
+    return [p for p in m.anchor_prompts if p.strip()] if m.anchor_per_iteration else []
+
+
 def _check(ok: bool, key: str, msg: str) -> None:
     if not ok:
         raise ConfigError(f"{key}: {msg}")
@@ -380,6 +392,11 @@ def validate(cfg: Config) -> Config:
     _check(all(x > y for x, y in zip(s, s[1:])), "method.sigmas", f"must be strictly decreasing, got {s}")
     _check(0.0 <= m.ema_decay < 1.0, "method.ema_decay", f"must be in [0, 1), got {m.ema_decay}")
     _check(m.sft_shift > 0, "method.sft_shift", "must be > 0")
+    _check(m.anchor_per_iteration >= 0, "method.anchor_per_iteration", "must be >= 0 (0: no anchor)")
+    _check(not m.anchor_per_iteration or m.objective == "dopsd", "method.anchor_per_iteration",
+           "the self-distillation anchor is D-OPSD's; SFT keeps ordinary prompts by training on ordinary pairs")
+    _check(not m.anchor_per_iteration or any(p.strip() for p in m.anchor_prompts), "method.anchor_prompts",
+           "the anchor needs ordinary captions to draw from, e.g. --set 'method.anchor_prompts=[\"a red car\", ...]'")
     _check(o.lr > 0, "optim.lr", f"must be > 0, got {o.lr}")
     _check(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas", f"need two values in [0, 1), got {o.betas}")
     _check(o.eps > 0, "optim.eps", "must be > 0")

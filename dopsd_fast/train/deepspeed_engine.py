@@ -230,7 +230,10 @@ class DeepSpeedMixin:
                 zero3.gathered_once(*self.role_models) if gather_once else contextlib.nullcontext():
             out = super().forward_backward_step(batch)
         # logged numbers are the global batch's: mean losses over ranks, summed FLOPs and tokens
-        mean = dist.mean_over_ranks([out.loss, *out.losses, out.flops, out.flops_verl_omni, out.tokens])
+        anchor = [] if out.anchor_loss is None else [out.anchor_loss]
+        mean = dist.mean_over_ranks([*anchor, out.loss, *out.losses, out.flops, out.flops_verl_omni, out.tokens])
+        if anchor:
+            out.anchor_loss, mean = mean[0], mean[1:]
         out.loss, out.losses = mean[0], mean[1:-3]
         out.flops, out.flops_verl_omni = mean[-3] * self.world, mean[-2] * self.world
         out.tokens = round(mean[-1] * self.world)

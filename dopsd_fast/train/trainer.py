@@ -9,6 +9,7 @@ import contextlib
 import copy
 import json
 import os
+import random
 import time
 import warnings
 from pathlib import Path
@@ -25,7 +26,7 @@ from ..method.step import StepOutput, dopsd_step, sft_step
 from ..sample import decoded_samples, save_grid, square_crop
 from . import checkpoint as ckpt
 from .assemble import assemble, construct_transformer
-from .config import Config, ConfigError
+from .config import Config, ConfigError, anchor_prompts
 from .distributed import launched_world_size
 from .finite import BadSteps
 from .memory import fit_checkpointing
@@ -72,13 +73,43 @@ class Trainer:
         out = dopsd_step(self.roles, self.flow, self._cast(c_s), self._cast(c_t), shapes, sigmas,
                          self.cfg.method.loss, self.cfg.method.per_step_backward, self.noise, self.dtype,
                          backward=self.backward, weight=self.loss_weight)
-        lora = (self.cfg.adapter.rank, self.roles.targets) if self.cfg.adapter.mode == "lora" else None
-        out.flops = sum(self.family.iteration_flops(self.plan.arch, shape, s, t, len(sigmas) - 1, lora)
-                        for shape, s, t in zip(shapes, c_s, c_t))
-        out.flops_verl_omni = sum(self.family.iteration_flops_verl_omni(self.plan.arch, shape, s, t, len(sigmas) - 1)
-                                  for shape, s, t in zip(shapes, c_s, c_t))
-        out.tokens = (len(sigmas) - 1) * sum(self.family.image_tokens(self.plan.arch, s) for s in shapes)
+        self._count(out, shapes, c_s, c_t, len(sigmas) - 1)
+        if self.cfg.method.anchor_per_iteration:
+            anchor = self.self_distil(self.anchor_prompts())
+            out.anchor_loss = anchor.loss
+            out.flops, out.flops_verl_omni = out.flops + anchor.flops, out.flops_verl_omni + anchor.flops_verl_omni
+            out.tokens += anchor.tokens
         return out
+
+    def _count(self, out: StepOutput, shapes, c_s, c_t, k: int) -> None:
+        """The iteration's model FLOPs (ours and VeRL-Omni's convention) and denoised image tokens, into ``out``."""
+        lora = (self.cfg.adapter.rank, self.roles.targets) if self.cfg.adapter.mode == "lora" else None
+        out.flops = sum(self.family.iteration_flops(self.plan.arch, shape, s, t, k, lora)
+                        for shape, s, t in zip(shapes, c_s, c_t))
+        out.flops_verl_omni = sum(self.family.iteration_flops_verl_omni(self.plan.arch, shape, s, t, k)
+                                  for shape, s, t in zip(shapes, c_s, c_t))
+        out.tokens = k * sum(self.family.image_tokens(self.plan.arch, s) for s in shapes)
+
+    def self_distil(self, prompts: list[str]) -> StepOutput:
+        """The self-distillation anchor: D-OPSD's step on ``prompts`` at data.image_size, its teacher given the
+        student's own text-only context, so it holds the student's roll-outs to what the EMA teacher draws there."""
+        c_s = self._cast(self.text_encoder(prompts))
+        size = self.cfg.data.image_size
+        shapes = [self.codec.latent_shape(size, size)] * len(prompts)
+        out = dopsd_step(self.roles, self.flow, c_s, c_s, shapes, self.sigmas, self.cfg.method.loss,
+                         self.cfg.method.per_step_backward, self.noise, self.dtype, backward=self.backward,
+                         weight=self.loss_weight)
+        self._count(out, shapes, c_s, c_s, len(self.sigmas) - 1)
+        return out
+
+    def anchor_prompts(self) -> list[str]:
+        """This iteration's method.anchor_per_iteration captions of method.anchor_prompts, drawn with replacement
+        from a generator of the seed, the step and the iteration's index in the step's global batch (rank + world x
+        micro batch: a single process accumulating `world` iterations draws what `world` ranks draw); a resume draws
+        the same ones."""
+        index = self.rank + self.world * self.micro_batch
+        rng = random.Random(f"anchor {self.cfg.train.seed} {self.step} {index}")
+        return rng.choices(anchor_prompts(self.cfg), k=self.cfg.method.anchor_per_iteration)
 
     def _sigmas_for(self, shapes: list[tuple[int, ...]]) -> list[float]:
         """Roll-out schedule of a batch; FLUX.2 klein's depends on the image size, so a batch is one size bucket."""
@@ -104,10 +135,11 @@ class Trainer:
         if n == 1:
             return outs[0]
         self.average_gradients(n)
+        anchor = None if outs[0].anchor_loss is None else sum(o.anchor_loss for o in outs) / n
         return StepOutput(loss=sum(o.loss for o in outs) / n,
                           losses=[sum(ls) / n for ls in zip(*(o.losses for o in outs))],
                           flops=sum(o.flops for o in outs), flops_verl_omni=sum(o.flops_verl_omni for o in outs),
-                          tokens=sum(o.tokens for o in outs))
+                          tokens=sum(o.tokens for o in outs), anchor_loss=anchor)
 
     def average_gradients(self, n: int) -> None:
         """The sum of ``n`` iterations' gradients -> their mean (DeepSpeed: each iteration's weighs 1 / n)."""
@@ -197,6 +229,8 @@ class Trainer:
                    "model_tflop": result.flops / 1e12,
                    "model_tflops_per_s": result.flops / sec / 1e12, **telemetry.fields(result, sec),
                    **self.bad_steps.fields()}
+            if result.anchor_loss is not None:
+                row["anchor_loss"] = result.anchor_loss
             log.log(row, show=self.step % t.log_every == 0 or self.step == t.steps or self.bad_steps.skipped)
             self.bad_steps.raise_if_diverged(self.step, lr)   # before this save
             if validation is not None and validation.due(self.step):

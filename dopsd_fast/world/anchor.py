@@ -1,8 +1,9 @@
 """Optional anchors that keep ordinary prompts intact while the concept is learned (toy-world-notes 5.4).
 
 Each iteration adds ``anchor_prompts`` ordinary captions to the objective, as one of two terms:
-- ``self`` (on-policy, data-free): self-distillation, the EMA teacher with the same text-only context on the
-  student's own roll-out of each caption. It regresses the states the student itself reaches for "a red circle"
+- ``self`` (on-policy, data-free): self-distillation (``Trainer.self_distil``, what a real run's
+  ``method.anchor_per_iteration`` runs), the EMA teacher with the same text-only context on the student's own
+  roll-out of each caption. It regresses the states the student itself reaches for "a red circle"
   onto what the teacher draws there, which is what undoes D-OPSD's colour bleed (README, "Continual tuning").
 - ``replay`` (off-policy, needs data): flow matching on rendered ordinary pairs, SFT's loss on the world's data.
 Default: ``self`` for D-OPSD, ``replay`` for SFT. Off unless asked (``dopsd demo --anchor 0``): the authors'
@@ -12,18 +13,16 @@ from __future__ import annotations
 
 import random
 
-from ..method.step import StepOutput, dopsd_step, sft_step
+from ..method.step import StepOutput, sft_step
 from ..train.trainer import SFTTrainer, Trainer
 from .scene import caption, random_scene, random_spec, render
 
 
 def self_distil_term(trainer: Trainer, n: int) -> None:
+    """The trainer's own anchor (method.anchor_per_iteration) on fresh random captions of the world each iteration,
+    rather than a fixed list."""
     rng = random.Random(trainer.cfg.train.seed * 7919 + trainer.step)
-    prompts = [caption(random_scene(rng), random_spec(rng), rng) for _ in range(n)]
-    feats = trainer._cast(trainer.text_encoder(prompts))
-    shape = trainer.codec.latent_shape(trainer.cfg.data.image_size, trainer.cfg.data.image_size)
-    dopsd_step(trainer.roles, trainer.flow, feats, feats, [shape] * n, trainer.sigmas, trainer.cfg.method.loss, True,
-               trainer.noise, trainer.dtype)
+    trainer.self_distil([caption(random_scene(rng), random_spec(rng), rng) for _ in range(n)])
 
 
 def replay_term(trainer: Trainer, n: int) -> None:

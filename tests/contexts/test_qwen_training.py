@@ -100,9 +100,10 @@ def test_warm_cache_trains_with_no_encoder_loaded(tiny_root, tmp_path, capsys, l
     (tmp_path / "data").mkdir()
     data, cache = _folder(tmp_path / "data"), tmp_path / "cache"
     grid = ["--set", "validation.every=2", "--set", "validation.pairs=1", "--set", "validation.prompts=[a new thing]",
-            "--set", "validation.steps=1"]
+            "--set", "validation.steps=1",
+            "--set", "method.anchor_per_iteration=1", "--set", "method.anchor_prompts=[an ordinary thing]"]
     assert main(["cache", "tiny-cpu", "--no-progress", *_args(tiny_root, data, cache, tmp_path / "x"), *grid]) == 0
-    assert json.loads(capsys.readouterr().out)["student_text"]["misses"] == 9      # 8 captions + the free prompt
+    assert json.loads(capsys.readouterr().out)["student_text"]["misses"] == 10   # 8 captions + free + anchor prompt
     assert loads == {"text": 1, "teacher": 1, "vae": ["cpu"]}
     loads.update(text=0, teacher=0, vae=[])
     # `dopsd cache` again: everything hits, so it loads nothing either
@@ -122,13 +123,19 @@ def test_warm_cache_trains_with_no_encoder_loaded(tiny_root, tmp_path, capsys, l
     assert len(warm) == 2
     torch.testing.assert_close(torch.tensor(warm), torch.tensor(fly), rtol=1e-5, atol=1e-7)
 
-    # validation grids with a free-text prompt: its features were cached too; the VAE decodes, on the CPU
+    # validation grids with a free-text prompt and the anchor on its prompt: their features were cached too; the
+    # VAE decodes, on the CPU
     loads.update(text=0, teacher=0, vae=[])
     rc = main(["train", "tiny-cpu", "--no-progress", "--no-samples",
                *_args(tiny_root, data, cache, tmp_path / "v"), *grid])
     assert rc == 0, capsys.readouterr()
     assert (tmp_path / "v" / "validation" / "step-000002.png").is_file()
     assert loads == {"text": 0, "teacher": 0, "vae": ["cpu"]}
+    assert all("anchor_loss" in json.loads(row) for row in (tmp_path / "v" / "metrics.jsonl").read_text().splitlines())
+    # an anchor prompt the cache lacks: refused at start-up, naming it
+    rc = main(["train", "tiny-cpu", "--no-progress", "--no-samples", *_args(tiny_root, data, cache, tmp_path / "a"),
+               *grid, "--set", "method.anchor_prompts=[never cached]", "--set", "data.encode_missing=false"])
+    assert rc == 2 and "anchor prompt 'never cached'" in capsys.readouterr().err
 
 
 def test_a_cache_miss_exits_2_naming_the_file_unless_encode_missing(tiny_root, tmp_path, capsys, loads):

@@ -22,8 +22,10 @@ from dopsd_fast.train.config import load_config  # noqa: E402
 from dopsd_fast.train.distributed import rank_seed  # noqa: E402
 
 STEPS = 3
+# with the self-distillation anchor on (its backwards through the engine, its loss averaged over ranks)
 RUN = ["adapter.mode=full", "train.batch_size=1", "optim.warmup_steps=2", "train.checkpoint_every=1",
-       "train.report_to=[jsonl]"]
+       "train.report_to=[jsonl]", "method.anchor_per_iteration=1",
+       "method.anchor_prompts=[a red circle, a blue square, a green cross]"]
 SLOW = [pytest.mark.slow, pytest.mark.skipif("'slow' not in (config.option.markexpr or '')",
                                              reason="4 ranks on 2 cores: run with `pytest -m slow`")]
 
@@ -58,6 +60,7 @@ def assert_same_run(ours, ref, steps) -> None:
     for step in steps:
         assert a[step]["losses"] == pytest.approx(b[step]["losses"], rel=1e-5), step
         assert a[step]["grad_norm"] == pytest.approx(b[step]["grad_norm"], rel=1e-5), step
+        assert a[step]["anchor_loss"] == pytest.approx(b[step]["anchor_loss"], rel=1e-5, abs=1e-12), step
         for part, atol in ATOL.items():
             x, y = (load_tensors(run / f"checkpoints/step-{step:06d}/{part}.safetensors") for run in (ours, ref))
             assert set(x) == set(y), (step, part)
