@@ -116,10 +116,11 @@ def _demo(args: argparse.Namespace) -> int:
     tic = time.perf_counter()
     try:
         if continual:
-            from .world.continual import ContinualDemo, write_report
+            from .world.continual import ContinualDemo, arms_named, write_report
             out = out.with_name(out.name + "-continual") if args.out == DEMO_OUT else out
+            arms = arms_named(args.arms)
             text = write_report(out, ContinualDemo(out, iterations, prompts, args.multi_steps, args.seed,
-                                                   tuple(args.set), anchor).run())
+                                                   tuple(args.set), anchor, arms, between=args.between).run())
             print(f"report: {out / 'report.md'} and report.json; per stage grids in {out}/<arm>/<NN-stage>/"
                   f"retention/grid-4steps.png; wall time {time.perf_counter() - tic:.0f} s\n\n{text}")
             return 0
@@ -215,6 +216,10 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--anchor", type=int, default=None, help="ordinary captions per iteration in an anchor term (default "
                    "0: none, as the authors; --continual: 4, in the anchored arms)")
+    d.add_argument("--between", choices=["merge", "keep"], default="merge", help="--continual: fold each stage's "
+                   "LoRA into the base before the next (merge, default) or train one LoRA on (keep)")
+    d.add_argument("--arms", default=None, metavar="ARM,...", help="--continual: only these arms, by name in lower "
+                   "case with dashes, e.g. d-opsd-self-distil,sft-replay; default all five")
     d.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a world-demo preset key")
     e = sub.add_parser("export", help="write a run's student as a diffusers or ComfyUI LoRA, or as full diffusers weights")
     e.add_argument("run", help="the run's output_dir")

@@ -77,9 +77,11 @@ class WorldRetention:
 
 class ContinualDemo:
     def __init__(self, out: Path, iterations: int = 100, n_eval: int = 64, multi_steps: int = 32, seed: int = 0,
-                 overrides: tuple[str, ...] = (), anchor: int = 4, arms: tuple[str, ...] = tuple(ARMS), log=print):
+                 overrides: tuple[str, ...] = (), anchor: int = 4, arms: tuple[str, ...] = tuple(ARMS), log=print,
+                 between: str = "merge"):
         self.out, self.iterations, self.multi, self.seed, self.anchor, self.log = out, iterations, multi_steps, seed, \
             anchor, log
+        self.between = between
         self.overrides = {".".join(key): value for key, value in map(_parse_override, overrides)}   # as --set
         self.concepts = {w: concept_prompts(n_eval, seed + 1, word=w) for w in WORDS}
         self.ordinary = ordinary_prompts(n_eval, seed + 2)
@@ -96,7 +98,7 @@ class ContinualDemo:
         sets = {"method.objective": objective, "train.steps": self.iterations, "train.seed": 30 + self.seed,
                 "model.pretrained": str(assets_dir() / "turbo"), **self.overrides}
         stages = [{"name": w, "set": {"data.path": w}, "prompts": self.concepts[w].texts} for w in WORDS]
-        return parse_plan({"base": "world-demo", "output_dir": str(self.out / _slug(arm)), "between": "merge",
+        return parse_plan({"base": "world-demo", "output_dir": str(self.out / _slug(arm)), "between": self.between,
                            "set": sets, "stages": stages,
                            "evaluation": {"prompts": self.ordinary.texts, "many_steps": self.multi, "seed": self.seed}},
                           f"dopsd demo --continual ({arm})")
@@ -140,7 +142,7 @@ class ContinualDemo:
             self.log(f"{arm}: stages {', '.join(WORDS)} ...")
             arms[arm] = self.run_arm(arm)
         setup = {"seed": self.seed, "iterations_per_stage": self.iterations, "eval_prompts": len(self.ordinary.texts),
-                 "multi_steps": self.multi, "anchor_prompts": self.anchor, "between": "merge",
+                 "multi_steps": self.multi, "anchor_prompts": self.anchor, "between": self.between,
                  "concepts": {w: {"colour": CONCEPTS[w].colour, "shape": CONCEPTS[w].shape,
                                   "caption": f"a {CONCEPTS[w].noun('circle')}"} for w in WORDS}}
         return {"setup": setup, "gates": gates, "arms": arms}
@@ -148,6 +150,18 @@ class ContinualDemo:
 
 def _slug(arm: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", arm.lower()).strip("-")
+
+
+def arms_named(names: str | None) -> tuple[str, ...]:
+    """``dopsd demo --continual --arms a,b``: the arms of those slugs, in ARMS' order (None: all)."""
+    if names is None:
+        return tuple(ARMS)
+    slugs = {_slug(arm): arm for arm in ARMS}
+    wanted = [n.strip() for n in names.split(",") if n.strip()]
+    unknown = [n for n in wanted if n not in slugs]
+    if unknown or not wanted:
+        raise ConfigError(f"--arms: {', '.join(unknown) or 'no arm'} is not one of {', '.join(slugs)}")
+    return tuple(arm for slug, arm in slugs.items() if slug in wanted)
 
 
 # The issue's targets for the default arm, and the claims about learning and SFT (asserted on one seed, or kept as
@@ -188,7 +202,8 @@ def claims(report: dict, arm: str = DEFAULT_ARM, sft: str = "SFT + replay") -> l
 def format_report(report: dict) -> str:
     """report.md: the setup, the gates, one table (arm x stage), then the claims."""
     setup, g, m = report["setup"], report["gates"], report["setup"]["multi_steps"]
-    lines = [f"# dopsd demo --continual: three concepts in turn ({', '.join(WORDS)}), LoRA merged between stages", "",
+    between = "LoRA merged between stages" if setup["between"] == "merge" else "one LoRA kept across the stages"
+    lines = [f"# dopsd demo --continual: three concepts in turn ({', '.join(WORDS)}), {between}", "",
              f"Seed {setup['seed']}, {setup['iterations_per_stage']} iterations per stage, {setup['eval_prompts']} "
              f"prompts per set; anchors add {setup['anchor_prompts']} ordinary captions per iteration. Concepts: "
              + "; ".join(f"{w} = {c['colour']}" + (f" {c['shape']}" if c["shape"] else "") + f" ('{c['caption']}')"

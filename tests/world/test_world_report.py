@@ -39,3 +39,13 @@ def test_demo_grids_label_rows_and_columns(tmp_path):
     for path in demo.save_grids():
         width, height = Image.open(path).size
         assert width > 16 * (16 * 8 + 2) and height > 3 * (16 * 8 + 2)       # margins for the models and prompts
+
+
+def test_continual_arms_are_chosen_by_name_and_an_unknown_one_exits_2(tmp_path, capsys):
+    from dopsd_fast.cli import main
+    from dopsd_fast.world.continual import arms_named
+
+    assert arms_named("d-opsd, sft-replay") == ("SFT + replay", "D-OPSD")      # ARMS' order
+    assert main(["demo", "--continual", "--arms", "d-opsd,nope", "--out", str(tmp_path / "x")]) == 2
+    assert "--arms: nope is not one of sft, sft-replay, d-opsd" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
