@@ -10,7 +10,13 @@ import torch  # noqa: E402
 
 from dopsd_fast.ops._dispatch import use_backend  # noqa: E402
 
-torch.set_num_threads(min(2, torch.get_num_threads()))
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # one of `pytest -n N`'s workers: one thread each, and for the processes its tests start (OpenMP threads of
+    # several processes spinning on 2 cores slow every one of them several-fold)
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+else:
+    torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
 @pytest.fixture(autouse=True)

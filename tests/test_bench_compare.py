@@ -1,5 +1,6 @@
 """scripts/bench_compare.py: the regression gate over pytest-benchmark JSON."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -46,8 +47,10 @@ def test_not_a_benchmark_file_is_named(tmp_path):
 def test_real_pytest_benchmark_output(tmp_path):
     out = tmp_path / "real.json"
     bench = Path(__file__).resolve().parents[1] / "bench" / "ops" / "bench_merge_state.py"
+    # an xdist worker's PYTEST_XDIST_* variables would make pytest-benchmark in the child think it is one, and skip
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST")}
     subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(bench), "-k", "fwd",
                     "--benchmark-json", str(out)], capture_output=True, text=True, timeout=300,
-                   cwd=tmp_path, check=True)
+                   cwd=tmp_path, check=True, env=env)
     r = run(out, out)
     assert r.returncode == 0 and "1.000" in r.stdout

@@ -2,8 +2,8 @@
 against the single-process trainer: losses, grad norms and the student, teacher and AdamW state of every step agree
 in fp32, across a resume from a ZeRO-3 checkpoint (from gathering once per iteration to gathering per module); the
 single-process trainer resumes that checkpoint to the same step. Both start from a pretrained diffusers folder, so the
-ranks build student and teacher partitioned (zero3.build_partitioned, copy_partitioned). 2 ranks in CI; 4 ranks
-(4 processes on CI's 2 cores) under `pytest -m slow`.
+ranks build student and teacher partitioned (zero3.build_partitioned, copy_partitioned). 2 and 4 ranks (4
+processes on CI's 2 cores).
 
 The reference is the single-process trainer on the same global batches and noise: ``optim.grad_accum = world`` at
 ``train.batch_size=1``, so the step's iteration r takes rank r's row of the global batch (the stream's next row)
@@ -26,8 +26,6 @@ STEPS = 3
 RUN = ["adapter.mode=full", "train.batch_size=1", "optim.warmup_steps=2", "train.checkpoint_every=1",
        "train.report_to=[jsonl]", "method.anchor_per_iteration=1",
        "method.anchor_prompts=[a red circle, a blue square, a green cross]"]
-SLOW = [pytest.mark.slow, pytest.mark.skipif("'slow' not in (config.option.markexpr or '')",
-                                             reason="4 ranks on 2 cores: run with `pytest -m slow`")]
 
 
 def as_ranks(trainer, world: int, resume=None):
@@ -68,7 +66,7 @@ def assert_same_run(ours, ref, steps) -> None:
                 torch.testing.assert_close(x[k], y[k], rtol=1e-5, atol=atol, msg=f"step {step} {part} {k}")
 
 
-@pytest.mark.parametrize("world", [2, pytest.param(4, marks=SLOW)])
+@pytest.mark.parametrize("world", [2, 4])
 def test_zero3_full_fine_tuning_equals_single_process(tmp_path, monkeypatch, world):
     zero3, ref, resumed = tmp_path / "zero3", tmp_path / "single", tmp_path / "resumed"
     folder = tmp_path / "transformer"
