@@ -15,7 +15,7 @@ import dataclasses
 import torch
 from torch import Tensor, nn
 
-from ..nn.lora_linear import adapter_parameters, inject_lora, set_active_adapter
+from ..nn.lora_linear import adapter_parameters, inject_lora, lora_layers, set_active_adapter
 from .ema import EMATeacher
 from .master_weights import MasterWeights
 
@@ -65,11 +65,12 @@ class LoRARoles(Roles):
         for p in teacher.values():      # new parameters default to requires_grad=True; the teacher is never trained
             p.requires_grad_(False)
         self.model = self.student_model = self.teacher_model = model
+        self.layers = lora_layers(model)        # the modules use() switches, listed once
         self.trainable = student
         self.ema = EMATeacher(teacher, list(student.values()))
 
     def use(self, role: str) -> nn.Module:
-        set_active_adapter(self.model, role)
+        set_active_adapter(self.model, role, self.layers)
         return self.model
 
 

@@ -121,18 +121,24 @@ def inject_lora(model: nn.Module, targets: list[str], adapters: list[str], rank:
     return replaced
 
 
+def lora_layers(model: nn.Module) -> list[LoRALinear]:
+    return [m for m in model.modules() if isinstance(m, LoRALinear)]
+
+
 def quantize_base(model: nn.Module, input_grad: str = "bf16") -> int:
     """Every LoRALinear's frozen base -> FP8 (LoRALinear.quantize_base); returns how many were quantised."""
-    modules = [m for m in model.modules() if isinstance(m, LoRALinear) and m.weight_scale is None]
+    modules = [m for m in lora_layers(model) if m.weight_scale is None]
     for m in modules:
         m.quantize_base(input_grad)
     return len(modules)
 
 
-def set_active_adapter(model: nn.Module, name: str | None) -> None:
-    for module in model.modules():
-        if isinstance(module, LoRALinear):
-            module.active_adapter = name
+def set_active_adapter(model: nn.Module, name: str | None, layers: list[LoRALinear] | None = None) -> None:
+    """Every LoRALinear of ``model`` runs adapter ``name`` (None: the base alone). ``layers``: its LoRALinears listed
+    once by the caller; a roll-out switches roles about 10 times per iteration, and walking the module tree each
+    time was 7% of a tiny-cpu iteration's host time."""
+    for module in lora_layers(model) if layers is None else layers:
+        module.active_adapter = name
 
 
 def adapter_parameters(model: nn.Module, name: str) -> dict[str, nn.Parameter]:
