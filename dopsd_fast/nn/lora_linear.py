@@ -136,7 +136,7 @@ def quantize_base(model: nn.Module, input_grad: str = "bf16") -> int:
 def set_active_adapter(model: nn.Module, name: str | None, layers: list[LoRALinear] | None = None) -> None:
     """Every LoRALinear of ``model`` runs adapter ``name`` (None: the base alone). ``layers``: its LoRALinears listed
     once by the caller; a roll-out switches roles about 10 times per iteration, and walking the module tree each
-    time was 7% of a tiny-cpu iteration's host time."""
+    time took 7% of a tiny-cpu iteration under cProfile."""
     for module in lora_layers(model) if layers is None else layers:
         module.active_adapter = name
 
