@@ -29,11 +29,13 @@ def open_sinks(report_to: list[str], out: Path, first_step: int, config: dict) -
 
 
 class StepLog:
-    def __init__(self, path: Path | None, K: int, enabled: bool = True, sinks: list | tuple = (), main: bool = True):
+    def __init__(self, path: Path | None, K: int, enabled: bool = True, sinks: list | tuple = (), main: bool = True,
+                 anchor: bool = False):
         """``path``: the JSONL file, or None (train.report_to without jsonl, and ranks other than 0); ``sinks``:
         more destinations of every row and grid (``open_sinks``); ``main``: this process prints the table (global
-        rank 0); ``enabled``: the progress bar may show (dopsd_fast/progress.py decides where)."""
-        self.path, self.K, self.sinks, self.main = path, K, list(sinks), main
+        rank 0); ``enabled``: the progress bar may show (dopsd_fast/progress.py decides where); ``anchor``: the
+        table has the anchor's loss column (method.anchor_per_iteration)."""
+        self.path, self.K, self.sinks, self.main, self.anchor = path, K, list(sinks), main, anchor
         self.bar = progress(unit="it", enabled=enabled and main)
         self.header_done = False
 
@@ -43,7 +45,8 @@ class StepLog:
 
     def _header(self) -> str:
         ks = " ".join(f"{'loss_' + str(k):>9}" for k in range(self.K))
-        return f"{'step':>6} {'loss':>10} {ks} {'grad_norm':>10} {'lr':>9} {'s/it':>7}"
+        anchor = f" {'anchor':>9}" if self.anchor else ""
+        return f"{'step':>6} {'loss':>10} {ks}{anchor} {'grad_norm':>10} {'lr':>9} {'s/it':>7}"
 
     def log(self, row: dict[str, Any], show: bool) -> None:
         if self.path is not None:
@@ -58,7 +61,9 @@ class StepLog:
                 tqdm.write(self._header())
                 self.header_done = True
             ks = " ".join(f"{v:9.4g}" for v in row["losses"]) if len(row["losses"]) == self.K else f"{'':>{10 * self.K - 1}}"
-            tqdm.write(f"{row['step']:6d} {row['loss']:10.5g} {ks} {_num(row['grad_norm'], '10.4g')} {row['lr']:9.2e} {row['sec']:7.3f}")
+            anchor = f" {_num(row.get('anchor_loss'), '9.4g')}" if self.anchor else ""
+            tqdm.write(f"{row['step']:6d} {row['loss']:10.5g} {ks}{anchor} {_num(row['grad_norm'], '10.4g')} "
+                       f"{row['lr']:9.2e} {row['sec']:7.3f}")
 
     def image(self, tag: str, step: int, path: Path) -> None:
         """A PNG written at ``step`` (validation grid): a line above the progress bar and an image in each sink."""

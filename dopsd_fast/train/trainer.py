@@ -193,7 +193,8 @@ class Trainer:
                 drop_rows_after(self.step, self.out / "metrics.jsonl", self.out / "validation" / "grids.jsonl")
             sinks = open_sinks(t.report_to, self.out, self.step + 1, self.cfg.to_dict()) if main else []
             log = StepLog(self.out / "metrics.jsonl" if main and "jsonl" in t.report_to else None,
-                          len(self.sigmas) - 1, enabled=self.progress, sinks=sinks, main=main)
+                          len(self.sigmas) - 1, enabled=self.progress, sinks=sinks, main=main,
+                          anchor=bool(self.cfg.method.anchor_per_iteration))
             log.start(self.step, t.steps)
             try:
                 with use_backend(self.cfg.model.ops_backend):

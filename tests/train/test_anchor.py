@@ -65,3 +65,12 @@ def test_resume_with_the_anchor_reproduces_the_uninterrupted_run(tmp_path):
 def test_an_anchor_without_prompts_or_on_sft_is_refused(sets, key):
     with pytest.raises(ConfigError, match=key):
         load_config("tiny-cpu", sets)
+
+
+def test_the_console_table_shows_the_anchor_loss(tmp_path, capsys):
+    from dopsd_fast.cli import main
+
+    assert main(["train", "tiny-cpu", "--no-samples", "--no-progress", "--set", f"train.output_dir={tmp_path}",
+                 "--set", "train.steps=2", "--set", "train.log_every=1", "--set", ANCHOR[0], "--set", ANCHOR[1]]) == 0
+    header, first = [line.split() for line in capsys.readouterr().out.splitlines()[1:3]]
+    assert header[header.index("anchor")] == "anchor" and first[header.index("anchor")] == "0"   # step 1: 0 exactly
