@@ -189,8 +189,10 @@ def _refused_on(cfg: Config, stage: int) -> str:
 
 def student_activations(cfg: Config, arch) -> int:
     """Peak bytes autograd keeps for the student's backward in one iteration at ``model.checkpointing``, per rank
-    (``train.batch_size`` images at ``data.image_size`` with ``context.max_text_tokens``-token captions), traced on
-    the meta device: the model's own code, no weights, no arithmetic, seconds for a 6B model.
+    (``train.batch_size`` images at ``data.image_size`` with ``context.max_text_tokens``-token captions, or the
+    anchor's ``method.anchor_per_iteration`` captions if more: its roll-out runs after the batch's, so the larger
+    of the two is what autograd holds), traced on the meta device: the model's own code, no weights, no arithmetic,
+    seconds for a 6B model.
 
     Caption path plus one roll-out step's graph (per-step backward; K graphs without); checkpointed blocks keep
     their inputs, and the backward recomputes one block at a time (its saved bytes counted once, for selective as
@@ -203,7 +205,7 @@ def student_activations(cfg: Config, arch) -> int:
     model = build_model(arch, "meta").to(dtype)
     roles = build_roles(cfg, model)
     params = {storage_key(p) for m in (roles.student_model, roles.teacher_model) for p in m.parameters()}
-    b = cfg.train.batch_size
+    b = max(cfg.train.batch_size, cfg.method.anchor_per_iteration)
     feats = [torch.empty(cfg.context.max_text_tokens, family.text_dim(arch), device="meta", dtype=dtype)] * b
     x = [torch.empty(family.latent_shape(cfg, arch), device="meta", dtype=dtype)] * b
 
@@ -300,7 +302,8 @@ def format_memory_plan(rows: list[RankMemory], cfg: Config, world: int) -> str:
     head = [f"per rank, {unit}".ljust(22)] + [f.replace("_", " ").rjust(11) for f in fields]
     lines = [f"memory plan: {world} rank(s), model.dtype={cfg.model.dtype}, adapter.mode={cfg.adapter.mode}, "
              f"model.checkpointing={cfg.model.checkpointing}, train.batch_size={cfg.train.batch_size} per rank "
-             f"at {cfg.data.image_size}^2", " ".join(head)]
+             f"at {cfg.data.image_size}^2" + (f", {cfg.method.anchor_per_iteration} anchor captions per iteration"
+                                               if cfg.method.anchor_per_iteration else ""), " ".join(head)]
     for r in rows:
         name = "no DeepSpeed" if r.stage is None else f"ZeRO-{r.stage}"
         mark = "*" if r.stage == cfg.deepspeed.stage else " "

@@ -62,3 +62,19 @@ def test_a_checkpoint_with_the_old_key_resumes(tmp_path):
     del saved["model"]["checkpointing"], saved["train"]["memory_budget_gb"]
     saved["model"]["gradient_checkpointing"] = True          # written before model.checkpointing existed
     assert ckpt.resume_changes(tmp_path, saved, cfg) == ['model.checkpointing: "none" -> "full"']
+
+
+def test_the_plan_holds_the_anchor_roll_out_when_it_is_the_larger(capsys):
+    """The anchor's roll-out runs after the batch's (each backward frees its graph): the plan's activations are
+    those of the larger of the two, 3 anchor captions on a batch of 1 as a batch of 3, and its header says so."""
+    from dopsd_fast.cli import main
+    from dopsd_fast.models.z_image import ZImageConfig
+    from dopsd_fast.train.memory import student_activations
+
+    anchor = ["method.anchor_per_iteration=3", "method.anchor_prompts=[a red circle]"]
+    arch = ZImageConfig.from_dict(load_config("tiny-cpu").model.arch)
+    batch3 = student_activations(load_config("tiny-cpu", ["train.batch_size=3"]), arch)
+    assert student_activations(load_config("tiny-cpu", anchor), arch) == batch3
+    assert student_activations(load_config("tiny-cpu"), arch) < batch3
+    assert main(["train", "tiny-cpu", "--dry-run", "--set", anchor[0], "--set", anchor[1]]) == 0
+    assert "3 anchor captions per iteration" in capsys.readouterr().out
