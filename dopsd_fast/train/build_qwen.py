@@ -175,8 +175,9 @@ def build_codec(cfg: Config, arch, family, fallback, dtype, device: str | torch.
 def check_cached(cfg: Config, arch, family, dtype, dataset) -> None:
     """A run with a cache and data.encode_missing false loads no encoder: every encoder output it reads (each
     caption variant's student features, each (variant, image) teacher's, the latents it encodes, validation.prompts'
-    and the anchor's method.anchor_prompts' features) must be in the cache. Checked at start-up, before any model is built (file lookups plus one decode
-    and crop of every image, for its key); the first missing entry is a CacheMiss (exit 2) naming its file."""
+    and the anchor's method.anchor_prompts' features) must be in the cache. Checked at start-up, before any model is
+    built (file lookups plus one decode and crop of every image, for its key); the first missing entry is a CacheMiss
+    (exit 2) naming its file."""
     if cfg.data.kind not in IMAGE_KINDS or cache_root(cfg) is None or cfg.data.encode_missing:
         return
     qwen = cfg.context.kind == "qwen3"

@@ -395,7 +395,7 @@ def validate(cfg: Config) -> Config:
     _check(m.anchor_per_iteration >= 0, "method.anchor_per_iteration", "must be >= 0 (0: no anchor)")
     _check(not m.anchor_per_iteration or m.objective == "dopsd", "method.anchor_per_iteration",
            "the self-distillation anchor is D-OPSD's; SFT keeps ordinary prompts by training on ordinary pairs")
-    _check(not m.anchor_per_iteration or any(p.strip() for p in m.anchor_prompts), "method.anchor_prompts",
+    _check(not m.anchor_per_iteration or anchor_prompts(cfg), "method.anchor_prompts",
            "the anchor needs ordinary captions to draw from, e.g. --set 'method.anchor_prompts=[\"a red car\", ...]'")
     _check(o.lr > 0, "optim.lr", f"must be > 0, got {o.lr}")
     _check(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas", f"need two values in [0, 1), got {o.betas}")

@@ -231,9 +231,9 @@ class DeepSpeedMixin:
             out = super().forward_backward_step(batch)
         # logged numbers are the global batch's: mean losses over ranks, summed FLOPs and tokens
         anchor = [] if out.anchor_loss is None else [out.anchor_loss]
-        mean = dist.mean_over_ranks([*anchor, out.loss, *out.losses, out.flops, out.flops_verl_omni, out.tokens])
+        mean = dist.mean_over_ranks([out.loss, *out.losses, out.flops, out.flops_verl_omni, out.tokens, *anchor])
         if anchor:
-            out.anchor_loss, mean = mean[0], mean[1:]
+            out.anchor_loss = mean.pop()
         out.loss, out.losses = mean[0], mean[1:-3]
         out.flops, out.flops_verl_omni = mean[-3] * self.world, mean[-2] * self.world
         out.tokens = round(mean[-1] * self.world)
