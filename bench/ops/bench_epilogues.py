@@ -3,8 +3,10 @@
 
 Every input is differentiable (activations, norm weights, modulation), the most work a backward can have. GB/s
 counts the fused kernels' unavoidable traffic for both impls: token tensors read / written once per pass,
-modulation and weights neglected (B x D). On CUDA: real model widths and token counts; on CPU a tiny smoke size
-(the interpreter, `pytest bench --benchmark-disable` runs each case once).
+modulation and weights neglected (B x D). On CUDA: real model widths and token counts in bf16. On CPU: a tiny smoke
+size (every impl, Triton interpreted) and bench_e2e's cpu-small shapes in fp32 (one roll-out sample's 256 image + 64
+caption tokens, width 256, 4 heads of 64), reference vs cpp only (an interpreted Triton time means nothing): what
+``CPU_AUTO`` in ops/_dispatch.py was chosen from.
 """
 import pytest
 import torch
@@ -15,11 +17,11 @@ from dopsd_fast.ops.epilogues import gated_residual, modulated_layer_norm, modul
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
-DTYPE = torch.bfloat16
-ROUNDS = 20 if CUDA else 1
+DTYPE = torch.bfloat16 if CUDA else torch.float32
 # name: (tokens T, width D, samples B, heads, head_dim). Z-Image 1024^2: 4096 image + 256 caption tokens per sample.
 SIZES = {"z_image_1024_b2": (2 * 4352, 3840, 2, 30, 128), "flux2_klein_1024_b1": (4096 + 512, 3072, 1, 24, 128)} \
-    if CUDA else {"tiny_cpu": (37, 96, 3, 2, 48)}
+    if CUDA else {"tiny_cpu": (37, 96, 3, 2, 48), "cpu_small": (320, 256, 1, 4, 64)}
+ROUNDS = {"tiny_cpu": 1, "cpu_small": 50}      # CUDA: 20
 OPS = {  # op: (ours, reference, token tensors read+written by fwd, by bwd)
     "modulated_rms_norm": (modulated_rms_norm, R.modulated_rms_norm_ref, 2, 3),
     "gated_residual": (gated_residual, R.gated_residual_ref, 3, 3),  # bwd: read a, dy; write da (dx = dy)
@@ -50,6 +52,8 @@ def _inputs(op, T, D, B, heads, head_dim):
 def test_epilogues(benchmark, impl, op, pass_, size):
     if impl == "cpp" and (op == "modulated_layer_norm" or not native_available(cuda=CUDA)):
         pytest.skip("no csrc/ kernel for this op, or dopsd_fast._C not built (with CUDA)")
+    if impl == "triton" and size == "cpu_small":
+        pytest.skip("the Triton interpreter's time means nothing")
     T, D, B, heads, head_dim = SIZES[size]
     ours, ref, fwd_tensors, bwd_tensors = OPS[op]
     args = _inputs(op, T, D, B, heads, head_dim)
@@ -85,7 +89,7 @@ def test_epilogues(benchmark, impl, op, pass_, size):
 
         if CUDA:
             torch.cuda.reset_peak_memory_stats()
-        benchmark.pedantic(run, rounds=ROUNDS, warmup_rounds=1 if CUDA else 0)
+        benchmark.pedantic(run, rounds=20 if CUDA else ROUNDS[size], warmup_rounds=1 if CUDA else 0)
     per_tensor = T * D * DTYPE.itemsize
     nbytes = per_tensor * {"fwd": fwd_tensors, "bwd": bwd_tensors, "full": fwd_tensors + bwd_tensors}[pass_]
     benchmark.extra_info.update(bytes=nbytes, tokens=T, width=D)

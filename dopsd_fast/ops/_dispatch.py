@@ -1,9 +1,10 @@
 """Which implementation an op runs: ``cpp`` (the csrc/ extension dopsd_fast._C: CUDA kernels, and their C++ CPU
 twins), ``triton`` or ``reference`` (pure PyTorch, dopsd_fast/ops/reference.py).
 
-``auto`` (the default): CUDA tensors run what the op bench measured fastest for that op (``CUDA_AUTO``: library
-kernel or ours; a ``cpp`` choice runs Triton where the extension was built without CUDA); CPU tensors run Triton
-under ``TRITON_INTERPRET=1`` (the tests) and the reference otherwise. ``DOPSD_BACKEND=cpp|triton|reference`` or
+``auto`` (the default) runs what the op benches measured fastest for that op on that device: CUDA tensors
+``CUDA_AUTO`` (library kernel or ours; a ``cpp`` choice runs Triton where the extension was built without CUDA), CPU
+tensors ``CPU_AUTO`` (the C++ twin where it won, when the extension is loaded), else Triton under
+``TRITON_INTERPRET=1`` (the tests) and the reference otherwise. ``DOPSD_BACKEND=cpp|triton|reference`` or
 :func:`use_backend` forces one; a forced ``cpp`` applies to the ops the extension has (``NATIVE_OPS``), the others
 keep their ``auto`` choice (a forced ``triton`` on CPU tensors without the interpreter fails loudly in the launch).
 """
@@ -42,6 +43,15 @@ CUDA_AUTO: dict[str, Chosen] = {
                                         # segments (fp16 / bf16): torch varlen_attn (FA2) 7.852, H100; one cuDNN
                                         # SDPA call per segment 5.174 (host sync each call: not measured e2e)
     "packed_attention_lse": "triton",   # the LSE output, which SDPA lacks: triton 15.050 / reference (math) 83.551
+}
+# What ``auto`` runs on CPU tensors where the extension is loaded: the C++ twin for the ops whose forward, backward
+# and forward + backward it ran faster than the PyTorch reference, every other op the reference. Measured at
+# bench_e2e's cpu-small fp32 shapes (320 tokens x 256, 4 heads of 64) on one thread of a 2-core Xeon (AVX-512),
+# torch 2.13 CPU, 2026-12-06, bench/results/2026-12-06-cpu-ops/bench_epilogues.json; medians in us, cpp / reference.
+CPU_AUTO: dict[str, Chosen] = {
+    "modulated_rms_norm": "cpp",        # fwd 44 / 85, bwd 174 / 468, fwd + bwd 259 / 570
+    "gated_residual": "cpp",            # fwd 50 / 110, bwd 194 / 469, fwd + bwd 305 / 675
+    "qk_norm_rope": "cpp",              # fwd 154 / 302, bwd 353 / 859, fwd + bwd 571 / 1274
 }
 NATIVE_OPS = frozenset({"rollout_step", "ema_update", "ema_update_fp32", "modulated_rms_norm", "gated_residual",
                         "qk_norm_rope"})     # the ops csrc/ implements (dopsd_C::<op>)
@@ -117,6 +127,8 @@ def backend_for(op: str, *tensors: torch.Tensor) -> Chosen:
         if choice == "cpp" and not native_available(cuda=True):
             choice = "triton"
         return choice if _HAS_TRITON or choice != "triton" else "reference"
+    if CPU_AUTO.get(op) == "cpp" and native_available():
+        return "cpp"
     if not _HAS_TRITON:
         return "reference"
     return "triton" if interpreting() and not any(t.is_cuda for t in tensors) else "reference"

@@ -45,9 +45,9 @@ class ModelConfig:
     # iteration (run fully checkpointed) and logged.
     checkpointing: Literal["full", "selective", "none", "auto"] = "none"
     init_seed: int = 0
-    # Fused-op implementation: auto = per op, what the op bench measured fastest on CUDA tensors (ours or PyTorch's;
-    # ops/_dispatch.py CUDA_AUTO), the PyTorch reference elsewhere; cpp forces the csrc/ extension where an op has
-    # one (DOPSD_BACKEND too).
+    # Fused-op implementation: auto = per op, what the op bench measured fastest on the device (ours or PyTorch's;
+    # ops/_dispatch.py CUDA_AUTO, and CPU_AUTO: the C++ epilogues on CPU, the PyTorch reference for the rest); cpp
+    # forces the csrc/ extension where an op has one (DOPSD_BACKEND too).
     ops_backend: Literal["auto", "cpp", "triton", "reference"] = "auto"
     # blocks = torch.compile each transformer block (models/compile.py: regional, dynamic shapes; Inductor's fused
     # kernels cut the per-launch host overhead that dominates small images; equal to none up to fp32 rounding; the

@@ -1,5 +1,6 @@
-"""ops/_dispatch.py: auto on CUDA runs each op's measured choice (CUDA_AUTO, Triton where a cpp choice has no CUDA
-build), keeps the CPU choice, and a forced cpp only applies to ops that have a csrc/ implementation."""
+"""ops/_dispatch.py: auto runs each op's measured choice (CUDA_AUTO on CUDA, Triton where a cpp choice has no CUDA
+build; CPU_AUTO on CPU where the extension is loaded), and a forced cpp only applies to ops that have a csrc/
+implementation."""
 import importlib
 import inspect
 import re
@@ -15,12 +16,20 @@ CUDA_TENSOR = SimpleNamespace(is_cuda=True)   # backend_for only asks where a te
 
 
 @pytest.mark.fused   # no reference pinning from tests/conftest.py: these tests choose backends themselves
-def test_auto_on_cpu_is_unchanged(monkeypatch):
+@pytest.mark.parametrize("built", [True, False])
+def test_auto_on_cpu_runs_the_measured_choice(monkeypatch, built):
+    """CPU_AUTO's C++ twins where the extension is loaded (with or without the interpreter); every other op, and
+    those without the extension, Triton under the interpreter and the reference otherwise."""
+    monkeypatch.setattr(_dispatch, "native_available", lambda cuda=False: built and not cuda)
     x = torch.randn(3)
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    assert backend_for("rollout_step", x) == backend_for("merge_state", x) == "triton"
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
-    assert backend_for("rollout_step", x) == backend_for("merge_state", x) == "reference"
+    twins = sorted(_dispatch.CPU_AUTO)
+    assert twins == ["gated_residual", "modulated_rms_norm", "qk_norm_rope"]
+    for interpret, fallback in (("1", "triton"), ("0", "reference")):
+        monkeypatch.setenv("TRITON_INTERPRET", interpret)
+        assert {op: backend_for(op, x) for op in twins} == {op: "cpp" if built else fallback for op in twins}
+        assert backend_for("rollout_step", x) == backend_for("merge_state", x) == fallback
+        with use_backend("reference"):
+            assert backend_for("qk_norm_rope", x) == "reference"
 
 
 @pytest.mark.fused
@@ -39,6 +48,7 @@ def test_every_op_has_a_measured_choice():
         source = inspect.getsource(importlib.import_module(f"dopsd_fast.ops.{name}"))
         used |= set(re.findall(r'backend_for\(\s*"(\w+)"', source))
     assert used <= set(_dispatch.CUDA_AUTO) and _dispatch.NATIVE_OPS <= set(_dispatch.CUDA_AUTO)
+    assert set(_dispatch.CPU_AUTO) <= _dispatch.NATIVE_OPS     # a CPU choice other than the reference is a C++ twin
     assert {"rollout_step", "lora_linear", "merge_state", "packed_attention", "qk_norm_rope"} <= used
 
 
