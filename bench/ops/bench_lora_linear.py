@@ -84,3 +84,73 @@ def test_lora_linear(benchmark, size, impl, pass_):
         {"fwd": gemm + lora, "bwd": gemm + lora + lora // 2}
     flops["full"] = flops["fwd"] + flops["bwd"]
     time_pass(benchmark, pass_, fwd, full, bwd, setup_bwd, flops[pass_], "TFLOP/s")
+
+
+# ---------------------------------------------------------------------------------------------- LoRALinear.forward
+# One active adapter, as the trainer runs it: LoRALinear.forward adds scale * (x A^T) B^T into the base output inside
+# the up-projection's GEMM (addmm_, beta 1, alpha scale); "peft_formula" is PEFT's `base(x) + B(A(x)) * scale` on the
+# same layer, the form both wrote before. CUDA: 1024^2 rows in bf16; CPU: bench_e2e's cpu-small in fp32 (+ smoke).
+MODULE_DTYPE = DTYPE if CUDA else torch.float32
+MODULE_SIZES = {"zimage_proj_T4352": (4352, 3840, 3840, 64), "zimage_ffn_up_T4352": (4352, 3840, 10240, 64)} \
+    if CUDA else {"tiny_cpu": (37, 48, 100, 4), "cpu_small_ffn_up": (320, 256, 682, 16)}
+MODULE_ROUNDS = {"tiny_cpu": 1, "cpu_small_ffn_up": 100}     # CUDA: 20
+
+
+@pytest.mark.parametrize("size", list(MODULE_SIZES))
+@pytest.mark.parametrize("impl", ["addmm", "peft_formula"])
+@pytest.mark.parametrize("pass_", ["fwd", "bwd", "full"])
+def test_lora_module(benchmark, size, impl, pass_):
+    from dopsd_fast.nn.lora_linear import LoRALinear
+
+    T, n_in, n_out, r = MODULE_SIZES[size]
+    torch.manual_seed(0)
+    base = torch.nn.Linear(n_in, n_out, bias=False, device=DEVICE, dtype=MODULE_DTYPE).requires_grad_(False)
+    layer = LoRALinear(base, ["student"], r, 2.0 * r)
+    with torch.no_grad():
+        layer.lora_B["student"].normal_(std=r**-0.5)
+    a, b = layer.lora_A["student"], layer.lora_B["student"]
+    x = torch.randn(T, n_in, device=DEVICE, dtype=MODULE_DTYPE).requires_grad_()
+    dy = torch.randn(T, n_out, device=DEVICE, dtype=MODULE_DTYPE)
+
+    def forward():
+        if impl == "addmm":
+            return layer(x)
+        return F.linear(x, layer.weight) + F.linear(F.linear(x, a.to(x.dtype)), b.to(x.dtype)) * layer.scale
+
+    def grads():
+        out = [t.grad for t in (x, a, b)]
+        for t in (x, a, b):
+            t.grad = None
+        return out
+
+    forward().backward(dy)            # the two forms compute the same layer: outputs and gradients agree
+    got = grads()
+    (F.linear(x, layer.weight) + F.linear(F.linear(x, a.to(x.dtype)), b.to(x.dtype)) * layer.scale).backward(dy)
+    tol = dict(rtol=2e-2, atol=2e-2) if MODULE_DTYPE == torch.bfloat16 else dict(rtol=1e-5, atol=1e-5)
+    for g_, w_ in zip(got, grads()):
+        torch.testing.assert_close(g_, w_, **tol)
+    benchmark.group = f"lora_module-{size}-{pass_}"
+
+    def fwd():
+        with torch.no_grad():
+            forward()
+        sync()
+
+    def setup_bwd():
+        grads()
+        return (forward(),), {}
+
+    def bwd(y):
+        y.backward(dy)
+        sync()
+
+    def full():
+        grads()
+        forward().backward(dy)
+        sync()
+
+    gemm, lora = 2 * T * n_in * n_out, 2 * T * r * (n_in + n_out)
+    flops = {"fwd": gemm + lora, "bwd": gemm + lora + lora}
+    flops["full"] = flops["fwd"] + flops["bwd"]
+    time_pass(benchmark, pass_, fwd, full, bwd, setup_bwd, flops[pass_], "TFLOP/s",
+              **({} if CUDA else {"rounds": MODULE_ROUNDS[size]}))

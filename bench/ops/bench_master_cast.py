@@ -29,11 +29,11 @@ def _layer() -> LoRALinear:
 def _run(layer: LoRALinear, x: torch.Tensor, way: str) -> torch.Tensor:
     if way == "cast":
         y = layer(x)
-    else:                  # autocast: the fp32 adapter's linears run in bf16 inside the region
+    else:                  # autocast: the fp32 adapter's GEMMs run in bf16 inside the region (LoRALinear's formula)
         a, b = layer.lora_A["student"], layer.lora_B["student"]
         with torch.autocast(DEVICE, dtype=torch.bfloat16):
-            y = torch.nn.functional.linear(x, layer.weight) + layer.scale * torch.nn.functional.linear(
-                torch.nn.functional.linear(x, a), b)
+            y = torch.addmm(torch.nn.functional.linear(x, layer.weight), torch.nn.functional.linear(x, a), b.t(),
+                            alpha=layer.scale)
     y.float().square().mean().backward()
     return y
 

@@ -110,10 +110,12 @@ def test_selective_reruns_no_full_gemm_or_attention(family, lora):
     RMSNorms)."""
     model, roles = build(family, lora)
     none, selective, full = (backward_calls(model, family, mode) for mode in ("none", "selective", "full"))
-    rerun_up_projections = len(roles.targets) if lora else 0     # every adapted linear runs once, with grad
-    assert selective[torch.ops.aten.mm.default] == none[torch.ops.aten.mm.default] + rerun_up_projections
+    # every adapted linear runs once, with grad: its up-projection is the addmm that adds it into the base output
+    rerun_up_projections = len(roles.targets) if lora else 0
+    addmm = torch.ops.aten.addmm.default
+    assert selective[addmm] == none[addmm] + rerun_up_projections
     for op in [*GEMMS, *KEPT]:
-        assert selective[op] == none[op] or op is torch.ops.aten.mm.default, op
+        assert selective[op] == none[op] or op is addmm, op
     assert sum(full[op] for op in GEMMS) > sum(selective[op] for op in GEMMS)
     rsqrt = torch.ops.aten.rsqrt.default        # every RMSNorm's (the reference epilogues run as aten ops in eager)
     assert selective[rsqrt] == full[rsqrt] > none[rsqrt]
