@@ -15,13 +15,14 @@ Configurations (``configurations``), all on one model per side, switched between
   ours      model.checkpointing full | selective | none (auto only chooses among these per budget, which the
             budget table does too); on CUDA x model.ops_backend auto (each op what the op bench measured fastest:
             attention = torch SDPA, default dispatch) | triton (every op ours, attention our Triton kernel); on CPU
-            reference (the PyTorch ops; Triton would run under its interpreter); on CUDA also model.compile=blocks
+            auto (the C++ twins where ops/_dispatch.py's CPU_AUTO measured them faster, the PyTorch ops for the
+            rest; Triton would run under its interpreter) | reference (every op PyTorch's); on CUDA also model.compile=blocks
             (models/compile.py) x checkpointing full | selective | none with ops=auto, switched on the one model by
             use_compiled (on CPU Inductor compiles for ~50 s: opt in with DOPSD_BENCH_COMPILE="none blocks")
   patched   the baseline's loop, model, adapters and optimizer, patched by apply_dopsd_kernels (removed again for the
             baseline's configurations, outside the timed iteration); gradient checkpointing on | off x
             attention="sdpa" (diffusers' dispatch, torch SDPA's own choice) | "dopsd" (our packed_attention); the
-            ops backend is dopsd_fast's default for the device (CPU: the reference ops, as for ours)
+            ops backend is dopsd_fast's default for the device (auto, as ours' first configuration)
 A configuration that runs out of memory (torch.OutOfMemoryError; the other side's resident weights are on the
 device too, see ``other_resident_bytes``), or whose SDPA backend has no kernel for the shape ("refused"), is recorded
 as such; any other exception fails the run.
@@ -161,7 +162,7 @@ def configurations(device: str) -> list[Config]:
     the refusal path on CPU, or compile on CPU: "none blocks", ~50 s of Inductor). Compiled modes run with the first
     ops entry only (auto on CUDA): compile is a lever of its own, not crossed with every backend."""
     sdpa = ("flash", "cudnn", "efficient") if device == "cuda" else ("default",)
-    ops = ("auto", "triton") if device == "cuda" else ("reference",)
+    ops = ("auto", "triton") if device == "cuda" else ("auto", "reference")
     compile_modes = ("none", "blocks") if device == "cuda" else ("none",)
     sdpa = tuple(os.environ.get("DOPSD_BENCH_SDPA", " ".join(sdpa)).split())
     ops = tuple(os.environ.get("DOPSD_BENCH_OPS", " ".join(ops)).split())
@@ -582,7 +583,8 @@ def test_pareto(benchmark, built, size):
               f"round(s); MFU vs {peak_note}",
               f"equivalence: first {EQUIVALENCE_ITERATIONS} iterations from one state and seed vs {reference['label']}: "
               f"losses rel <= {loss_rel:g}, grad norms rel <= {norm_rel:g}",
-              "ops=auto: each op the fastest measured on CUDA, attention torch SDPA (default dispatch); ops=triton: "
+              "ops=auto: each op the fastest measured on the device (CUDA: attention torch SDPA, default dispatch; CPU: "
+              "our C++ epilogues, the PyTorch ops for the rest); ops=triton: "
               "every op ours, attention our Triton kernel; ops=reference: the PyTorch ops; sdpa=X: torch SDPA "
               "restricted to backend X; compile=blocks: model.compile=blocks (Inductor, not bitwise: within the "
               "tolerance); patched attn=X: the released loop unchanged but for apply_dopsd_kernels(model, attention=X) "

@@ -6,17 +6,15 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from dopsd_fast.ops._dispatch import use_backend  # noqa: E402
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
 @pytest.fixture(autouse=True)
-def _reference_ops_on_cpu_outside_op_benches(request):
-    """On CPU the end-to-end benches time the reference ops (interpreted Triton timings mean nothing there);
-    op benches choose their implementation per case."""
-    if "ops" in request.node.path.parts or torch.cuda.is_available():
-        yield
-        return
-    with use_backend("reference"):
-        yield
+def _cpu_ops_outside_op_benches(request, monkeypatch):
+    """On CPU the end-to-end benches run what a CPU user's ``auto`` runs (the C++ twins of ops/_dispatch.py's
+    CPU_AUTO, the reference for the rest), not Triton's interpreter, whose timings mean nothing; op benches choose
+    their implementation per case."""
+    if "ops" not in request.node.path.parts and not torch.cuda.is_available():
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+    yield
