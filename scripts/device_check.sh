@@ -196,7 +196,7 @@ else
 fi
 # The trainer itself on the device (train.device=auto picks the GPU): 3 D-OPSD steps, checkpoint, resume path.
 NOTE="dopsd train tiny-cpu on the device, 3 steps"
-# (TRITON_INTERPRET=0: on --cpu the trainer's own CPU path, the reference ops, not the interpreter.) Its run folder
+# (TRITON_INTERPRET=0: on --cpu the trainer's own CPU path, auto's CPU choice, not the interpreter.) Its run folder
 # stays outside $OUT: the device tool returns at most 8 files.
 TRAIN_DIR=$(mktemp -d)
 run_stage train 60 env TRITON_INTERPRET=0 "$PY" -P -m dopsd_fast.cli train tiny-cpu --no-samples --no-progress \

@@ -99,7 +99,13 @@ def native_available(cuda: bool = False) -> bool:
     """The extension loaded (and, with ``cuda``, was built with its CUDA kernels)."""
     if _load_native() is not None:
         return False
-    return not cuda or torch._C._dispatch_has_kernel_for_dispatch_key("dopsd_C::rollout_step", "CUDA")
+    return not cuda or _has_cuda_kernels()
+
+
+@functools.cache
+def _has_cuda_kernels() -> bool:
+    # asked once the library is loaded (a loaded library cannot change): a dispatcher query per op call was host time
+    return torch._C._dispatch_has_kernel_for_dispatch_key("dopsd_C::rollout_step", "CUDA")
 
 
 def requested_backend() -> Backend:
