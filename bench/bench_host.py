@@ -40,11 +40,10 @@ class OpCount(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def test_host_time(benchmark, monkeypatch):
+def test_host_time(benchmark):
     from dopsd_fast.ops._dispatch import native_available
     if not native_available():
         pytest.skip("dopsd_fast._C is not built (ours runs its cpp ops here)")
-    monkeypatch.setenv("TRITON_INTERPRET", "0")      # ops without a cpp kernel: the reference, not the interpreter
     case = SMOKE if benchmark.disabled else CASE
     sides = build(case)
     g = torch.Generator().manual_seed(1)

@@ -1,11 +1,15 @@
 """Launch heuristics and small @triton.jit helpers shared by the Triton kernels."""
 from __future__ import annotations
 
+import os
+
 import triton
 import triton.language as tl
 
-# Under TRITON_INTERPRET=1 every program instance costs ~ms on the CPU: kernels use few, large blocks there.
-from dopsd_fast.ops._dispatch import interpreting  # noqa: F401  (re-exported for the kernels)
+
+def interpreting() -> bool:
+    """TRITON_INTERPRET=1: every program instance costs ~ms on the CPU, so kernels use few, large blocks there."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def block_for(n: int, cap: int = 4096) -> int:

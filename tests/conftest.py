@@ -21,9 +21,9 @@ else:
 
 @pytest.fixture(autouse=True)
 def _reference_ops_outside_op_tests(request):
-    """Model, method and trainer tests run the PyTorch reference ops: under the Triton interpreter a single
-    tiny D-OPSD step takes seconds. Op tests (tests/ops) force each backend themselves, and tests that compare
-    the fused path with the reference ask for it explicitly."""
+    """Model, method and trainer tests run the PyTorch reference ops (auto would run the C++ epilogues on CPU),
+    the numerics their independent references are written in. Op tests (tests/ops) force each backend themselves,
+    and tests that compare the fused path with the reference ask for it explicitly."""
     if "ops" in request.node.path.parts or request.node.get_closest_marker("fused"):
         yield
         return

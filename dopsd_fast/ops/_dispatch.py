@@ -3,10 +3,11 @@ twins), ``triton`` or ``reference`` (pure PyTorch, dopsd_fast/ops/reference.py).
 
 ``auto`` (the default) runs what the op benches measured fastest for that op on that device: CUDA tensors
 ``CUDA_AUTO`` (library kernel or ours; a ``cpp`` choice runs Triton where the extension was built without CUDA), CPU
-tensors ``CPU_AUTO`` (the C++ twin where it won, when the extension is loaded), else Triton under
-``TRITON_INTERPRET=1`` (the tests) and the reference otherwise. ``DOPSD_BACKEND=cpp|triton|reference`` or
-:func:`use_backend` forces one; a forced ``cpp`` applies to the ops the extension has (``NATIVE_OPS``), the others
-keep their ``auto`` choice (a forced ``triton`` on CPU tensors without the interpreter fails loudly in the launch).
+tensors ``CPU_AUTO`` (the C++ twin where it won, when the extension is loaded) and the reference for the rest: Triton
+on CPU tensors is its interpreter (``TRITON_INTERPRET=1``, how the tests check the kernels), never the fastest, so
+only a forced ``triton`` runs it. ``DOPSD_BACKEND=cpp|triton|reference`` or :func:`use_backend` forces one; a forced
+``cpp`` applies to the ops the extension has (``NATIVE_OPS``), the others keep their ``auto`` choice (a forced
+``triton`` on CPU tensors without the interpreter fails loudly in the launch).
 """
 from __future__ import annotations
 
@@ -58,10 +59,6 @@ NATIVE_OPS = frozenset({"rollout_step", "ema_update", "ema_update_fp32", "modula
 BACKENDS: tuple[str, ...] = ("auto", "cpp", "triton", "reference")
 _forced: list[Backend] = []
 _HAS_TRITON = importlib.util.find_spec("triton") is not None
-
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 @functools.cache
@@ -133,11 +130,7 @@ def backend_for(op: str, *tensors: torch.Tensor) -> Chosen:
         if choice == "cpp" and not native_available(cuda=True):
             choice = "triton"
         return choice if _HAS_TRITON or choice != "triton" else "reference"
-    if CPU_AUTO.get(op) == "cpp" and native_available():
-        return "cpp"
-    if not _HAS_TRITON:
-        return "reference"
-    return "triton" if interpreting() and not any(t.is_cuda for t in tensors) else "reference"
+    return "cpp" if CPU_AUTO.get(op) == "cpp" and native_available() else "reference"
 
 
 @contextlib.contextmanager

@@ -17,19 +17,21 @@ CUDA_TENSOR = SimpleNamespace(is_cuda=True)   # backend_for only asks where a te
 
 @pytest.mark.fused   # no reference pinning from tests/conftest.py: these tests choose backends themselves
 @pytest.mark.parametrize("built", [True, False])
-def test_auto_on_cpu_runs_the_measured_choice(monkeypatch, built):
-    """CPU_AUTO's C++ twins where the extension is loaded (with or without the interpreter); every other op, and
-    those without the extension, Triton under the interpreter and the reference otherwise."""
+@pytest.mark.parametrize("interpret", ["1", "0"])
+def test_auto_on_cpu_runs_the_measured_choice(monkeypatch, built, interpret):
+    """CPU_AUTO's C++ twins where the extension is loaded, the reference for every other op (and for those without
+    the extension); Triton's interpreter only when forced, whether or not TRITON_INTERPRET is on."""
     monkeypatch.setattr(_dispatch, "native_available", lambda cuda=False: built and not cuda)
+    monkeypatch.setenv("TRITON_INTERPRET", interpret)
     x = torch.randn(3)
     twins = sorted(_dispatch.CPU_AUTO)
     assert twins == ["gated_residual", "modulated_rms_norm", "qk_norm_rope"]
-    for interpret, fallback in (("1", "triton"), ("0", "reference")):
-        monkeypatch.setenv("TRITON_INTERPRET", interpret)
-        assert {op: backend_for(op, x) for op in twins} == {op: "cpp" if built else fallback for op in twins}
-        assert backend_for("rollout_step", x) == backend_for("merge_state", x) == fallback
-        with use_backend("reference"):
-            assert backend_for("qk_norm_rope", x) == "reference"
+    assert {op: backend_for(op, x) for op in twins} == {op: "cpp" if built else "reference" for op in twins}
+    assert backend_for("rollout_step", x) == backend_for("merge_state", x) == "reference"
+    with use_backend("reference"):
+        assert backend_for("qk_norm_rope", x) == "reference"
+    with use_backend("triton"):
+        assert backend_for("qk_norm_rope", x) == backend_for("merge_state", x) == "triton"
 
 
 @pytest.mark.fused
