@@ -87,11 +87,12 @@ def test_lora_linear(benchmark, size, impl, pass_):
 
 
 # ---------------------------------------------------------------------------------------------- LoRALinear.forward
-# One active adapter, as the trainer runs it: LoRALinear.forward adds scale * (x A^T) B^T into the base output inside
-# the up-projection's GEMM (addmm_, beta 1, alpha scale); "peft_formula" is PEFT's `base(x) + B(A(x)) * scale` on the
+# One active adapter, as the trainer runs it: LoRALinear.forward adds scale * (x A^T) B^T to the base output inside
+# the up-projection's GEMM (addmm, beta 1, alpha scale); "peft_formula" is PEFT's `base(x) + B(A(x)) * scale` on the
 # same layer, the form both wrote before. CUDA: 1024^2 rows in bf16; CPU: bench_e2e's cpu-small in fp32 (+ smoke).
 MODULE_DTYPE = DTYPE if CUDA else torch.float32
-MODULE_SIZES = {"zimage_proj_T4352": (4352, 3840, 3840, 64), "zimage_ffn_up_T4352": (4352, 3840, 10240, 64)} \
+# (CUDA: the FFN up-projection only, the widest output, so that device_check.sh's bench_ops stage keeps its limit.)
+MODULE_SIZES = {"zimage_ffn_up_T4352": (4352, 3840, 10240, 64)} \
     if CUDA else {"tiny_cpu": (37, 48, 100, 4), "cpu_small_ffn_up": (320, 256, 682, 16)}
 MODULE_ROUNDS = {"tiny_cpu": 1, "cpu_small_ffn_up": 100}     # CUDA: 20
 
