@@ -57,3 +57,20 @@ def test_inject_keeps_base_keys_and_adds_adapter_keys():
 def test_inject_with_no_match_names_the_targets():
     with pytest.raises(ValueError, match="matched no nn.Linear"):
         inject_lora(nn.Sequential(nn.Linear(2, 2)), ["feed_forward.w9"], ["student"], 2, 4.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_forward_without_grad_equals_forward_with_grad(dtype):
+    """Without grad the LoRA term is added in place into the base output (the teacher's forwards), with grad out of
+    place: the same addmm, bit for bit, and repeated no-grad calls do not change each other's results."""
+    torch.manual_seed(0)
+    lora = LoRALinear(nn.Linear(24, 40).to(dtype), ["student"], rank=4, alpha=8.0)
+    with torch.no_grad():
+        lora.lora_B["student"].normal_()
+    x = torch.randn(3, 7, 24, dtype=dtype)
+    with_grad = lora(x)
+    assert with_grad.requires_grad
+    with torch.no_grad():
+        without = lora(x)
+        again = lora(x)
+    assert torch.equal(without, with_grad.detach()) and torch.equal(again, without)
