@@ -16,7 +16,8 @@ Configurations (``configurations``), all on one model per side, switched between
             budget table does too); on CUDA x model.ops_backend auto (each op what the op bench measured fastest:
             attention = torch SDPA, default dispatch) | triton (every op ours, attention our Triton kernel); on CPU
             auto (the C++ twins where ops/_dispatch.py's CPU_AUTO measured them faster, the PyTorch ops for the
-            rest; Triton would run under its interpreter) | reference (every op PyTorch's); on CUDA also model.compile=blocks
+            rest; Triton would run under its interpreter) | reference (every op PyTorch's); on CUDA also
+            model.compile=blocks
             (models/compile.py) x checkpointing full | selective | none with ops=auto, switched on the one model by
             use_compiled (on CPU Inductor compiles for ~50 s: opt in with DOPSD_BENCH_COMPILE="none blocks")
   patched   the baseline's loop, model, adapters and optimizer, patched by apply_dopsd_kernels (removed again for the
@@ -583,8 +584,8 @@ def test_pareto(benchmark, built, size):
               f"round(s); MFU vs {peak_note}",
               f"equivalence: first {EQUIVALENCE_ITERATIONS} iterations from one state and seed vs {reference['label']}: "
               f"losses rel <= {loss_rel:g}, grad norms rel <= {norm_rel:g}",
-              "ops=auto: each op the fastest measured on the device (CUDA: attention torch SDPA, default dispatch; CPU: "
-              "our C++ epilogues, the PyTorch ops for the rest); ops=triton: "
+              "ops=auto: each op the fastest measured on the device (CUDA: attention torch SDPA, default dispatch; "
+              "CPU: our C++ epilogues, the PyTorch ops for the rest); ops=triton: "
               "every op ours, attention our Triton kernel; ops=reference: the PyTorch ops; sdpa=X: torch SDPA "
               "restricted to backend X; compile=blocks: model.compile=blocks (Inductor, not bitwise: within the "
               "tolerance); patched attn=X: the released loop unchanged but for apply_dopsd_kernels(model, attention=X) "

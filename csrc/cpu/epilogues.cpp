@@ -46,7 +46,9 @@ const float* f32_row(Buf b, int64_t off, int64_t dim, bool vec_ok, float* buf) {
 }
 
 // where an output row is computed: its own memory when fp32, else buf (put_row then converts it)
-float* out_row(Buf b, int64_t off, float* buf) { return b.dtype == DType::f32 ? static_cast<float*>(b.ptr) + off : buf; }
+float* out_row(Buf b, int64_t off, float* buf) {
+  return b.dtype == DType::f32 ? static_cast<float*>(b.ptr) + off : buf;
+}
 
 void put_row(Buf b, int64_t off, int64_t dim, bool vec_ok, const float* buf) {
   if (b.dtype == DType::f32) return;
