@@ -8,7 +8,9 @@ import json
 import sys
 import textwrap
 import time
+import traceback
 from pathlib import Path
+from typing import NoReturn
 
 import yaml
 
@@ -20,7 +22,7 @@ from .sample import save_grid
 from .train.build import check_buildable, resolve_plan, resolve_weights
 from .train.checkpoint import CheckpointError, check_writable, describe_os_error
 from .train.config import ConfigError, load_config
-from .train.distributed import destroy_process_group, launched_world_size, rank
+from .train.distributed import destroy_process_group, end_process, launched_world_size, rank
 from .train.finite import EXIT_DIVERGED, TrainingDiverged
 from .train.memory import format_memory_plan, memory_plan
 from .train.run_dir import OutputDirBusy
@@ -264,5 +266,16 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_DIVERGED
 
 
+def run(argv: list[str] | None = None) -> NoReturn:
+    """The `dopsd` command: ``main``, then ``end_process``, which ends a rank that joined a process group without the
+    interpreter's teardown (distributed.end_process says why); also after an uncaught exception, exit 1 as Python's."""
+    try:
+        code = main(argv)
+    except Exception:
+        traceback.print_exc()
+        code = 1
+    end_process(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -5,11 +5,15 @@ RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT. A plain ``python`` s
 """
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import socket
+import sys
 import threading
 import time
 from datetime import timedelta
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -29,6 +33,7 @@ def free_port() -> int:
 
 
 BACKSTOP_S = 15.0     # the process group's timeout past deepspeed.timeout_s (the issue's bound: timeout_s + 30 s)
+_joined = False       # whether this process called init_process_group (end_process)
 
 
 def init_process_group(timeout_s: float) -> None:
@@ -41,6 +46,8 @@ def init_process_group(timeout_s: float) -> None:
     """
     import deepspeed
 
+    global _joined
+    _joined = True
     if dist.is_initialized():
         return
     if "RANK" not in os.environ:     # without these, DeepSpeed tries MPI discovery (and needs mpi4py)
@@ -54,13 +61,33 @@ def init_process_group(timeout_s: float) -> None:
 
 
 def destroy_process_group() -> None:
-    """Leave the default group, every rank together: a barrier, then the teardown. A process that exits with its
-    group still up can abort on the way out (gloo: "terminate called without an active exception", its worker
-    threads destroyed while joinable) after finishing its work, so each rank that joined one ends through here."""
+    """Leave the default group, every rank together: a barrier, then the teardown. The groups DeepSpeed still
+    references keep their worker threads, so a rank's process then ends through ``end_process``."""
     if dist.is_initialized():
         with watchdog.guard("the teardown barrier"):
             dist.barrier()
         dist.destroy_process_group()
+
+
+def end_process(code: int) -> NoReturn:
+    """Exit with ``code``. A process that joined a process group (init_process_group) ends with ``os._exit``, after
+    flushing stdout, stderr and logging, without the interpreter's teardown.
+
+    Why: gloo has no shutdown, and DeepSpeed keeps the groups referenced past destroy_process_group (each ZeRO-3
+    parameter's ``ds_process_group``; the engine stays reachable from deepspeed's ``FWD_MODULE_STACK``), so the
+    groups' worker threads still run while Python finalizes. One that releases a finished collective (its tensor's
+    Python object) then waits for the GIL, the finalizing interpreter ends that thread (pthread_exit), and the unwind
+    through a noexcept destructor calls std::terminate: SIGABRT, "terminate called without an active exception", after
+    a run that finished (1 in 59 four-rank ZeRO-3 runs on 2 cores; the core's stack: ProcessGroupGloo::runLoop ->
+    ~AsyncBarrierWork -> ~AsyncAllreduceWork -> TensorImpl::decref_pyobject -> take_gil -> pthread_exit). Every file
+    a command writes is closed before it returns, so the teardown has nothing left to do."""
+    if not _joined:
+        sys.exit(code)
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):      # a closed or broken pipe: nothing left to flush
+            stream.flush()
+    os._exit(code)
 
 
 def rank() -> int:

@@ -11,7 +11,7 @@ torch.set_num_threads(1)
 
 from dopsd_fast.method.roles import FullRoles  # noqa: E402
 from dopsd_fast.train.config import load_config  # noqa: E402
-from dopsd_fast.train.distributed import destroy_process_group  # noqa: E402
+from dopsd_fast.train.distributed import destroy_process_group, end_process  # noqa: E402
 from dopsd_fast.train.memory import (ActivationMeter, optimizer_tensors, rank_memory,  # noqa: E402
                                      student_activations)
 from dopsd_fast.train.reshard import inner_optimizer  # noqa: E402
@@ -103,3 +103,4 @@ if __name__ == "__main__":
     with open(f"{out}/rank{rank}.jsonl", "w") as f:
         f.write("".join(json.dumps(r) + "\n" for r in rows))
     destroy_process_group()
+    end_process(0)

@@ -8,6 +8,6 @@ import torch
 sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
 torch.set_num_threads(1)
 
-from dopsd_fast.cli import main  # noqa: E402
+from dopsd_fast.cli import run  # noqa: E402
 
-sys.exit(main(sys.argv[1:]))
+run(sys.argv[1:])

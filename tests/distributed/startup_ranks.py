@@ -14,7 +14,7 @@ sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None     # gloo does 
 torch.set_num_threads(1)
 
 from dopsd_fast.train.config import load_config  # noqa: E402
-from dopsd_fast.train.distributed import destroy_process_group  # noqa: E402
+from dopsd_fast.train.distributed import destroy_process_group, end_process  # noqa: E402
 from dopsd_fast.train.trainer import make_trainer  # noqa: E402
 from dopsd_fast.train.zero3 import gather_full  # noqa: E402
 
@@ -65,3 +65,4 @@ for prefix, model in models.items():
 if trainer.is_main:
     save_file(out, f"{sys.argv[1]}-weights.safetensors")
 destroy_process_group()
+end_process(0)

@@ -90,6 +90,6 @@ def plant(fault: dict) -> None:
 
 if __name__ == "__main__":
     plant(FAULT)
-    from dopsd_fast.cli import main
+    from dopsd_fast.cli import run
 
-    sys.exit(main(sys.argv[1:]))
+    run(sys.argv[1:])
