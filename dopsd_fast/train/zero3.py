@@ -199,7 +199,11 @@ def _unmap_large_frees() -> None:
     """glibc raises its mmap threshold after the first large free (up to 32 MiB), and from then on every whole
     tensor zero.Init draws or the loader reads is a heap block that, freed between the slices kept, stays in the
     process. A fixed 1 MiB threshold (for the rest of the process) maps each such tensor on its own and unmaps it
-    when freed: a 545 MB fp32 model on 2 CPU ranks, start-up peak +528 / +437 MB -> +370 / +370 MB (slices 279)."""
+    when freed: a 545 MB fp32 model on 2 CPU ranks, start-up peak +528 / +437 MB -> +370 / +370 MB (slices 279).
+    It stays for the process because the engine's set-up after the build frees large blocks too: set back to the
+    dynamic ceiling (32 MiB) once the slices are loaded, full fine-tuning's start-up peak in test_zero3_build went
+    +524 / +524 -> +590 / +544 MB. Training's tensors over 1 MiB are then mapped per allocation: on the CPU only
+    (CUDA memory has its own allocator) and only where a tensor passes 1 MiB (tiny-cpu's do not)."""
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:         # no glibc: its allocator and this behaviour are not there
