@@ -172,7 +172,8 @@ def fill_caches(cfg: Config, progress: bool = True) -> dict:
     Student features for every caption variant and for validation.prompts, sample.prompts (free text the grids
     read) and method.anchor_prompts (when the anchor is on), teacher features for every (image, variant) pair
     (D-OPSD) and VAE latents for every image (latent models); entries already cached are skipped, and an encoder
-    with nothing to compute is never loaded. No transformer is built. A training run with data.encode_missing false then loads no encoder at all.
+    with nothing to compute is never loaded. No transformer is built. A training run with data.encode_missing false
+    then loads no encoder at all.
     """
     from ..models.adapter import model_family
     from ..progress import progress as progress_bar
